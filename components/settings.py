@@ -249,7 +249,7 @@ class _Reader:
     def get(self, name: str, default: Any = None) -> Any:
         self.used.add(name)
         value = self.raw.get(name)
-        return default if value is None else value
+        return default if value is None or value == "" else value
 
     def int(self, name: str, default: int, lo: int, hi: int) -> int:
         value = self.get(name, default)

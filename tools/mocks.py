@@ -245,6 +245,13 @@ def stack_config(path: Path) -> tuple[dict[str, str], set[str]]:
         full = key if ":" in key else f"{PROJECT}:{key}"
         value = unseal(value, full)
         config[full] = value if isinstance(value, str) else json.dumps(value)
+    # Defaults declared in Pulumi.yaml apply where the stack sets nothing, as in the CLI.
+    project = yaml.safe_load((ROOT / "Pulumi.yaml").read_text())
+    for key, decl in (project.get("config") or {}).items():
+        full = key if ":" in key else f"{PROJECT}:{key}"
+        if full not in config and isinstance(decl, Mapping) and "default" in decl:
+            default = decl["default"]
+            config[full] = default if isinstance(default, str) else json.dumps(default)
     return config, secret
 
 

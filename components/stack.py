@@ -1,0 +1,107 @@
+"""The whole stack: wires the four components of one environment and returns its outputs.
+
+Order follows the data: VPC, then the database (its URIs go into the app's user data), then
+the frontend and the app tier. A managed load balancer selects droplets by tag, so it exists
+before them and the app firewall admits only its uid; nginx load-balancer droplets need the app
+droplets' private IPs, so in nginx mode the app tier comes first and admits the LB droplets' tag.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pulumi
+import pulumi_digitalocean as do
+import pulumi_random as random
+
+from components import cost
+from components.app_tier import AppTier, AppTierArgs
+from components.cloud_config import render_app_cloud_config
+from components.database import DatabaseCluster, DatabaseClusterArgs
+from components.frontend import LoadBalancedFrontend, LoadBalancedFrontendArgs
+from components.monitoring import MonitoringAlerts, MonitoringAlertsArgs
+from components.settings import Settings, is_ssh_fingerprint_or_id
+
+
+def _ssh_keys(settings: Settings) -> list[pulumi.Input[str]]:
+    """Key ids and fingerprints as given; names looked up in the account (a provider invoke)."""
+    return [
+        key if is_ssh_fingerprint_or_id(key) else do.get_ssh_key_output(name=key).fingerprint
+        for key in settings.ssh_keys
+    ]
+
+
+def build(settings: Settings) -> dict[str, Any]:
+    """Register every resource of the stack; return the stack outputs by name."""
+    tracker = cost.CostTracker.install()
+    stack = settings.stack
+
+    vpc = do.Vpc(
+        f"{stack}-vpc",
+        region=settings.region,
+        ip_range=settings.vpc_ip_range,
+        description=f"webstack {stack}: app droplets, load balancer and database",
+    )
+    ssh_keys = _ssh_keys(settings)
+    db = DatabaseCluster(f"{stack}-db", DatabaseClusterArgs(settings=settings, vpc_id=vpc.id))
+
+    # One key for every droplet, so a session signed by one droplet is valid on the others.
+    secret_key = random.RandomPassword(f"{stack}-app-secret-key", length=64, special=False)
+    user_data = pulumi.Output.secret(
+        pulumi.Output.all(
+            db.pool_uri, db.replica_uris, db.migration_uri, secret_key.result, vpc.ip_range
+        ).apply(
+            lambda v: render_app_cloud_config(
+                settings, database_url=v[0], replica_urls=v[1], migration_url=v[2],
+                secret_key=v[3], vpc_cidr=v[4],
+            )
+        )
+    )
+
+    def app_tier(**web_sources: Any) -> AppTier:
+        return AppTier(f"{stack}-app", AppTierArgs(
+            settings=settings, vpc_id=vpc.id, ssh_keys=ssh_keys, user_data=user_data,
+            **web_sources,
+        ))
+
+    if settings.frontend.mode == "managed":
+        frontend = LoadBalancedFrontend(f"{stack}-web", LoadBalancedFrontendArgs(
+            settings=settings, vpc_id=vpc.id, ssh_keys=ssh_keys))
+        app = app_tier(lb_uids=[frontend.lb_id])
+    else:
+        app = app_tier(web_source_tags=[settings.lb_tag])
+        frontend = LoadBalancedFrontend(f"{stack}-web", LoadBalancedFrontendArgs(
+            settings=settings, vpc_id=vpc.id, ssh_keys=ssh_keys,
+            app_private_ips=app.private_ips))
+
+    alerts = MonitoringAlerts(f"{stack}-alerts", MonitoringAlertsArgs(
+        settings=settings, db_cluster_id=db.cluster_id, lb_id=frontend.lb_id,
+        health_url=frontend.url.apply(lambda url: f"{url}{settings.frontend.health_check.path}"),
+    ))
+
+    do.Project(
+        f"{stack}-project",
+        name=f"webstack-{stack}",
+        description=f"webstack {stack} stack, managed by Pulumi",
+        purpose="Web Application",
+        environment="Production" if settings.production else "Staging",
+        resources=pulumi.Output.all(
+            app.droplet_urns, frontend.resource_urns, db.cluster_urn
+        ).apply(lambda v: [*v[0], *v[1], v[2]]),
+    )
+
+    outputs: dict[str, Any] = {
+        "url": frontend.url,
+        "frontend_ip": frontend.ip,
+        "app_droplet_ids": app.droplet_ids,
+        "app_private_ips": app.private_ips,
+        "vpc_id": vpc.id,
+        "db_cluster_id": db.cluster_id,
+        "db_host": db.host,
+        "db_pool_uri": db.pool_uri,
+        "db_replica_uris": db.replica_uris,
+        "alert_policy_ids": alerts.alert_policy_ids,
+        "uptime_check_id": alerts.uptime_check_id,
+    }
+    outputs.update(cost.finish(tracker, settings.budget))
+    return outputs

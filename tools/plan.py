@@ -1,0 +1,225 @@
+"""The offline plan: what `pulumi preview` would create for a stack, with no account at all.
+
+Runs the real `__main__.py` under the project's Pulumi mocks with a stack's config and prints
+the resource tree (type, name, parent) with the properties a reviewer cares about, the stack
+outputs (secrets as [secret]), warnings, and the monthly cost.
+
+    python -m tools.plan staging            # or prod, or a path to a Pulumi.<stack>.yaml
+    python -m tools.plan prod --json
+    python -m tools.plan prod --diff staging
+    python -m tools.plan prod --diagram docs/prod.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # the program imports `components` as `pulumi up` would
+    sys.path.insert(0, str(ROOT))
+
+from components import cost  # noqa: E402
+from components.settings import ConfigError  # noqa: E402
+from tools.mocks import Resource, Run, run_program  # noqa: E402
+
+
+class PlanError(Exception):
+    """The program refused the stack: bad config, or a budget it may not exceed."""
+
+
+def stack_file(name: str) -> Path:
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise PlanError(f"no stack config file at {name}")
+        return path
+    path = ROOT / f"Pulumi.{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.name[len("Pulumi."):-len(".yaml")] for p in ROOT.glob("Pulumi.*.yaml"))
+        raise PlanError(f"unknown stack {name!r}; stacks: {', '.join(known)}, or a file path")
+    return path
+
+
+def plan(name: str) -> Run:
+    """Run the program for a stack under the mocks; PlanError if the program refuses it."""
+    try:
+        return run_program(stack_file(name))
+    except ConfigError as error:
+        raise PlanError(str(error)) from None
+    except Exception as error:  # the engine wraps what the program raised
+        root = error
+        while root.__cause__ or root.__context__:
+            root = root.__cause__ or root.__context__
+        if isinstance(root, (ConfigError, cost.BudgetError)) or "RunError" in type(error).__name__:
+            raise PlanError(str(root)) from None
+        raise
+
+
+# --------------------------------------------------------------------------- properties
+
+
+def _rules(rules: list[dict[str, Any]] | None, direction: str) -> list[str]:
+    out = []
+    for rule in rules or []:
+        sources = [*rule.get("sourceAddresses", []), *rule.get("destinationAddresses", []),
+                   *(f"tag:{t}" for t in rule.get("sourceTags", [])),
+                   *(f"lb:{u}" for u in rule.get("sourceLoadBalancerUids", [])),
+                   *(f"droplet:{d}" for d in rule.get("sourceDropletIds", []))]
+        port = rule.get("portRange") or "all"
+        word = "from" if direction == "in" else "to"
+        out.append(f"{direction} {rule.get('protocol')} {port} {word} {', '.join(sources)}")
+    return out
+
+
+def _droplet(i: dict) -> list[str]:
+    return [f"{i.get('size')} {i.get('image')} in {i.get('region')}",
+            f"monitoring={i.get('monitoring')} backups={i.get('backups', False)}"
+            f" ssh_keys={len(i.get('sshKeys') or [])} tags={','.join(i.get('tags') or [])}"]
+
+
+def _lb(i: dict) -> list[str]:
+    hc = i.get("healthcheck") or {}
+    rules = [f"{r['entryProtocol']}:{r['entryPort']} -> {r['targetProtocol']}:{r['targetPort']}"
+             for r in i.get("forwardingRules") or []]
+    return [f"size_unit={i.get('sizeUnit')} target tag={i.get('dropletTag')}"
+            f" redirect_http_to_https={i.get('redirectHttpToHttps', False)}",
+            f"rules: {'; '.join(rules)}",
+            f"health: {hc.get('protocol')}:{hc.get('port')}{hc.get('path', '')} every "
+            f"{hc.get('checkIntervalSeconds')}s timeout {hc.get('responseTimeoutSeconds')}s "
+            f"unhealthy {hc.get('unhealthyThreshold')} healthy {hc.get('healthyThreshold')}"]
+
+
+def _db(i: dict) -> list[str]:
+    windows = i.get("maintenanceWindows") or []
+    mw = f" maintenance {windows[0]['day']} {windows[0]['hour']}" if windows else ""
+    return [f"{i.get('engine')} {i.get('version')} {i.get('size')} x{i.get('nodeCount')}"
+            f" in {i.get('region')}{mw}"]
+
+
+def _alert(i: dict) -> list[str]:
+    scope = i.get("entities") or [f"tag:{t}" for t in i.get("tags") or []]
+    return [f"{i.get('type')} {i.get('compare')} {i.get('value')} over {i.get('window')}"
+            f" scope={len(scope)} {'entity' if i.get('entities') else 'tag'}"]
+
+
+PROPERTIES: dict[str, Callable[[dict], list[str]]] = {
+    "Droplet": _droplet,
+    "LoadBalancer": _lb,
+    "DatabaseCluster": _db,
+    "DatabaseReplica": lambda i: [f"{i.get('size')} in {i.get('region')}"],
+    "DatabaseConnectionPool": lambda i: [
+        f"pgbouncer {i.get('mode')} size={i.get('size')} db={i.get('dbName')}"
+        f" user={i.get('user')}"],
+    "DatabaseFirewall": lambda i: [
+        "allow " + ", ".join(f"{r['type']}:{r['value']}" for r in i.get("rules") or [])],
+    "Firewall": lambda i: [*_rules(i.get("inboundRules"), "in"),
+                           *_rules(i.get("outboundRules"), "out")],
+    "MonitorAlert": _alert,
+    "UptimeCheck": lambda i: [f"{i.get('type')} {i.get('target')}"],
+    "UptimeAlert": lambda i: [f"{i.get('type')} {i.get('comparison', '')}"
+                              f" {i.get('threshold', '')}".rstrip()],
+    "DnsRecord": lambda i: [f"{i.get('type')} {i.get('name')}.{i.get('domain')}"],
+    "Certificate": lambda i: [f"{i.get('type')} for {', '.join(i.get('domains') or [])}"],
+    "Vpc": lambda i: [f"{i.get('region')} {i.get('ipRange') or '(range chosen by DO)'}"],
+    "Project": lambda i: [f"{i.get('name')} ({i.get('environment')})"],
+    "ReservedIp": lambda i: [f"in {i.get('region')}"],
+}
+
+
+def short_type(resource: Resource) -> str:
+    pkg, _, rest = resource.type.partition(":")
+    return f"{pkg}:{rest.rpartition(':')[2]}"
+
+
+def properties(resource: Resource) -> list[str]:
+    fn = PROPERTIES.get(resource.type.rpartition(":")[2])
+    return fn(resource.inputs) if fn else []
+
+
+def tree(run: Run) -> list[tuple[int, Resource]]:
+    """Resources in tree order (children under their parent, by type then name)."""
+    children: dict[str | None, list[Resource]] = {}
+    urns = {r.urn for r in run.resources}
+    for r in run.resources:
+        children.setdefault(r.parent if r.parent in urns else None, []).append(r)
+    out: list[tuple[int, Resource]] = []
+
+    def walk(parent: str | None, depth: int) -> None:
+        for r in sorted(children.get(parent, []), key=lambda r: (r.custom, r.type, r.name)):
+            out.append((depth, r))
+            walk(r.urn, depth + 1)
+
+    walk(None, 0)
+    return out
+
+
+def shown_outputs(run: Run) -> dict[str, Any]:
+    return {k: "[secret]" if k in run.secret_outputs else v for k, v in run.outputs.items()}
+
+
+def as_json(run: Run, name: str) -> dict[str, Any]:
+    return {
+        "stack": name,
+        "resources": [
+            {"type": r.type, "name": r.name, "parent": r.parent and r.parent.rpartition("::")[2],
+             "protect": r.protect, "properties": properties(r)} for _, r in tree(run)],
+        "outputs": shown_outputs(run),
+        "warnings": run.warnings,
+        "cost": cost.breakdown_json(cost.price_run(run)),
+    }
+
+
+def print_plan(run: Run, name: str) -> None:
+    print(f"webstack stack '{name}': {len(run.resources)} resources would be created\n")
+    for depth, r in tree(run):
+        flag = "  [protected]" if r.protect else ""
+        print(f"{'  ' * depth}+ {short_type(r)}  {r.name}{flag}")
+        for line in properties(r):
+            print(f"{'  ' * depth}    {line}")
+    print("\nOutputs:")
+    for key, value in shown_outputs(run).items():
+        print(f"  {key}: {json.dumps(value, default=str)}")
+    if run.warnings:
+        print("\nWarnings:")
+        for warning in run.warnings:
+            print(f"  ! {warning}")
+    print("\nMonthly cost (USD, list prices):")
+    print(cost.format_table(cost.price_run(run)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="plan", description=__doc__.split("\n\n")[0])
+    parser.add_argument("stack", nargs="?", default="staging",
+                        help="stack name (staging, prod) or path to a Pulumi.<stack>.yaml")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("--diff", metavar="OTHER", help="print the cost difference to OTHER")
+    parser.add_argument("--diagram", metavar="FILE.png", help="draw the architecture to FILE")
+    args = parser.parse_args(argv)
+    try:
+        run = plan(args.stack)
+        other = plan(args.diff) if args.diff else None
+    except PlanError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(as_json(run, args.stack), indent=2, default=str))
+    else:
+        print_plan(run, args.stack)
+    if other is not None:
+        print(f"\nCost difference {args.diff} -> {args.stack}:")
+        print(cost.diff(cost.price_run(other), cost.price_run(run)))
+    if args.diagram:
+        from tools.diagram import draw
+
+        draw(run, Path(args.diagram), title=f"webstack {args.stack}")
+        print(f"\nwrote {args.diagram}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
