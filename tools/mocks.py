@@ -256,8 +256,8 @@ def stack_config(path: Path) -> tuple[dict[str, str], set[str]]:
 
 
 def _run(body: Callable[[], Any], *, stack: str, config: Mapping[str, str],
-         secret_keys: set[str] | frozenset[str] = frozenset()) -> Run:
-    run = Run()
+         secret_keys: set[str] | frozenset[str] = frozenset(), run: Run | None = None) -> Run:
+    run = Run() if run is None else run
     pulumi.runtime.set_all_config(dict(config), list(secret_keys))
     monitor = _RecordingMonitor(run)
     pulumi.runtime.set_mocks(monitor.mocks, project=PROJECT, stack=stack, preview=False,
@@ -280,12 +280,15 @@ def _run(body: Callable[[], Any], *, stack: str, config: Mapping[str, str],
     return run
 
 
-def run_program(stack_file: Path, *, stack: str | None = None) -> Run:
-    """Runs the real `__main__.py` with a stack's config file, as `pulumi preview` would."""
+def run_program(stack_file: Path, *, stack: str | None = None, run: Run | None = None) -> Run:
+    """Runs the real `__main__.py` with a stack's config file, as `pulumi preview` would.
+
+    Pass `run` to keep what was registered even when the program raises.
+    """
     stack = stack or stack_file.name.removeprefix("Pulumi.").removesuffix(".yaml")
     config, secret = stack_config(stack_file)
     return _run(lambda: runpy.run_path(str(ROOT / "__main__.py"), run_name="__main__"),
-                stack=stack, config=config, secret_keys=secret)
+                stack=stack, config=config, secret_keys=secret, run=run)
 
 
 def run_function(fn: Callable[[], Any], *, stack: str = "test",

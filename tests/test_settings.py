@@ -1,0 +1,119 @@
+"""Bad config is refused before anything is created, with a message naming key, value and rule."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.settings import ConfigError, load_settings, pool_connection_budget
+from tools.mocks import ROOT, Run, run_program
+
+STAGING = {"sshKeys": ["deploy"], "alerts": {"emails": ["ops@example.com"]}}
+PROD = {**STAGING, "domain": "example.com", "database": {
+    "size": "db-s-1vcpu-2gb", "nodeCount": 2, "replicas": [{"size": "db-s-1vcpu-2gb"}]}}
+
+
+def load(base: dict, stack: str = "staging", **changes) -> object:
+    """Settings from `base` with dotted-path changes, e.g. **{"app.dropletCount": 0}."""
+    raw = copy.deepcopy(base)
+    for path, value in changes.items():
+        *parents, leaf = path.split(".")
+        node = raw
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return load_settings(raw, stack=stack)
+
+
+def test_defaults_are_valid_and_prod_is_ha():
+    staging, prod = load(STAGING), load(PROD, "prod")
+    assert not staging.production and staging.fqdn is None
+    assert prod.production and prod.fqdn == "www.example.com"
+    assert prod.app.droplet_count >= 3 and prod.database.node_count == 2
+    assert prod.database.protect and not staging.database.protect
+    assert prod.budget.enforce and not staging.budget.enforce
+
+
+BAD = [
+    # (stack, base, change, key named in the message, words of the rule)
+    ("staging", STAGING, {"region": "mars1"}, "webstack:region", "one of: nyc1"),
+    ("staging", STAGING, {"app.dropletSize": "s-64vcpu"}, "app.dropletSize", "s-1vcpu-1gb"),
+    ("staging", STAGING, {"database.size": "db-huge"}, "database.size", "db-s-1vcpu-1gb"),
+    ("staging", STAGING, {"app.dropletCount": 0}, "app.dropletCount", "from 1 to 50"),
+    ("prod", PROD, {"app.dropletCount": 1}, "app.dropletCount", "from 2 to 50"),
+    ("staging", STAGING, {"frontend.healthCheck.intervalSeconds": 2},
+     "frontend.healthCheck.intervalSeconds", "from 3 to 300"),
+    ("staging", STAGING, {"frontend.healthCheck.timeoutSeconds": 301},
+     "frontend.healthCheck.timeoutSeconds", "from 3 to 300"),
+    ("staging", STAGING, {"frontend.healthCheck.unhealthyThreshold": 1},
+     "frontend.healthCheck.unhealthyThreshold", "from 2 to 10"),
+    ("staging", STAGING, {"frontend.healthCheck.healthyThreshold": 11},
+     "frontend.healthCheck.healthyThreshold", "from 2 to 10"),
+    ("staging", STAGING, {"frontend.healthCheck.path": "healthz"},
+     "frontend.healthCheck.path", "absolute path"),
+    ("staging", STAGING, {"adminCidrs": ["0.0.0.0/0"]}, "adminCidrs[0]", "whole internet"),
+    ("staging", STAGING, {"adminCidrs": ["10.0.0.0/8", "::/0"]}, "adminCidrs[1]",
+     "whole internet"),
+    ("staging", STAGING, {"adminCidrs": ["300.1.1.1/32"]}, "adminCidrs[0]", "CIDR"),
+    ("staging", STAGING, {"sshKeys": []}, "sshKeys", "at least one SSH key"),
+    ("staging", STAGING, {"database.nodeCount": 2}, "database.nodeCount", "at least 2 GiB"),
+    ("prod", PROD, {"database.replicas": [{"size": "db-s-1vcpu-1gb"}]},
+     "database.replicas[0].size", "same size as the primary"),
+    ("staging", STAGING, {"database.pool.size": 23}, "database.pool.size", "from 1 to 22"),
+    ("staging", STAGING, {"alerts.window": "2m"}, "alerts.window", "5m, 10m, 30m, 1h"),
+    ("staging", STAGING, {"alerts.emails": ["not-an-email"]}, "alerts.emails[0]",
+     "email address"),
+    ("staging", STAGING, {"frontend.mode": "haproxy"}, "frontend.mode", "managed, nginx"),
+    ("prod", PROD, {"domain": None}, "webstack:domain", "production needs a domain"),
+    ("prod", PROD, {"database.replicas": []}, "database.replicas", "at least one read replica"),
+    ("staging", STAGING, {"app.dropletCout": 3}, "app.dropletCout", "unknown key"),
+    ("staging", STAGING, {"alerts.slackUrl": "https://hooks.slack.com/x",
+                          "alerts.slackChannel": "#ops"}, "alerts.slackUrl", "--secret"),
+]
+
+
+@pytest.mark.parametrize("stack,base,change,key,rule", BAD, ids=[str(b[2]) for b in BAD])
+def test_bad_config_names_key_value_and_rule(stack, base, change, key, rule):
+    with pytest.raises(ConfigError) as caught:
+        load(base, stack, **change)
+    message = str(caught.value)
+    assert key in message and rule in message
+    assert "\n" not in message
+
+
+def test_pool_budget_follows_plan_memory():
+    from components.settings import database_size
+
+    assert pool_connection_budget(database_size("db-s-1vcpu-1gb")) == 22
+    assert pool_connection_budget(database_size("db-s-2vcpu-4gb")) == 97
+
+
+def bad_stack_file(tmp_path: Path, change: dict) -> Path:
+    data = yaml.safe_load((ROOT / "Pulumi.staging.yaml").read_text())
+    data["config"].update(change)
+    path = tmp_path / "Pulumi.bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_program_refuses_bad_config_before_any_resource(tmp_path):
+    run = Run()
+    with pytest.raises(Exception, match=r"webstack:app.dropletCount: 0"):
+        run_program(bad_stack_file(tmp_path, {"webstack:app": {"dropletCount": 0}}), run=run)
+    assert run.resources == []
+
+
+def test_plan_cli_prints_one_line_error_without_traceback(tmp_path):
+    path = bad_stack_file(tmp_path, {"webstack:region": "mars1"})
+    result = subprocess.run([sys.executable, "-m", "tools.plan", str(path)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: webstack:region: 'mars1' is not allowed; must be one of: "
+        + "nyc1, nyc3, sfo2, sfo3, ams3, sgp1, lon1, fra1, tor1, blr1, syd1, atl1"]
+    assert "Traceback" not in result.stdout + result.stderr
