@@ -58,7 +58,7 @@ def mock_outputs(typ: str, name: str, inputs: Mapping[str, Any]) -> dict[str, An
             "uri": f"postgresql://doadmin:mock-doadmin-password@{host}:25060/defaultdb",
             "privateUri": "postgresql://doadmin:mock-doadmin-password@private-"
                           f"{host}:25060/defaultdb?sslmode=require",
-            "urn": f"do:dbaas:{uid}",
+            "clusterUrn": f"do:dbaas:{uid}",
         }
     if typ == "digitalocean:index/databaseReplica:DatabaseReplica":
         host = f"{name}-do-user-1.db.ondigitalocean.com"
@@ -74,7 +74,8 @@ def mock_outputs(typ: str, name: str, inputs: Mapping[str, Any]) -> dict[str, An
     if typ == "digitalocean:index/databaseConnectionPool:DatabaseConnectionPool":
         host = f"{name}-do-user-1.db.ondigitalocean.com"
         user, db = inputs.get("user", "app"), inputs.get("dbName", "app")
-        uri = f"postgresql://{user}:mock-pool-password@{{h}}:25061/{name}?sslmode=require"
+        pool = inputs.get("name", name)  # clients name the pool, not the database
+        uri = f"postgresql://{user}:mock-pool-password@{{h}}:25061/{pool}?sslmode=require"
         return {"host": host, "privateHost": f"private-{host}", "port": 25061,
                 "password": "mock-pool-password", "uri": uri.format(h=host),
                 "privateUri": uri.format(h=f"private-{host}"), "dbName": db}
