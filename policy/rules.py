@@ -1,0 +1,216 @@
+"""webstack's security and reliability rules, written once as plain functions.
+
+Each rule takes what Pulumi knows of a resource (its type token and its properties, named in
+camelCase as on the wire: `sshKeys`, `inboundRules`, `redirectHttpToHttps`, ...) and returns the
+violations it finds as messages; an empty list means compliant. The policy pack (`pack.py`)
+wraps them in `ResourceValidationPolicy` / `StackValidationPolicy`; the unit tests call them on
+resources recorded under the mocks (`tools/mocks.py`). Nothing here imports Pulumi, so the same
+functions work on the policy SDK's read-only proxies and on plain dicts.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+DROPLET = "digitalocean:index/droplet:Droplet"
+FIREWALL = "digitalocean:index/firewall:Firewall"
+LOAD_BALANCER = "digitalocean:index/loadBalancer:LoadBalancer"
+MONITOR_ALERT = "digitalocean:index/monitorAlert:MonitorAlert"
+DATABASE_FIREWALL = "digitalocean:index/databaseFirewall:DatabaseFirewall"
+DATABASE_CLUSTER = "digitalocean:index/databaseCluster:DatabaseCluster"
+DATABASE_REPLICA = "digitalocean:index/databaseReplica:DatabaseReplica"
+
+HEALTH_PATH = "/healthz"
+"""The liveness path every load balancer must check (the app's health blueprint serves it)."""
+PUBLIC_WEB_PORTS = frozenset({"80", "443"})
+"""The only ports that may be open to the world, and only on the nginx LB droplets' firewall."""
+HTTPS_PROTOCOLS = frozenset({"https", "http2", "http3"})
+
+
+def _items(value: Any) -> list[Any]:
+    """A list property as a list: absent (None) is empty; a string is not a list of letters."""
+    if value is None or isinstance(value, str):
+        return []
+    return list(value) if isinstance(value, Sequence) else []
+
+
+def lb_tag(stack: str) -> str:
+    """The tag of the nginx-mode load-balancer droplets (as `Settings.lb_tag`)."""
+    return f"webstack-{stack}-lb"
+
+
+def app_tag(stack: str) -> str:
+    """The tag of the app droplets (as `Settings.app_tag`)."""
+    return f"webstack-{stack}-app"
+
+
+def stack_of(urn: str) -> str:
+    """The stack name in a URN: `urn:pulumi:<stack>::<project>::<type>::<name>`."""
+    return urn.split("::", 1)[0].removeprefix("urn:pulumi:")
+
+
+def _is_world(cidr: Any) -> bool:
+    try:
+        return ipaddress.ip_network(str(cidr).strip(), strict=False).prefixlen == 0
+    except ValueError:
+        return False
+
+
+# --------------------------------------------------------------------------- resource rules
+
+
+def firewall_no_world_ingress(props: Mapping[str, Any], *, stack: str) -> list[str]:
+    """No inbound rule open to 0.0.0.0/0 or ::/0, except TCP 80 and 443 on the firewall of the
+    nginx load-balancer droplets (the public entry in nginx mode): the firewall whose only
+    target is the stack's LB tag. SSH (or anything else) from the world is never allowed."""
+    public_entry = (
+        sorted(_items(props.get("tags"))) == [lb_tag(stack)]
+        and not _items(props.get("dropletIds"))
+    )
+    name = props.get("name") or "firewall"
+    found = []
+    for rule in _items(props.get("inboundRules")):
+        world = [s for s in _items(rule.get("sourceAddresses")) if _is_world(s)]
+        if not world:
+            continue
+        protocol, ports = rule.get("protocol"), str(rule.get("portRange") or "all")
+        if public_entry and protocol == "tcp" and ports in PUBLIC_WEB_PORTS:
+            continue
+        found.append(
+            f"{name}: inbound {protocol} port {ports} is open to {', '.join(world)}; only tcp "
+            f"80/443 on the nginx LB droplets' firewall (tag {lb_tag(stack)}) may be public"
+        )
+    return found
+
+
+def droplet_ssh_keys_and_monitoring(props: Mapping[str, Any], *, stack: str) -> list[str]:
+    """Every droplet has SSH keys (no emailed root password) and the metrics agent, which
+    alert policies need and which can only be enabled at creation."""
+    name = props.get("name") or "droplet"
+    found = []
+    if not _items(props.get("sshKeys")):
+        found.append(f"{name}: no sshKeys; DigitalOcean would email a root password")
+    if props.get("monitoring") is not True:
+        found.append(f"{name}: monitoring is not true; droplet alerts would never fire")
+    return found
+
+
+def load_balancer_https_and_health(props: Mapping[str, Any], *, stack: str) -> list[str]:
+    """A load balancer that serves HTTPS redirects HTTP to it, and every load balancer checks
+    droplets over HTTP on /healthz (a TCP check passes while the app is down)."""
+    name = props.get("name") or "load balancer"
+    found = []
+    entries = {rule.get("entryProtocol") for rule in _items(props.get("forwardingRules"))}
+    if entries & HTTPS_PROTOCOLS and props.get("redirectHttpToHttps") is not True:
+        found.append(f"{name}: serves HTTPS but redirectHttpToHttps is not true")
+    check = props.get("healthcheck") or {}
+    if check.get("protocol") not in ("http", "https") or check.get("path") != HEALTH_PATH:
+        found.append(
+            f"{name}: health check is {check.get('protocol')} {check.get('path') or ''}".rstrip()
+            + f"; it must be an HTTP check of {HEALTH_PATH}"
+        )
+    return found
+
+
+def monitor_alert_scoped(props: Mapping[str, Any], *, stack: str) -> list[str]:
+    """An alert with neither entities nor tags watches every resource in the account."""
+    if _items(props.get("entities")) or _items(props.get("tags")):
+        return []
+    name = props.get("description") or props.get("type") or "alert"
+    return [f"{name}: no entities or tags; it would apply to every resource in the account"]
+
+
+def database_firewall_tag_rules(props: Mapping[str, Any], *, stack: str) -> list[str]:
+    """Database access is granted to droplet tags only: no IP addresses, no single droplets
+    (which would lock out a replacement droplet), no apps or clusters."""
+    rules = _items(props.get("rules"))
+    if not rules:
+        return ["database firewall has no rules"]
+    return [
+        f"database firewall rule {rule.get('type')}={rule.get('value')} is not of type tag"
+        for rule in rules
+        if rule.get("type") != "tag"
+    ]
+
+
+@dataclass(frozen=True)
+class ResourceRule:
+    """One rule over one resource type: the policy's name, what it enforces, its check."""
+
+    name: str
+    resource_type: str
+    check: Callable[..., list[str]]
+
+    @property
+    def description(self) -> str:
+        return " ".join((self.check.__doc__ or self.name).split())
+
+
+RESOURCE_RULES: tuple[ResourceRule, ...] = (
+    ResourceRule("firewall-no-world-ingress", FIREWALL, firewall_no_world_ingress),
+    ResourceRule("droplet-ssh-keys-and-monitoring", DROPLET, droplet_ssh_keys_and_monitoring),
+    ResourceRule("load-balancer-https-and-healthz", LOAD_BALANCER, load_balancer_https_and_health),
+    ResourceRule("monitor-alert-scoped", MONITOR_ALERT, monitor_alert_scoped),
+    ResourceRule("database-firewall-tag-rules", DATABASE_FIREWALL, database_firewall_tag_rules),
+)
+
+
+def check_resource(resource_type: str, props: Mapping[str, Any], *, stack: str) -> list[str]:
+    """Every resource rule that applies to the type, each violation prefixed with its rule."""
+    return [
+        f"[{rule.name}] {message}"
+        for rule in RESOURCE_RULES
+        if rule.resource_type == resource_type
+        for message in rule.check(props, stack=stack)
+    ]
+
+
+# --------------------------------------------------------------------------- stack rules
+
+
+@dataclass(frozen=True)
+class StackResource:
+    """What a stack rule sees of a resource. `protect` is a resource option, not a property:
+    the policy SDK gives it as `PolicyResource.opts.protect`, the mocks as `Resource.protect`."""
+
+    type: str
+    props: Mapping[str, Any]
+    protect: bool = False
+
+
+PROD_REDUNDANCY_DESCRIPTION = (
+    "A stack whose name starts with 'prod' has at least 2 app droplets, a database cluster "
+    "with a standby (nodeCount >= 2) and deletion protection, and at least 1 read replica."
+)
+
+
+def prod_redundancy(stack: str, resources: Iterable[StackResource]) -> list[str]:
+    """Production survives the loss of one droplet or one database node."""
+    if not stack.startswith("prod"):
+        return []
+    resources = list(resources)
+    found = []
+    app_droplets = [
+        r for r in resources
+        if r.type == DROPLET and app_tag(stack) in _items(r.props.get("tags"))
+    ]
+    if len(app_droplets) < 2:
+        found.append(
+            f"{len(app_droplets)} app droplet(s) tagged {app_tag(stack)}; production needs >= 2"
+        )
+    clusters = [r for r in resources if r.type == DATABASE_CLUSTER]
+    if not clusters:
+        found.append("no database cluster")
+    for cluster in clusters:
+        name = cluster.props.get("name") or "database cluster"
+        nodes = cluster.props.get("nodeCount") or 1
+        if nodes < 2:
+            found.append(f"{name}: nodeCount {nodes}; production needs a standby (>= 2)")
+        if not cluster.protect:
+            found.append(f"{name}: not protected; `pulumi destroy` could delete production data")
+    if not any(r.type == DATABASE_REPLICA for r in resources):
+        found.append("no database read replica; production needs >= 1")
+    return found
