@@ -1,0 +1,167 @@
+"""DatabaseCluster: the managed PostgreSQL behind the app.
+
+Creates, all children of one component:
+- a `digitalocean.DatabaseCluster` (engine pg, auto-named) in the stack's VPC: the primary plus
+  `database.nodeCount - 1` standbys, a weekly maintenance window, the stack tag, and deletion
+  protection when `database.protect` is set (the default in production);
+- the app's `DatabaseDb` and `DatabaseUser`, both named `database.name` (never doadmin); the
+  database is protected like the cluster, since replacing it drops its data;
+- a PgBouncer `DatabaseConnectionPool` for the app's writes (`database.pool`, transaction mode
+  by default), connecting as the app user;
+- one `DatabaseReplica` per `database.replicas` entry, in the same VPC, referenced by its uuid;
+- one `DatabaseFirewall` for the cluster and one per replica, admitting only droplets tagged
+  with the app tag.
+
+On PostgreSQL 15+ the app user may not create tables in the app database until doadmin grants
+it the public schema (the database is owned by doadmin): `app_grants_sql` and `admin_uri` are
+for that one grant, which must run inside the VPC and is wired where the droplets are known.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import quote
+
+import pulumi
+import pulumi_digitalocean as digitalocean
+
+from components.settings import Settings
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatabaseClusterArgs:
+    """What the database needs from the rest of the stack."""
+
+    settings: Settings
+    """Validated stack settings: `database.*`, `region`, `stack` and the app tag are used."""
+    vpc_id: pulumi.Input[str]
+    """The VPC the cluster and its replicas join; only their private hosts are handed out."""
+
+
+def _uri(user: str, password: str, host: str, port: int, database: str) -> str:
+    return (f"postgresql://{quote(user, safe='')}:{quote(password, safe='')}@{host}:{port}/"
+            f"{quote(database, safe='')}?sslmode=require")
+
+
+class DatabaseCluster(pulumi.ComponentResource):
+    """Managed PostgreSQL with standbys, read replicas, a PgBouncer pool and tag-only firewalls."""
+
+    cluster_id: pulumi.Output[str]
+    """The primary cluster's id (a uuid), for alerts."""
+    cluster_urn: pulumi.Output[str]
+    """The cluster's DigitalOcean URN (`do:dbaas:...`), for the DigitalOcean project."""
+    host: pulumi.Output[str]
+    """The primary's private host name (VPC only)."""
+    port: pulumi.Output[int]
+    """The primary's port (the pool listens on its own port, inside `pool_uri`)."""
+    pool_uri: pulumi.Output[str]
+    """Secret. The app's DATABASE_URL: the pool's private URI; writes go through PgBouncer."""
+    replica_uris: pulumi.Output[list[str]]
+    """Secret. One URI per replica: app user, replica's private host, app database, TLS."""
+    migration_uri: pulumi.Output[str]
+    """Secret. App user straight to the primary's private host, for `python -m app.migrate`
+    (session advisory locks do not survive a transaction pool)."""
+    replica_ids: pulumi.Output[list[str]]
+    """The replicas' uuids (never their `.id`, which 404s: pulumi-digitalocean #324)."""
+    app_grants_sql: str
+    """Idempotent SQL that doadmin must run once in the app database (PostgreSQL 15+)."""
+    admin_uri: pulumi.Output[str]
+    """Secret. doadmin to the app database on the primary's private host: only for running
+    `app_grants_sql` once (e.g. piped over SSH); never in user data or on a droplet's disk."""
+
+    def __init__(self, name: str, args: DatabaseClusterArgs,
+                 opts: pulumi.ResourceOptions | None = None):
+        s, db_settings = args.settings, args.settings.database
+        _check(s)
+        super().__init__("webstack:index:DatabaseCluster", name, None, opts)
+        child = pulumi.ResourceOptions(parent=self)
+        protected = pulumi.ResourceOptions(parent=self, protect=db_settings.protect)
+        stack_tag = f"webstack-{s.stack}"
+        firewall_rules = [digitalocean.DatabaseFirewallRuleArgs(type="tag", value=s.app_tag)]
+
+        cluster = digitalocean.DatabaseCluster(
+            f"{name}-cluster",
+            engine="pg",
+            version=db_settings.version,
+            size=db_settings.size,
+            region=s.region,
+            node_count=db_settings.node_count,
+            private_network_uuid=args.vpc_id,
+            maintenance_windows=[digitalocean.DatabaseClusterMaintenanceWindowArgs(
+                day=db_settings.maintenance.day, hour=f"{db_settings.maintenance.hour:02d}:00")],
+            tags=[stack_tag],
+            opts=protected,
+        )
+        digitalocean.DatabaseFirewall(
+            f"{name}-firewall", cluster_id=cluster.id, rules=firewall_rules, opts=child)
+        database = digitalocean.DatabaseDb(
+            f"{name}-db", cluster_id=cluster.id, name=db_settings.name, opts=protected)
+        user = digitalocean.DatabaseUser(
+            f"{name}-user", cluster_id=cluster.id, name=db_settings.name, opts=child)
+        pool = digitalocean.DatabaseConnectionPool(
+            f"{name}-pool",
+            cluster_id=cluster.id,
+            name=db_settings.name,
+            mode=db_settings.pool.mode,
+            size=db_settings.pool.size,
+            db_name=database.name,
+            user=user.name,
+            # Every pool field forces a replacement, and the name is fixed within the cluster:
+            # the old pool must go before the new one can be created.
+            opts=pulumi.ResourceOptions(parent=self, delete_before_replace=True),
+        )
+
+        replicas: list[digitalocean.DatabaseReplica] = []
+        for i, replica_settings in enumerate(db_settings.replicas):
+            replica = digitalocean.DatabaseReplica(
+                f"{name}-replica-{i}",
+                cluster_id=cluster.id,
+                size=replica_settings.size,
+                region=replica_settings.region,
+                private_network_uuid=args.vpc_id,
+                tags=[stack_tag],
+                opts=child,
+            )
+            digitalocean.DatabaseFirewall(
+                f"{name}-replica-{i}-firewall", cluster_id=replica.uuid, rules=firewall_rules,
+                opts=child)
+            replicas.append(replica)
+
+        def app_uri(host: pulumi.Output[str], port: pulumi.Output[int]) -> pulumi.Output[str]:
+            return pulumi.Output.all(user.name, user.password, host, port, database.name).apply(
+                lambda a: _uri(*a))
+
+        self.cluster_id = cluster.id
+        self.cluster_urn = cluster.cluster_urn
+        self.host = cluster.private_host
+        self.port = cluster.port
+        self.pool_uri = pulumi.Output.secret(pool.private_uri)
+        self.replica_uris = pulumi.Output.secret(pulumi.Output.all(
+            *[app_uri(r.private_host, r.port) for r in replicas]))
+        self.migration_uri = pulumi.Output.secret(app_uri(cluster.private_host, cluster.port))
+        self.replica_ids = pulumi.Output.all(*[r.uuid for r in replicas])
+        self.app_grants_sql = (
+            f'GRANT CONNECT ON DATABASE "{db_settings.name}" TO "{db_settings.name}";\n'
+            f'GRANT USAGE, CREATE ON SCHEMA public TO "{db_settings.name}";\n')
+        self.admin_uri = pulumi.Output.secret(pulumi.Output.all(
+            cluster.user, cluster.password, cluster.private_host, cluster.port, database.name,
+        ).apply(lambda a: _uri(*a)))
+        self.register_outputs({
+            "cluster_id": self.cluster_id, "cluster_urn": self.cluster_urn, "host": self.host,
+            "port": self.port, "pool_uri": self.pool_uri, "replica_uris": self.replica_uris,
+            "migration_uri": self.migration_uri, "replica_ids": self.replica_ids,
+            "admin_uri": self.admin_uri,
+        })
+
+
+def _check(s: Settings) -> None:
+    """Combinations settings.py lets through but DigitalOcean would refuse."""
+    for i, replica in enumerate(s.database.replicas):
+        if replica.region != s.region:
+            raise ValueError(
+                f"webstack:database.replicas[{i}].region: {replica.region!r} is not allowed; a "
+                f"replica must be in the stack's region ({s.region}) to join its VPC")
+    if len(s.database.name) < 3:
+        raise ValueError(
+            f"webstack:database.name: {s.database.name!r} is not allowed; the connection pool "
+            "shares this name and DigitalOcean requires 3 to 63 characters")

@@ -1,0 +1,174 @@
+"""DatabaseCluster under the mocks: what it registers, and what it hands the app."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pulumi
+import pytest
+from pulumi.runtime import rpc
+from pulumi.runtime.sync_await import _sync_await
+
+from components.database import DatabaseCluster, DatabaseClusterArgs
+from components.settings import Settings, database_size, pool_connection_budget
+from tests.factories import make_settings, settings_for
+from tools.mocks import Run, run_function
+
+VPC = "vpc-0d1e"
+
+
+def build(settings: Settings) -> tuple[Run, DatabaseCluster]:
+    built: dict[str, DatabaseCluster] = {}
+
+    def body() -> None:
+        built["db"] = DatabaseCluster("db", DatabaseClusterArgs(settings=settings, vpc_id=VPC))
+
+    return run_function(body, stack=settings.stack), built["db"]
+
+
+def resolve(output: pulumi.Output) -> tuple[Any, bool]:
+    """An output's value and whether it is secret."""
+    return _sync_await(output.future()), _sync_await(output.is_secret())
+
+
+def plain_strings(value: Any):
+    """Every string in a recorded input that is not wrapped as a secret."""
+    if isinstance(value, dict):
+        if value.get(rpc._special_sig_key) == rpc._special_secret_sig:
+            return
+        for item in value.values():
+            yield from plain_strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from plain_strings(item)
+    elif isinstance(value, str):
+        yield value
+
+
+def test_staging_cluster_is_postgres_in_the_vpc_with_the_settings():
+    settings = make_settings(database={"maintenance": {"day": "tuesday", "hour": 7}})
+    run, db = build(settings)
+    component = run.one("webstack:index:DatabaseCluster")
+    cluster = run.one("databaseCluster:DatabaseCluster")
+    assert cluster.parent == component.urn
+    assert cluster.inputs["engine"] == "pg"
+    assert cluster.inputs["version"] == settings.database.version
+    assert cluster.inputs["size"] == settings.database.size
+    assert cluster.inputs["region"] == settings.region
+    assert cluster.inputs["nodeCount"] == 1
+    assert cluster.inputs["privateNetworkUuid"] == VPC
+    assert cluster.inputs["maintenanceWindows"] == [{"day": "tuesday", "hour": "07:00"}]
+    assert cluster.inputs["tags"] == ["webstack-staging"]
+    assert "name" not in cluster.inputs, "a fixed name blocks create-before-delete replacement"
+    assert not cluster.protect
+    assert not run.of_type("DatabaseReplica")
+    assert resolve(db.cluster_urn)[0] == cluster.outputs["clusterUrn"]
+    assert resolve(db.host)[0] == cluster.outputs["privateHost"]
+
+
+def test_prod_has_a_standby_protection_and_replicas_sized_from_settings():
+    settings = settings_for("prod", database={
+        "replicas": [{"size": "db-s-4vcpu-8gb"}, {}]})
+    run, db = build(settings)
+    cluster = run.one("databaseCluster:DatabaseCluster")
+    assert cluster.inputs["nodeCount"] == 2
+    assert cluster.protect and run.one("databaseDb:DatabaseDb").protect
+    replicas = sorted(run.of_type("DatabaseReplica"), key=lambda r: r.name)
+    assert [r.inputs["size"] for r in replicas] == ["db-s-4vcpu-8gb", "db-s-2vcpu-4gb"]
+    cluster_id = resolve(db.cluster_id)[0]
+    for replica in replicas:
+        assert replica.inputs["clusterId"] == cluster_id
+        assert replica.inputs["region"] == settings.region
+        assert replica.inputs["privateNetworkUuid"] == VPC
+        assert replica.inputs["tags"] == ["webstack-prod"]
+        assert "name" not in replica.inputs
+    assert resolve(db.replica_ids)[0] == [r.outputs["uuid"] for r in replicas]
+
+
+def test_staging_is_not_protected_unless_asked():
+    run, _ = build(make_settings())
+    assert not run.one("databaseCluster:DatabaseCluster").protect
+    run, _ = build(make_settings(database={"protect": True}))
+    assert run.one("databaseCluster:DatabaseCluster").protect
+
+
+def test_firewalls_admit_only_the_app_tag_on_the_cluster_and_each_replica_by_uuid():
+    settings = settings_for("prod", database={"replicas": [{}, {}]})
+    run, db = build(settings)
+    replicas = run.of_type("DatabaseReplica")
+    firewalls = run.of_type("DatabaseFirewall")
+    assert len(firewalls) == 1 + len(replicas) == 3
+    for firewall in firewalls:
+        assert firewall.inputs["rules"] == [{"type": "tag", "value": settings.app_tag}]
+    targets = sorted(f.inputs["clusterId"] for f in firewalls)
+    expected = sorted([resolve(db.cluster_id)[0], *(r.outputs["uuid"] for r in replicas)])
+    assert targets == expected
+    assert not {f"{r.name}-id" for r in replicas} & set(targets), "a replica's .id 404s (#324)"
+
+
+def test_app_database_user_and_transaction_pool_within_the_budget():
+    settings = settings_for("prod")
+    run, _ = build(settings)
+    name = settings.database.name
+    assert run.one("databaseDb:DatabaseDb").inputs["name"] == name
+    user = run.one("databaseUser:DatabaseUser")
+    assert user.inputs["name"] == name != "doadmin"
+    pool = run.one("DatabaseConnectionPool")
+    assert pool.inputs["mode"] == "transaction"
+    assert pool.inputs["user"] == name and pool.inputs["dbName"] == name
+    assert 0 < pool.inputs["size"] <= pool_connection_budget(database_size(settings.database.size))
+    assert pool.delete_before_replace, "the pool's name is fixed: replace must delete first"
+
+
+def test_pool_mode_and_size_come_from_settings():
+    run, _ = build(make_settings(database={"pool": {"mode": "session", "size": 5}}))
+    pool = run.one("DatabaseConnectionPool")
+    assert (pool.inputs["mode"], pool.inputs["size"]) == ("session", 5)
+
+
+def test_app_uris_are_secret_private_and_use_the_app_user():
+    settings = settings_for("prod", database={"name": "shop", "replicas": [{}, {}]})
+    run, db = build(settings)
+    cluster = run.one("databaseCluster:DatabaseCluster")
+    password = run.one("databaseUser:DatabaseUser").outputs["password"]
+
+    pool_uri, secret = resolve(db.pool_uri)
+    assert secret and pool_uri == run.one("DatabaseConnectionPool").outputs["privateUri"]
+
+    migration_uri, secret = resolve(db.migration_uri)
+    assert secret
+    assert migration_uri == (f"postgresql://shop:{password}@{cluster.outputs['privateHost']}:"
+                             f"{cluster.outputs['port']}/shop?sslmode=require")
+
+    replica_uris, secret = resolve(db.replica_uris)
+    assert secret
+    hosts = [r.outputs["privateHost"] for r in run.of_type("DatabaseReplica")]
+    assert sorted(replica_uris) == sorted(
+        f"postgresql://shop:{password}@{host}:25060/shop?sslmode=require" for host in hosts)
+    assert not any("doadmin" in uri for uri in [pool_uri, migration_uri, *replica_uris])
+
+
+def test_the_grant_for_postgres_15_targets_the_app_database_and_its_admin_uri_is_secret():
+    run, db = build(make_settings(database={"name": "shop"}))
+    assert 'GRANT USAGE, CREATE ON SCHEMA public TO "shop";' in db.app_grants_sql
+    admin_uri, secret = resolve(db.admin_uri)
+    host = run.one("databaseCluster:DatabaseCluster").outputs["privateHost"]
+    assert secret and admin_uri.startswith("postgresql://doadmin:")
+    assert admin_uri.endswith(f"@{host}:25060/shop?sslmode=require")
+
+
+def test_no_uri_or_password_in_plain_inputs():
+    run, _ = build(settings_for("prod"))
+    for resource in run.resources:
+        for text in plain_strings(resource.inputs):
+            assert "postgresql://" not in text and "password" not in text, resource.name
+
+
+@pytest.mark.parametrize(("database", "key"), [
+    ({"replicas": [{"region": "fra1"}]}, "database.replicas[0].region"),
+    ({"name": "db"}, "database.name"),
+])
+def test_combinations_digitalocean_refuses_are_named(database, key):
+    with pytest.raises(ValueError, match=re.escape(f"webstack:{key}:")):
+        build(make_settings(database=database))
