@@ -1,0 +1,134 @@
+"""MonitoringAlerts: who is told when the stack is unhealthy.
+
+Creates, all children of one component, every one notifying `alerts.emails` and, when set,
+the Slack channel (its webhook URL kept secret):
+- `MonitorAlert`s on the app droplets (CPU, memory, disk; by the app tag), and in nginx mode the
+  same on the nginx load-balancer droplets (by the LB tag);
+- in managed mode, `MonitorAlert`s on the load balancer (by its id): 5xx error rate, p95
+  response time, unhealthy droplets;
+- `MonitorAlert`s on the database cluster (by its id): CPU, memory, disk;
+- an `UptimeCheck` on the health URL from a few regions, with `UptimeAlert`s: down everywhere,
+  slow, and (HTTPS only) certificate expiring.
+
+Every alert policy names its targets (tags or entities): one with neither would watch every
+resource of the account. Thresholds and window come from `alerts.*`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pulumi
+import pulumi_digitalocean as digitalocean
+
+from components.settings import Settings
+
+LB_5XX_PERCENT = 5
+"""Alert when 5xx responses rise by more than this many percent (no setting for it yet)."""
+UPTIME_REGIONS = ("us_east", "eu_west", "se_asia")
+UPTIME_DOWN_PERIOD = "2m"
+SSL_EXPIRY_DAYS = 14
+
+
+@dataclass(frozen=True, kw_only=True)
+class MonitoringAlertsArgs:
+    """What the alerts watch."""
+
+    settings: Settings
+    """Validated stack settings: `alerts.*`, the app and LB tags, `frontend.mode`, `domain`."""
+    db_cluster_id: pulumi.Input[str]
+    """The database cluster's id."""
+    lb_id: pulumi.Input[str] | None
+    """The managed load balancer's id; None in nginx mode (no managed load balancer)."""
+    health_url: pulumi.Input[str]
+    """What the uptime check fetches: https://FQDN/healthz, or http://IP/healthz without a
+    domain. Its scheme must match whether the stack has a domain."""
+
+
+class MonitoringAlerts(pulumi.ComponentResource):
+    """Alert policies on droplets, load balancer and database, plus an uptime check."""
+
+    alert_policy_ids: pulumi.Output[list[str]]
+    """The uuids of every alert policy created here."""
+    uptime_check_id: pulumi.Output[str]
+    """The uptime check's id."""
+
+    def __init__(self, name: str, args: MonitoringAlertsArgs,
+                 opts: pulumi.ResourceOptions | None = None):
+        s, a = args.settings, args.settings.alerts
+        managed = s.frontend.mode == "managed"
+        https = s.fqdn is not None
+        _check(args, managed, https)
+        super().__init__("webstack:index:MonitoringAlerts", name, None, opts)
+        child = pulumi.ResourceOptions(parent=self)
+        slack_url = pulumi.Output.secret(str(a.slack_url)) if a.slack_url else None
+        notify = digitalocean.MonitorAlertAlertsArgs(
+            emails=list(a.emails),
+            slacks=[digitalocean.MonitorAlertAlertsSlackArgs(
+                channel=a.slack_channel, url=slack_url)] if slack_url else None,
+        )
+        policies: list[digitalocean.MonitorAlert] = []
+
+        def alert(suffix: str, type_: str, value: float, what: str, **scope: Any) -> None:
+            policies.append(digitalocean.MonitorAlert(
+                f"{name}-{suffix}", type=type_, compare="GreaterThan", value=value, window=a.window,
+                description=f"webstack {s.stack}: {what}", enabled=True, alerts=notify,
+                opts=child, **scope))
+
+        droplet_metrics = (("cpu", "cpu", a.cpu_percent),
+                           ("memory", "memory_utilization_percent", a.memory_percent),
+                           ("disk", "disk_utilization_percent", a.disk_percent))
+        groups = [("app", s.app_tag)] + ([] if managed else [("nginx", s.lb_tag)])
+        for group, tag in groups:
+            for short, metric, percent in droplet_metrics:
+                alert(f"{group}-{short}", f"v1/insights/droplet/{metric}", percent,
+                      f"{group} droplets {short} above {percent}%", tags=[tag])
+        if managed:
+            lb = {"entities": [args.lb_id]}
+            alert("lb-5xx", "v1/insights/lbaas/increase_in_http_error_rate_percentage_5xx",
+                  LB_5XX_PERCENT, f"load balancer 5xx rate up more than {LB_5XX_PERCENT}%", **lb)
+            alert("lb-latency", "v1/insights/lbaas/high_http_request_response_time_95p",
+                  a.latency_ms, f"load balancer p95 response time above {a.latency_ms} ms", **lb)
+            alert("lb-health", "v1/insights/lbaas/droplet_health", 0,
+                  "load balancer sees an unhealthy droplet", **lb)
+        for short, metric, percent in (("cpu", "cpu_alerts", a.cpu_percent),
+                                       ("memory", "memory_utilization_alerts", a.memory_percent),
+                                       ("disk", "disk_utilization_alerts", a.disk_percent)):
+            alert(f"db-{short}", f"v1/dbaas/alerts/{metric}", percent,
+                  f"database {short} above {percent}%", entities=[args.db_cluster_id])
+
+        check = digitalocean.UptimeCheck(
+            f"{name}-uptime", target=args.health_url, type="https" if https else "http",
+            regions=list(UPTIME_REGIONS), enabled=True, opts=child)
+        notifications = [digitalocean.UptimeAlertNotificationArgs(
+            emails=list(a.emails),
+            slacks=[digitalocean.UptimeAlertNotificationSlackArgs(
+                channel=a.slack_channel, url=slack_url)] if slack_url else None,
+        )]
+        uptime_alerts = [
+            ("down", dict(type="down_global", period=UPTIME_DOWN_PERIOD)),
+            ("latency", dict(type="latency", threshold=a.latency_ms, comparison="greater_than",
+                             period=a.window)),
+        ] + ([("ssl", dict(type="ssl_expiry", threshold=SSL_EXPIRY_DAYS,
+                           comparison="less_than"))] if https else [])
+        for suffix, fields in uptime_alerts:
+            digitalocean.UptimeAlert(f"{name}-uptime-{suffix}", check_id=check.id,
+                                     notifications=notifications, opts=child, **fields)
+
+        self.alert_policy_ids = pulumi.Output.all(*[p.uuid for p in policies])
+        self.uptime_check_id = check.id
+        self.register_outputs({
+            "alert_policy_ids": self.alert_policy_ids, "uptime_check_id": self.uptime_check_id,
+        })
+
+
+def _check(args: MonitoringAlertsArgs, managed: bool, https: bool) -> None:
+    """Args that disagree with the settings would leave an alert without a target."""
+    if managed and args.lb_id is None:
+        raise ValueError("webstack:frontend.mode: 'managed' needs the load balancer's id "
+                         "(lb_id) for its alerts; got None")
+    scheme = "https://" if https else "http://"
+    if isinstance(args.health_url, str) and not args.health_url.startswith(scheme):
+        raise ValueError(f"webstack:domain: {args.settings.domain!r} means the health URL "
+                         f"starts with {scheme}; got {args.health_url!r}")

@@ -1,0 +1,161 @@
+"""MonitoringAlerts under the mocks: every alert has a target, thresholds and who is told."""
+
+from __future__ import annotations
+
+import pulumi
+import pytest
+from pulumi.runtime import rpc
+from pulumi.runtime.sync_await import _sync_await
+
+from components.monitoring import MonitoringAlerts, MonitoringAlertsArgs
+from components.settings import Settings
+from tests.factories import SLACK_URL, make_settings, settings_for
+from tools.mocks import Run, run_function
+
+DB_ID, LB_ID = "db-cluster-7", "lb-3"
+HTTP_URL, HTTPS_URL = "http://203.0.113.9/healthz", "https://www.example.com/healthz"
+
+
+def build(settings: Settings, *, lb_id: str | None = LB_ID,
+          health_url: str | None = None) -> tuple[Run, MonitoringAlerts]:
+    """Run the component; the health URL is an Output (as the frontend gives it) unless given."""
+    built: dict[str, MonitoringAlerts] = {}
+
+    def body() -> None:
+        url = health_url or pulumi.Output.from_input(HTTPS_URL if settings.fqdn else HTTP_URL)
+        built["alerts"] = MonitoringAlerts("mon", MonitoringAlertsArgs(
+            settings=settings, db_cluster_id=DB_ID, lb_id=lb_id, health_url=url))
+
+    return run_function(body, stack=settings.stack), built["alerts"]
+
+
+def unwrap(value):
+    """A recorded input with secret wrappers removed."""
+    if isinstance(value, dict):
+        if value.get(rpc._special_sig_key) == rpc._special_secret_sig:
+            return unwrap(value["value"])
+        return {k: unwrap(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [unwrap(v) for v in value]
+    return value
+
+
+def by_type(run: Run) -> dict[str, list]:
+    alerts: dict[str, list] = {}
+    for alert in run.of_type("MonitorAlert"):
+        alerts.setdefault(alert.inputs["type"], []).append(alert)
+    return alerts
+
+
+@pytest.mark.parametrize("mode", ["managed", "nginx"])
+def test_every_alert_policy_targets_tags_or_entities(mode):
+    lb_id = LB_ID if mode == "managed" else None
+    run, _ = build(settings_for("prod", frontend={"mode": mode}), lb_id=lb_id)
+    alerts = run.of_type("MonitorAlert")
+    assert alerts
+    for alert in alerts:
+        assert alert.inputs.get("tags") or alert.inputs.get("entities"), alert.name
+
+
+def test_thresholds_and_window_come_from_settings():
+    settings = make_settings(alerts={
+        "cpuPercent": 70, "memoryPercent": 60, "diskPercent": 50, "window": "10m",
+        "latencyMs": 750})
+    run, _ = build(settings)
+    values = {t: [a.inputs["value"] for a in group] for t, group in by_type(run).items()}
+    assert values["v1/insights/droplet/cpu"] == [70]
+    assert values["v1/dbaas/alerts/cpu_alerts"] == [70]
+    assert values["v1/insights/droplet/memory_utilization_percent"] == [60]
+    assert values["v1/dbaas/alerts/memory_utilization_alerts"] == [60]
+    assert values["v1/insights/droplet/disk_utilization_percent"] == [50]
+    assert values["v1/dbaas/alerts/disk_utilization_alerts"] == [50]
+    assert values["v1/insights/lbaas/high_http_request_response_time_95p"] == [750]
+    for alert in run.of_type("MonitorAlert"):
+        assert alert.inputs["window"] == "10m" and alert.inputs["compare"] == "GreaterThan"
+    latency = next(a for a in run.of_type("UptimeAlert") if a.inputs["type"] == "latency")
+    assert (latency.inputs["threshold"], latency.inputs["comparison"]) == (750, "greater_than")
+
+
+def test_managed_mode_watches_the_load_balancer_by_id_and_app_droplets_by_tag():
+    settings = make_settings()
+    run, _ = build(settings)
+    alerts = by_type(run)
+    for kind in ("increase_in_http_error_rate_percentage_5xx",
+                 "high_http_request_response_time_95p", "droplet_health"):
+        [alert] = alerts[f"v1/insights/lbaas/{kind}"]
+        assert alert.inputs["entities"] == [LB_ID] and not alert.inputs.get("tags")
+    droplet_alerts = [a for t, g in alerts.items() if t.startswith("v1/insights/droplet/")
+                      for a in g]
+    assert len(droplet_alerts) == 3
+    assert all(a.inputs["tags"] == [settings.app_tag] for a in droplet_alerts)
+
+
+def test_nginx_mode_has_no_lb_alerts_and_watches_the_nginx_droplets_by_tag():
+    settings = make_settings(frontend={"mode": "nginx"})
+    run, _ = build(settings, lb_id=None)
+    alerts = by_type(run)
+    assert not [t for t in alerts if "/lbaas/" in t]
+    for metric in ("cpu", "memory_utilization_percent", "disk_utilization_percent"):
+        tags = sorted(a.inputs["tags"][0] for a in alerts[f"v1/insights/droplet/{metric}"])
+        assert tags == sorted([settings.app_tag, settings.lb_tag])
+
+
+def test_database_alerts_target_the_cluster():
+    run, _ = build(make_settings())
+    alerts = by_type(run)
+    for metric in ("cpu_alerts", "memory_utilization_alerts", "disk_utilization_alerts"):
+        [alert] = alerts[f"v1/dbaas/alerts/{metric}"]
+        assert alert.inputs["entities"] == [DB_ID]
+
+
+def test_notifications_go_to_emails_and_slack_with_the_webhook_kept_secret():
+    settings = settings_for("prod")
+    run, _ = build(settings)
+    for alert in run.of_type("MonitorAlert"):
+        assert "alerts" in alert.secret_inputs
+        assert unwrap(alert.inputs["alerts"]) == {
+            "emails": ["ops@example.com"], "slacks": [{"channel": "#ops", "url": SLACK_URL}]}
+    for alert in run.of_type("UptimeAlert"):
+        assert "notifications" in alert.secret_inputs
+        assert unwrap(alert.inputs["notifications"])[0]["slacks"][0]["url"] == SLACK_URL
+
+
+def test_without_slack_only_emails_are_notified():
+    run, _ = build(make_settings(alerts={"emails": ["a@example.com", "b@example.com"]}))
+    for alert in run.of_type("MonitorAlert"):
+        assert alert.inputs["alerts"] == {"emails": ["a@example.com", "b@example.com"]}
+    for alert in run.of_type("UptimeAlert"):
+        assert alert.inputs["notifications"] == [{"emails": ["a@example.com", "b@example.com"]}]
+
+
+def test_https_site_gets_an_https_check_and_a_certificate_expiry_alert():
+    run, monitoring = build(settings_for("prod"))
+    check = run.one("UptimeCheck")
+    assert check.inputs["type"] == "https" and check.inputs["target"] == HTTPS_URL
+    assert check.inputs["regions"]
+    alerts = {a.inputs["type"]: a for a in run.of_type("UptimeAlert")}
+    assert set(alerts) == {"down_global", "latency", "ssl_expiry"}
+    assert alerts["ssl_expiry"].inputs["threshold"] == 14
+    check_id = _sync_await(monitoring.uptime_check_id.future())
+    assert all(a.inputs["checkId"] == check_id for a in alerts.values())
+
+
+def test_plain_http_site_has_no_certificate_alert():
+    run, _ = build(make_settings())
+    check = run.one("UptimeCheck")
+    assert check.inputs["type"] == "http" and check.inputs["target"] == HTTP_URL
+    assert {a.inputs["type"] for a in run.of_type("UptimeAlert")} == {"down_global", "latency"}
+
+
+def test_outputs_list_every_policy_uuid():
+    run, alerts = build(make_settings())
+    ids = _sync_await(alerts.alert_policy_ids.future())
+    assert len(ids) == len(run.of_type("MonitorAlert")) == 9
+    assert sorted(ids) == sorted(a.outputs["uuid"] for a in run.of_type("MonitorAlert"))
+
+
+def test_args_that_would_leave_alerts_without_a_target_are_refused():
+    with pytest.raises(ValueError, match="webstack:frontend.mode"):
+        build(make_settings(), lb_id=None)
+    with pytest.raises(ValueError, match="webstack:domain"):
+        build(settings_for("prod"), health_url=HTTP_URL)
