@@ -1,0 +1,57 @@
+"""Gunicorn settings for the webstack app, read from the environment.
+
+On a droplet the environment comes from the EnvironmentFile that `components/runtime.py`
+renders (the timeouts there are the source of truth); without it the defaults below serve a
+developer's machine. Check with `gunicorn --check-config -c app/gunicorn.conf.py app.wsgi:app`.
+
+No `preload_app`: every worker imports the app and builds its own database engines after the
+fork, so no connection is ever shared between processes.
+"""
+
+import ipaddress
+import os
+
+
+def _loopback_only(bind: str) -> str:
+    """Refuse to listen beyond loopback: nginx is the only client, and it is local."""
+    host = bind.rpartition(":")[0].strip("[]")
+    try:
+        local = bind.startswith("unix:") or host == "localhost" or (
+            ipaddress.ip_address(host).is_loopback
+        )
+    except ValueError:
+        local = False
+    if not local:
+        raise ValueError(f"GUNICORN_BIND={bind!r}: gunicorn listens on loopback or unix: only")
+    return bind
+
+
+def _int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+bind = [_loopback_only(os.environ.get("GUNICORN_BIND", "127.0.0.1:8000"))]
+workers = _int("GUNICORN_WORKERS", 2 * len(os.sched_getaffinity(0)) + 1)
+threads = _int("GUNICORN_THREADS", 1)
+worker_class = "gthread" if threads > 1 else "sync"
+worker_tmp_dir = os.environ.get("GUNICORN_WORKER_TMP_DIR")  # None: the system's temp dir
+
+timeout = _int("GUNICORN_TIMEOUT", 30)
+graceful_timeout = _int("GUNICORN_GRACEFUL_TIMEOUT", 30)
+keepalive = _int("GUNICORN_KEEPALIVE", 5)
+
+# Recycle workers now and then, staggered, so a slow leak never takes a droplet down.
+max_requests = 1000
+max_requests_jitter = 100
+
+# Only nginx on this host may set X-Forwarded-Proto/-For (the default, made explicit so a
+# FORWARDED_ALLOW_IPS in the environment cannot widen it).
+forwarded_allow_ips = "127.0.0.1,::1"
+
+# Logs to stdout/stderr, i.e. the journal.
+accesslog = "-"
+errorlog = "-"
+
+# systemd reloads (HUP) and stops (TERM) gunicorn; no control socket in a home directory the
+# sandbox makes read-only anyway.
+control_socket_disable = True
