@@ -1,0 +1,170 @@
+"""What runs on every app droplet: the nginx site, the gunicorn service and its environment.
+
+Pure functions of settings and of plain values resolved from other resources (database URLs,
+the secret key): the droplet's cloud-config installs their output at the paths of
+`DropletLayout`, and the lab and the tests render the same files with loopback addresses and
+temp directories. Same inputs, byte-identical output.
+
+The timeouts form one chain, each layer giving up before the one in front of it, so a slow
+request is cut by gunicorn and reported by nginx rather than dropped halfway:
+
+    gunicorn timeout = graceful_timeout (30 s) < nginx proxy_read_timeout (45 s)
+        < DigitalOcean load balancer idle timeout (60 s) < nginx client keepalive (75 s)
+    gunicorn graceful_timeout (30 s) < systemd TimeoutStopSec (45 s)
+    nginx upstream keepalive_timeout (4 s) < gunicorn keepalive (5 s)
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from components.render import render_template
+from components.settings import Settings
+
+GUNICORN_TIMEOUT = 30
+"""Seconds a worker may stay silent before gunicorn kills and replaces it."""
+GUNICORN_GRACEFUL_TIMEOUT = 30
+"""Seconds in-flight requests get to finish on stop or reload (HUP)."""
+GUNICORN_KEEPALIVE = 5
+"""Seconds gunicorn keeps an idle connection from nginx open."""
+PROXY_TIMEOUT = max(GUNICORN_TIMEOUT, GUNICORN_GRACEFUL_TIMEOUT) + 15
+"""nginx's proxy_read/send_timeout: longer than gunicorn takes to give up or to drain."""
+STOP_TIMEOUT = GUNICORN_GRACEFUL_TIMEOUT + 15
+"""systemd's TimeoutStopSec: gunicorn drains its workers before systemd sends SIGKILL."""
+
+SECURITY_HEADERS = (
+    ("X-Content-Type-Options", '"nosniff"'),
+    ("X-Frame-Options", '"DENY"'),
+    ("Referrer-Policy", '"no-referrer"'),
+    # An API's responses are data, never a page that loads, embeds or submits anything.
+    ("Content-Security-Policy",
+     "\"default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'\""),
+    # Empty (so not sent) unless the load balancer says the request came over HTTPS.
+    ("Strict-Transport-Security", "$webstack_hsts"),
+)
+"""Headers nginx adds to every response (`always`: errors too), as nginx-quoted values."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DropletLayout:
+    """Where things live on an app droplet. Defaults are the droplet's; tests move `root`."""
+
+    root: str = "/opt/webstack"
+    """Holds the app (`app_dir`) and its virtualenv (`venv`)."""
+    user: str = "webstack"
+    """The unprivileged system user gunicorn runs as."""
+    env_file: str = "/etc/webstack/app.env"
+    """The service's EnvironmentFile (`render_app_env`): secrets, root-owned, mode 0600."""
+    gunicorn_bind: str = "127.0.0.1:8000"
+    """Where gunicorn listens and nginx proxies to: loopback only."""
+
+    @property
+    def app_dir(self) -> str:
+        """Gunicorn's working directory: holds the `app` package."""
+        return f"{self.root}/app"
+
+    @property
+    def venv(self) -> str:
+        return f"{self.root}/venv"
+
+    @property
+    def gunicorn_conf(self) -> str:
+        return f"{self.app_dir}/app/gunicorn.conf.py"
+
+    @property
+    def static_dir(self) -> str:
+        """Flask's static folder, served by nginx at /static/."""
+        return f"{self.app_dir}/app/static"
+
+
+def render_nginx_site(
+    settings: Settings,
+    *,
+    listen: str = "80",
+    upstream: str = "127.0.0.1:8000",
+    static_dir: str,
+    metrics_allow: Sequence[str],
+) -> str:
+    """The nginx site (a `server` and its `upstream`, included inside `http {}`).
+
+    `listen` is an nginx listen address (`80`, `127.0.0.1:8080`), `upstream` gunicorn's
+    address (`127.0.0.1:8000`, `unix:/path`). `metrics_allow` lists the addresses or CIDRs
+    that may read /metrics directly (the VPC, loopback); everyone else gets 403.
+    """
+    for source in metrics_allow:
+        ipaddress.ip_network(source)  # ValueError names the bad address
+    if not static_dir.startswith("/"):
+        raise ValueError(f"static_dir {static_dir!r} must be an absolute path")
+    return render_template(
+        "nginx-site.conf.j2",
+        listen=listen,
+        upstream=upstream,
+        upstream_keepalive=settings.app.workers * settings.app.gunicorn_threads,
+        upstream_keepalive_timeout=GUNICORN_KEEPALIVE - 1,
+        gunicorn_keepalive=GUNICORN_KEEPALIVE,
+        gunicorn_timeout=GUNICORN_TIMEOUT,
+        proxy_timeout=PROXY_TIMEOUT,
+        max_body_mb=settings.app.max_body_mb,
+        health_path=settings.frontend.health_check.path,
+        metrics_allow=list(metrics_allow),
+        static_dir=static_dir.rstrip("/"),
+        security_headers=SECURITY_HEADERS,
+    )
+
+
+def render_app_unit(settings: Settings, layout: DropletLayout) -> str:
+    """The systemd unit running gunicorn from `layout`, sandboxed (exposure below 2.5)."""
+    return render_template(
+        "webstack-app.service.j2",
+        user=layout.user,
+        app_dir=layout.app_dir,
+        env_file=layout.env_file,
+        venv=layout.venv,
+        gunicorn_conf=layout.gunicorn_conf,
+        graceful_timeout=GUNICORN_GRACEFUL_TIMEOUT,
+        stop_timeout=STOP_TIMEOUT,
+    )
+
+
+def render_app_env(
+    settings: Settings,
+    *,
+    database_url: str,
+    replica_urls: Sequence[str],
+    secret_key: str,
+    migration_url: str | None,
+    bind: str,
+) -> str:
+    """The service's EnvironmentFile: every variable gunicorn and the app read.
+
+    Values are double-quoted with `\\ " $ `` ` escaped: the subset of syntax systemd's
+    EnvironmentFile and a POSIX shell (`set -a; . app.env`) read the same way.
+    """
+    values = {
+        "database_url": database_url,
+        "replica_urls": ",".join(replica_urls),
+        "secret_key": secret_key,
+        "bind": bind,
+    }
+    return render_template(
+        "webstack-app.env.j2",
+        **{name: _quote(name, value) for name, value in values.items()},
+        migration_url=migration_url and _quote("migration_url", migration_url),
+        workers=settings.app.workers,
+        threads=settings.app.gunicorn_threads,
+        timeout=GUNICORN_TIMEOUT,
+        graceful_timeout=GUNICORN_GRACEFUL_TIMEOUT,
+        keepalive=GUNICORN_KEEPALIVE,
+    )
+
+
+_ESCAPES = str.maketrans({c: "\\" + c for c in '\\"$`'})
+
+
+def _quote(name: str, value: str) -> str:
+    """`value` double-quoted for an environment file; never echoes it (it may be a secret)."""
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise ValueError(f"{name} contains a control character; an environment file cannot hold it")
+    return '"' + value.translate(_ESCAPES) + '"'
