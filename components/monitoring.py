@@ -88,6 +88,9 @@ class MonitoringAlerts(pulumi.ComponentResource):
             lb = {"entities": [args.lb_id]}
             alert("lb-5xx", "v1/insights/lbaas/increase_in_http_error_rate_percentage_5xx",
                   LB_5XX_PERCENT, f"load balancer 5xx rate up more than {LB_5XX_PERCENT}%", **lb)
+            # Unverified: the API documents neither this value's unit (ms assumed; the metrics
+            # endpoint reports seconds) nor droplet_health's ("alert on Droplet health status
+            # changes"; read as a count of unhealthy droplets). Check both in the control panel.
             alert("lb-latency", "v1/insights/lbaas/high_http_request_response_time_95p",
                   a.latency_ms, f"load balancer p95 response time above {a.latency_ms} ms", **lb)
             alert("lb-health", "v1/insights/lbaas/droplet_health", 0,
