@@ -42,12 +42,16 @@ def mock_outputs(typ: str, name: str, inputs: Mapping[str, Any]) -> dict[str, An
     """What DigitalOcean returns for a resource, beyond its inputs (camelCase, as on the wire)."""
     uid = _uuid(f"{typ}/{name}")
     if typ == "digitalocean:index/droplet:Droplet":
-        return {"ipv4Address": _fake_ip(name, False), "ipv4AddressPrivate": _fake_ip(name, True),
-                "urn": f"do:droplet:{uid}", "status": "active"}
+        droplet_id = str(int(uid[:8], 16))  # DigitalOcean droplet ids are integers
+        return {"id": droplet_id, "ipv4Address": _fake_ip(name, False),
+                "ipv4AddressPrivate": _fake_ip(name, True),
+                "dropletUrn": f"do:droplet:{droplet_id}", "status": "active"}
     if typ == "digitalocean:index/loadBalancer:LoadBalancer":
-        return {"ip": _fake_ip(name, False), "status": "active", "urn": f"do:loadbalancer:{uid}"}
+        return {"ip": _fake_ip(name, False), "status": "active",
+                "loadBalancerUrn": f"do:loadbalancer:{uid}"}
     if typ == "digitalocean:index/reservedIp:ReservedIp":
-        return {"ipAddress": _fake_ip(name, False), "urn": f"do:reservedip:{uid}"}
+        ip = _fake_ip(name, False)
+        return {"ipAddress": ip, "reservedIpUrn": f"do:floatingip:{ip}"}
     if typ == "digitalocean:index/vpc:Vpc":
         return {"ipRange": inputs.get("ipRange") or "10.20.0.0/20", "urn": f"do:vpc:{uid}"}
     if typ == "digitalocean:index/databaseCluster:DatabaseCluster":
@@ -80,7 +84,9 @@ def mock_outputs(typ: str, name: str, inputs: Mapping[str, Any]) -> dict[str, An
                 "password": "mock-pool-password", "uri": uri.format(h=host),
                 "privateUri": uri.format(h=f"private-{host}"), "dbName": db}
     if typ == "digitalocean:index/certificate:Certificate":
-        return {"uuid": uid, "state": "verified", "sha1Fingerprint": hashlib.sha1(
+        # Pulumi auto-names a certificate without `name` (the resource name + a random suffix).
+        return {"name": inputs.get("name") or f"{name}-{uid[:7]}",
+                "uuid": uid, "state": "verified", "sha1Fingerprint": hashlib.sha1(
             name.encode()).hexdigest()}
     if typ == "digitalocean:index/uptimeCheck:UptimeCheck":
         return {"id": uid}
