@@ -60,10 +60,11 @@ def render_app_cloud_config(
     secret_key: str,
     vpc_cidr: str,
     bundle: bytes | None = None,
-    layout: DropletLayout = DropletLayout(),
+    layout: DropletLayout | None = None,
 ) -> str:
     """The user data of an app droplet. Raises ValueError if it exceeds DigitalOcean's limit."""
     bundle = app_bundle() if bundle is None else bundle
+    layout = layout or DropletLayout()
     site = render_nginx_site(
         settings,
         listen="80",

@@ -72,7 +72,6 @@ class DatabaseCluster(pulumi.ComponentResource):
     def __init__(self, name: str, args: DatabaseClusterArgs,
                  opts: pulumi.ResourceOptions | None = None):
         s, db_settings = args.settings, args.settings.database
-        _check(s)
         super().__init__("webstack:index:DatabaseCluster", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
         protected = pulumi.ResourceOptions(parent=self, protect=db_settings.protect)
@@ -153,15 +152,3 @@ class DatabaseCluster(pulumi.ComponentResource):
             "admin_uri": self.admin_uri,
         })
 
-
-def _check(s: Settings) -> None:
-    """Combinations settings.py lets through but DigitalOcean would refuse."""
-    for i, replica in enumerate(s.database.replicas):
-        if replica.region != s.region:
-            raise ValueError(
-                f"webstack:database.replicas[{i}].region: {replica.region!r} is not allowed; a "
-                f"replica must be in the stack's region ({s.region}) to join its VPC")
-    if len(s.database.name) < 3:
-        raise ValueError(
-            f"webstack:database.name: {s.database.name!r} is not allowed; the connection pool "
-            "shares this name and DigitalOcean requires 3 to 63 characters")

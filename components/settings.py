@@ -166,7 +166,7 @@ class DatabaseSettings:
     maintenance: MaintenanceSettings = field(default_factory=MaintenanceSettings)
     protect: bool = False
     name: str = "app"
-    """The app's database; the app connects as the user of the same name, never as doadmin."""
+    """The app's database, its user and its pool share this name (never doadmin)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -382,7 +382,7 @@ def _database(r: _Reader, region: str, production: bool) -> DatabaseSettings:
         rr = _Reader(item, r.key(f"replicas[{i}]."))
         replica = ReplicaSettings(
             size=_size(rr, "size", size_slug, "database_sizes"),
-            region=rr.choice("region", region, catalog()["regions"]),
+            region=rr.choice("region", region, [region]),  # the VPC is regional
         )
         rs = database_size(replica.size)
         if rs.memory_gib < size.memory_gib or rs.vcpus < size.vcpus:
@@ -411,8 +411,12 @@ def _database(r: _Reader, region: str, production: bool) -> DatabaseSettings:
     if version not in PG_VERSIONS:
         raise ConfigError(r.key("version"), version, f"must be one of: {', '.join(PG_VERSIONS)}")
     name = r.str("name", "app")
-    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", name) or name in ("doadmin", "defaultdb"):
-        raise ConfigError(r.key("name"), name, "must be a lowercase identifier, not doadmin")
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{2,62}", name) or name in ("doadmin", "defaultdb"):
+        raise ConfigError(
+            r.key("name"), name,
+            "must be a lowercase identifier of 3 to 63 characters (the pool shares it),"
+            " not doadmin",
+        )
     db = DatabaseSettings(
         version=version, size=size_slug, node_count=node_count, replicas=tuple(replicas),
         pool=pool, maintenance=maintenance, protect=r.bool("protect", production), name=name,
@@ -495,6 +499,11 @@ def load_settings(
     `secret_keys` names the top-level keys Pulumi holds as secrets (such as `alerts`).
     Raises ConfigError on the first bad value.
     """
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,40}", stack):
+        raise ConfigError(
+            "(stack name)", stack,
+            "stack names must be lowercase letters, digits and hyphens: they become droplet tags",
+        )
     r = _Reader(raw, "")
     default_env = "production" if stack.startswith("prod") else "staging"
     environment = r.choice("environment", default_env, ENVIRONMENTS)

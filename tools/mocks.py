@@ -94,6 +94,8 @@ def mock_outputs(typ: str, name: str, inputs: Mapping[str, Any]) -> dict[str, An
         return {"uuid": uid}
     if typ == "digitalocean:index/dnsRecord:DnsRecord":
         return {"fqdn": f"{inputs.get('name')}.{inputs.get('domain')}"}
+    if typ == "random:index/randomPassword:RandomPassword":
+        return {"result": "mock-" + hashlib.sha256(name.encode()).hexdigest()[:40]}
     if typ == "digitalocean:index/project:Project":
         return {"ownerUuid": uid}
     return {}
