@@ -1,0 +1,219 @@
+"""Pure renderers for the nginx load-balancer droplets (frontend mode `nginx`).
+
+- `render_lb_nginx_conf`: the LB's nginx config from `cloud-init/nginx-lb.conf.j2`: the public
+  server blocks (TLS by certbot, :80 redirect, proxy) and, when `upstreams` is given, the
+  upstream block too (one file, as the local lab uses it).
+- `render_lb_upstream`: the upstream block alone. On a droplet it is its own file,
+  `UPSTREAM_PATH`, delivered after creation (see `components/frontend.py`), so that the
+  droplet's user data never contains app IPs: user data forces replacement, and a new LB
+  droplet on every app rollout would drop traffic.
+- `render_lb_cloud_config`: the LB droplet's user data (`#cloud-config`, built as data and
+  dumped with `yaml.safe_dump`): nginx (+ certbot and a retrying first-certificate timer when the
+  stack has a domain), the site config and a placeholder upstream that answers 503.
+
+Functions of settings and plain values only, no Pulumi types: same input, same bytes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import yaml
+
+from components.render import render_template
+from components.settings import Settings
+
+UPSTREAM_NAME = "webstack_app"
+SITE_PATH = "/etc/nginx/conf.d/webstack-lb.conf"
+UPSTREAM_PATH = "/etc/nginx/conf.d/webstack-upstream.conf"
+ACME_WEBROOT = "/var/www/letsencrypt"
+TLS_CERT = "/etc/nginx/tls/webstack.crt"
+"""A symlink: to a self-signed placeholder at first boot, then to Let's Encrypt's fullchain."""
+TLS_KEY = "/etc/nginx/tls/webstack.key"
+APP_PORT = 80
+PLACEHOLDER_PORT = 8081
+USER_DATA_LIMIT = 64 * 1024
+
+# Passive health and retries (see the template for what each one does).
+MAX_FAILS = 3
+FAIL_TIMEOUT = "10s"
+CONNECT_TIMEOUT = "2s"
+READ_TIMEOUT = "35s"
+NEXT_UPSTREAM_TRIES = 2
+NEXT_UPSTREAM_TIMEOUT = "10s"
+
+_SERVER = re.compile(r"^(\[[0-9A-Fa-f:]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$")
+_LISTEN = re.compile(r"^((\[[0-9A-Fa-f:]+\]|[0-9.]+|localhost):)?[0-9]{1,5}$")
+_PATH = re.compile(r"^/[A-Za-z0-9._/-]*$")
+
+
+def _check(value: str, pattern: re.Pattern[str], what: str) -> str:
+    if not isinstance(value, str) or not pattern.match(value):
+        raise ValueError(f"{what}: {value!r} is not allowed in the nginx config")
+    return value
+
+
+def _render(*, upstreams: Sequence[str] | None, site: bool, **site_context) -> str:
+    if upstreams is not None:
+        upstreams = [_check(u, _SERVER, "upstream (host:port)") for u in upstreams]
+    return render_template(
+        "nginx-lb.conf.j2",
+        upstreams=upstreams, site=site, upstream_name=UPSTREAM_NAME,
+        max_fails=MAX_FAILS, fail_timeout=FAIL_TIMEOUT,
+        connect_timeout=CONNECT_TIMEOUT, read_timeout=READ_TIMEOUT,
+        next_upstream_tries=NEXT_UPSTREAM_TRIES, next_upstream_timeout=NEXT_UPSTREAM_TIMEOUT,
+        **site_context,
+    )
+
+
+def render_lb_upstream(upstreams: Sequence[str], *,
+                       placeholder_port: int = PLACEHOLDER_PORT) -> str:
+    """The upstream block for `UPSTREAM_PATH`: app servers as "host:port", least_conn,
+    passive health (max_fails/fail_timeout) and keepalive. An empty list renders a placeholder
+    upstream answering 503 from a local server on `placeholder_port`, so nginx starts (and says
+    why it cannot serve) before the real list arrives."""
+    return _render(upstreams=list(upstreams), site=False, placeholder_port=int(placeholder_port))
+
+
+def render_lb_nginx_conf(
+    settings: Settings,
+    *,
+    upstreams: Sequence[str] | None,
+    server_name: str,
+    listen_http: str = "80",
+    listen_https: str | None = "443",
+    certificate: tuple[str, str] | None = None,
+    static_dir: str | None = None,
+) -> str:
+    """The load balancer's nginx config (http context, for `conf.d/`).
+
+    upstreams: app servers as "host:port"; None leaves the upstream block out (it is then
+      expected in `UPSTREAM_PATH`, as on the droplets).
+    server_name: the site's fqdn, or "_" for any name.
+    listen_http / listen_https: nginx `listen` addresses ("80", "127.0.0.1:8443").
+    certificate: (certificate, key) paths. With it, :80 serves only ACME challenges and the LB's
+      own /healthz and redirects the rest to HTTPS on `listen_https`; without it, plain HTTP.
+    static_dir: a directory served at /static/ by the LB; None proxies /static/ to the app.
+    """
+    _check(listen_http, _LISTEN, "listen_http")
+    if certificate is not None:
+        if listen_https is None:
+            raise ValueError("certificate given but listen_https is None: nowhere to serve TLS")
+        _check(listen_https, _LISTEN, "listen_https")
+        for path in certificate:
+            _check(path, _PATH, "certificate path")
+    if static_dir is not None:
+        _check(static_dir.rstrip("/"), _PATH, "static_dir")
+    if not re.fullmatch(r"_|[a-z0-9.-]+", server_name):
+        raise ValueError(f"server_name: {server_name!r} must be a DNS name or _")
+    https_port = (listen_https or "443").rsplit(":", 1)[-1]
+    return _render(
+        upstreams=upstreams, site=True, max_body_mb=settings.app.max_body_mb,
+        server_name=server_name, listen_http=listen_http, listen_https=listen_https,
+        certificate=certificate, https_port_suffix="" if https_port == "443" else f":{https_port}",
+        static_dir=static_dir.rstrip("/") if static_dir else None, acme_webroot=ACME_WEBROOT,
+    )
+
+
+# --------------------------------------------------------------------------- cloud-config
+
+_TLS_LINK = """\
+#!/bin/sh
+# certbot deploy hook: point nginx at the site's Let's Encrypt certificate, then reload.
+set -eu
+live=/etc/letsencrypt/live/{fqdn}
+ln -sfn "$live/fullchain.pem" {cert}
+ln -sfn "$live/privkey.pem" {key}
+nginx -t -q && systemctl reload nginx
+"""
+
+_CERTBOT_SERVICE = """\
+[Unit]
+Description=webstack: obtain the site's first Let's Encrypt certificate (HTTP-01, webroot)
+Wants=network-online.target
+After=network-online.target nginx.service
+ConditionPathExists=!/etc/letsencrypt/live/{fqdn}/fullchain.pem
+
+[Service]
+Type=oneshot
+# Only the droplet holding the reserved IP receives the challenge: spares wait their turn.
+ExecCondition=/bin/sh -c 'curl -fsS -m 5 {metadata}/reserved_ip/ipv4/active | grep -qx true'
+ExecStart=/usr/bin/certbot certonly --non-interactive --agree-tos --email {email} \
+--webroot -w {webroot} --cert-name {fqdn} -d {fqdn} --deploy-hook /usr/local/sbin/webstack-tls-link
+"""
+
+# Every 15 minutes: under Let's Encrypt's limit of 5 failed validations per hour while DNS or
+# the reserved IP is not in place yet. Renewals are certbot's own timer (Debian package).
+_CERTBOT_TIMER = """\
+[Unit]
+Description=webstack: retry the site's first certificate until it exists
+
+[Timer]
+OnBootSec=1min
+OnCalendar=*:0/15
+
+[Install]
+WantedBy=timers.target
+"""
+
+
+class _Dumper(yaml.SafeDumper):
+    """yaml.safe_dump, with multi-line strings (file contents) as readable `|` blocks."""
+
+
+_Dumper.add_representer(str, lambda dumper, value: dumper.represent_scalar(
+    "tag:yaml.org,2002:str", value, style="|" if "\n" in value else None))
+
+
+def render_lb_cloud_config(settings: Settings) -> str:
+    """User data for an nginx LB droplet. Depends on settings only, never on app IPs."""
+    fqdn = settings.fqdn
+    site = render_lb_nginx_conf(
+        settings, upstreams=None, server_name=fqdn or "_",
+        certificate=(TLS_CERT, TLS_KEY) if fqdn else None,
+    )
+    files = [
+        {"path": SITE_PATH, "content": site},
+        {"path": UPSTREAM_PATH, "content": render_lb_upstream(())},
+    ]
+    # Debian's default site also claims port 80; nginx is restarted once ours is in place.
+    runcmd = ["rm -f /etc/nginx/sites-enabled/default"]
+    packages = ["nginx", "curl"]
+    if fqdn:
+        packages.append("certbot")
+        values = {"fqdn": fqdn, "cert": TLS_CERT, "key": TLS_KEY, "webroot": ACME_WEBROOT,
+                  "email": settings.alerts.emails[0],
+                  "metadata": "http://169.254.169.254/metadata/v1"}
+        files += [
+            {"path": "/usr/local/sbin/webstack-tls-link", "permissions": "0755",
+             "content": _TLS_LINK.format(**values)},
+            {"path": "/etc/systemd/system/webstack-certbot.service",
+             "content": _CERTBOT_SERVICE.format(**values)},
+            {"path": "/etc/systemd/system/webstack-certbot.timer", "content": _CERTBOT_TIMER},
+        ]
+        # nginx needs a certificate to start: a self-signed one until Let's Encrypt's arrives.
+        runcmd += [
+            f"mkdir -p {ACME_WEBROOT} /etc/nginx/tls",
+            "openssl req -x509 -newkey rsa:2048 -nodes -days 365 -subj /CN=" + fqdn
+            + " -keyout /etc/nginx/tls/selfsigned.key -out /etc/nginx/tls/selfsigned.crt",
+            "chmod 600 /etc/nginx/tls/selfsigned.key",
+            f"ln -sfn /etc/nginx/tls/selfsigned.crt {TLS_CERT}",
+            f"ln -sfn /etc/nginx/tls/selfsigned.key {TLS_KEY}",
+        ]
+    runcmd += ["systemctl enable nginx", "nginx -t && systemctl restart nginx"]
+    if fqdn:
+        runcmd += ["systemctl daemon-reload", "systemctl enable --now webstack-certbot.timer",
+                   "systemctl start --no-block webstack-certbot.service"]
+    config = {
+        "package_update": True,
+        "packages": packages,
+        # Deferred: written after the packages are installed, so nginx's first start (by the
+        # package) uses Debian's defaults and ours are checked with `nginx -t` in runcmd.
+        "write_files": [{"permissions": "0644", **f, "defer": True} for f in files],
+        "runcmd": runcmd,
+    }
+    text = "#cloud-config\n" + yaml.dump(config, Dumper=_Dumper, sort_keys=False, width=1000)
+    if len(text.encode()) > USER_DATA_LIMIT:
+        raise ValueError(f"LB user data is {len(text.encode())} bytes; DigitalOcean allows 64 KiB")
+    return text

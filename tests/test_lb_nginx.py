@@ -1,0 +1,257 @@
+"""The nginx load-balancer renderers, checked with the real tools: nginx -t, a live nginx on
+loopback in front of two backends (one dead), and cloud-init schema."""
+
+from __future__ import annotations
+
+import http.client
+import http.server
+import json
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.lb_nginx import (
+    SITE_PATH,
+    TLS_CERT,
+    TLS_KEY,
+    UPSTREAM_PATH,
+    render_lb_cloud_config,
+    render_lb_nginx_conf,
+    render_lb_upstream,
+)
+from tests.factories import make_settings, settings_for
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+def nginx_conf(tmp: Path, body: str) -> Path:
+    """A minimal nginx.conf around `body` (http context), everything written under `tmp`."""
+    (tmp / "lb.conf").write_text(body)
+    temp = " ".join(f"{kind}_temp_path {tmp}/{kind};" for kind in
+                    ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    conf = tmp / "nginx.conf"
+    conf.write_text(f"""
+worker_processes 1;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log;
+events {{ worker_connections 64; }}
+http {{
+    access_log {tmp}/access.log;
+    {temp}
+    include {tmp}/lb.conf;
+}}
+""")
+    return conf
+
+
+def nginx_t(tmp: Path, body: str) -> None:
+    conf = nginx_conf(tmp, body)
+    result = subprocess.run([NGINX, "-t", "-p", str(tmp), "-e", str(tmp / "error.log"),
+                             "-c", str(conf)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr + body
+
+
+def self_signed(tmp: Path) -> tuple[str, str]:
+    cert, key = tmp / "cert.pem", tmp / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj",
+                    "/CN=localhost", "-days", "1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    return str(cert), str(key)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- nginx -t
+
+
+def test_plain_http_config_passes_nginx_t(tmp_path):
+    conf = render_lb_nginx_conf(make_settings(), upstreams=["10.20.0.5:80", "10.20.0.6:80"],
+                                server_name="_", static_dir=str(tmp_path / "static"))
+    assert "return 301" not in conf and "ssl_certificate" not in conf
+    assert "proxy_set_header X-Forwarded-Proto http;" in conf
+    nginx_t(tmp_path, conf)
+
+
+def test_tls_config_passes_nginx_t(tmp_path):
+    conf = render_lb_nginx_conf(settings_for("prod"), upstreams=["10.20.0.5:80"],
+                                server_name="www.example.com", certificate=self_signed(tmp_path))
+    assert "return 301 https://$host$request_uri;" in conf
+    assert "proxy_set_header X-Forwarded-Proto https;" in conf
+    nginx_t(tmp_path, conf)
+
+
+def droplet_files(user_data: str) -> dict[str, str]:
+    return {f["path"]: f["content"] for f in yaml.safe_load(user_data)["write_files"]}
+
+
+@pytest.mark.parametrize("stack", ["staging", "prod"])
+def test_droplet_config_with_placeholder_upstream_passes_nginx_t(stack, tmp_path):
+    """What the droplet really runs before its upstream list arrives, and after."""
+    files = droplet_files(render_lb_cloud_config(settings_for(stack)))
+    site = files[SITE_PATH]
+    if stack == "prod":
+        cert, key = self_signed(tmp_path)
+        site = site.replace(TLS_CERT, cert).replace(TLS_KEY, key)
+    nginx_t(tmp_path, site + files[UPSTREAM_PATH])
+    nginx_t(tmp_path, site + render_lb_upstream(["10.20.0.5:80", "10.20.0.6:80"]))
+
+
+def test_rendering_is_byte_identical_and_validated():
+    settings = settings_for("prod")
+    args = dict(upstreams=["10.20.0.5:80"], server_name="www.example.com",
+                certificate=("/etc/c.pem", "/etc/k.pem"))
+    assert render_lb_nginx_conf(settings, **args) == render_lb_nginx_conf(settings, **args)
+    assert render_lb_cloud_config(settings) == render_lb_cloud_config(settings)
+    for bad in (["10.0.0.1:80; include /etc/passwd"], ["10.0.0.1"], ["10.0.0.1:80 backup"]):
+        with pytest.raises(ValueError, match="upstream"):
+            render_lb_upstream(bad)
+    with pytest.raises(ValueError, match="listen_https"):
+        render_lb_nginx_conf(settings, **{**args, "listen_https": None})
+
+
+def test_upstream_balances_and_placeholder_answers_503():
+    upstream = render_lb_upstream(["10.20.0.5:80", "10.20.0.6:80"])
+    assert "least_conn;" in upstream and "keepalive 32;" in upstream
+    assert upstream.count("max_fails=3 fail_timeout=10s;") == 2
+    placeholder = render_lb_upstream([])
+    assert "return 503" in placeholder and "10.20." not in placeholder
+
+
+# --------------------------------------------------------------------------- live
+
+
+class Echo(http.server.BaseHTTPRequestHandler):
+    """Answers with the request's path and headers as JSON (HTTP/1.1, keep-alive)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        body = json.dumps({"path": self.path, "headers": dict(self.headers)}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@contextmanager
+def running_nginx(tmp: Path, body: str, port: int):
+    conf = nginx_conf(tmp, body)
+    proc = subprocess.Popen([NGINX, "-p", str(tmp), "-e", str(tmp / "error.log"),
+                             "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read().decode()
+                assert time.monotonic() < deadline, "nginx did not start"
+                time.sleep(0.05)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_live_lb_redirects_proxies_with_forwarded_headers_and_skips_a_dead_droplet(tmp_path):
+    backend = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    dead = free_port()  # nothing listens here: a droplet that is down
+    http_port, https_port = free_port(), free_port()
+    conf = render_lb_nginx_conf(
+        settings_for("prod"),
+        upstreams=[f"127.0.0.1:{dead}", f"127.0.0.1:{backend.server_address[1]}"],
+        server_name="localhost", listen_http=f"127.0.0.1:{http_port}",
+        listen_https=f"127.0.0.1:{https_port}", certificate=self_signed(tmp_path))
+    tls = ssl.create_default_context()
+    tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
+    try:
+        with running_nginx(tmp_path, conf, http_port):
+            plain = http.client.HTTPConnection("127.0.0.1", http_port, timeout=10)
+            plain.request("GET", "/items?x=1", headers={"Host": "localhost"})
+            response = plain.getresponse()
+            assert response.status == 301
+            assert response.getheader("Location") == f"https://localhost:{https_port}/items?x=1"
+            response.read()
+            plain.request("GET", "/healthz", headers={"Host": "localhost"})
+            response = plain.getresponse()
+            assert (response.status, response.read()) == (200, b"ok\n")
+
+            for _ in range(4):  # least_conn will pick the dead one too: it must be retried
+                conn = http.client.HTTPSConnection("127.0.0.1", https_port, timeout=10,
+                                                   context=tls)
+                conn.request("GET", "/items", headers={
+                    "Host": "localhost", "X-Forwarded-For": "6.6.6.6",
+                    "X-Forwarded-Proto": "http"})
+                response = conn.getresponse()
+                assert response.status == 200
+                seen = json.loads(response.read())
+                conn.close()
+                assert seen["path"] == "/items"
+                headers = {k.lower(): v for k, v in seen["headers"].items()}
+                assert headers["x-forwarded-proto"] == "https"
+                assert headers["x-forwarded-for"] == "127.0.0.1", "client's claim replaced"
+                assert headers["x-real-ip"] == "127.0.0.1"
+                assert headers["host"] == "localhost"
+                assert "connection" not in headers or headers["connection"] != "close"
+    finally:
+        backend.shutdown()
+        backend.server_close()
+
+
+def test_live_placeholder_says_why_it_cannot_serve_yet(tmp_path):
+    http_port = free_port()
+    site = render_lb_nginx_conf(settings_for("staging"), upstreams=None, server_name="_",
+                                listen_http=f"127.0.0.1:{http_port}")
+    with running_nginx(tmp_path, site + render_lb_upstream([], placeholder_port=free_port()),
+                       http_port):
+        conn = http.client.HTTPConnection("127.0.0.1", http_port, timeout=10)
+        conn.request("GET", "/")
+        response = conn.getresponse()
+        assert response.status == 503
+        assert b"no app droplets configured yet" in response.read()
+
+
+# --------------------------------------------------------------------------- cloud-config
+
+
+@pytest.mark.parametrize("stack", ["staging", "prod"])
+def test_cloud_config_is_valid_and_never_holds_app_ips(stack, tmp_path):
+    settings = settings_for(stack, frontend={"mode": "nginx"})
+    text = render_lb_cloud_config(settings)
+    assert text.startswith("#cloud-config\n")
+    path = tmp_path / "user-data.yaml"
+    path.write_text(text)
+    cloud_init = shutil.which("cloud-init")
+    assert cloud_init, "cloud-init is installed by scripts/install-system-deps.sh"
+    result = subprocess.run([cloud_init, "schema", "--config-file", str(path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = yaml.safe_load(text)
+    assert "nginx" in data["packages"]
+    assert ("certbot" in data["packages"]) == (settings.fqdn is not None)
+    files = droplet_files(text)
+    assert "server 127.0.0.1:8081;" in files[UPSTREAM_PATH], "placeholder, not app IPs"
+    assert all(f["defer"] for f in data["write_files"]), "written after nginx is installed"
+    if settings.fqdn:
+        service = files["/etc/systemd/system/webstack-certbot.service"]
+        assert f"-d {settings.fqdn}" in service and "--webroot" in service
+        assert "reserved_ip/ipv4/active" in service
