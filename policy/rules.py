@@ -6,6 +6,10 @@ violations it finds as messages; an empty list means compliant. The policy pack 
 wraps them in `ResourceValidationPolicy` / `StackValidationPolicy`; the unit tests call them on
 resources recorded under the mocks (`tools/mocks.py`). Nothing here imports Pulumi, so the same
 functions work on the policy SDK's read-only proxies and on plain dicts.
+
+During a preview some props are unknown (ids of resources not created yet); reading one makes
+the SDK skip that policy for that resource with an advisory note, and `pulumi up` checks it
+again with the real values before it creates anything. The rules read as little as they need.
 """
 
 from __future__ import annotations
@@ -117,7 +121,8 @@ def load_balancer_https_and_health(props: Mapping[str, Any], *, stack: str) -> l
 
 def monitor_alert_scoped(props: Mapping[str, Any], *, stack: str) -> list[str]:
     """An alert with neither entities nor tags watches every resource in the account."""
-    if _items(props.get("entities")) or _items(props.get("tags")):
+    # Tags first: they are known at preview, entities (resource ids) may not be yet.
+    if _items(props.get("tags")) or _items(props.get("entities")):
         return []
     name = props.get("description") or props.get("type") or "alert"
     return [f"{name}: no entities or tags; it would apply to every resource in the account"]
