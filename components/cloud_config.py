@@ -25,6 +25,7 @@ from components.runtime import (
     render_app_unit,
     render_nginx_site,
 )
+from components.render import render_template
 from components.settings import Settings
 
 APP_DIR = Path(__file__).resolve().parent.parent / "app"
@@ -80,8 +81,11 @@ def render_app_cloud_config(
         migration_url=migration_url,
         bind=layout.gunicorn_bind,
     )
-    unit_name = "webstack-app.service"
-    venv_python = f"{layout.venv}/bin/python"
+    unit_name, migrate_unit = "webstack-app.service", "webstack-migrate.service"
+    migrate = render_template(
+        f"{migrate_unit}.j2", app_unit=unit_name, user=layout.user, app_dir=layout.app_dir,
+        env_file=layout.env_file, venv=layout.venv,
+    )
     document = {
         "package_update": True,
         "packages": ["nginx", "python3-venv"],
@@ -97,6 +101,8 @@ def render_app_cloud_config(
             {"path": layout.env_file, "permissions": "0600", "content": env, "defer": True},
             {"path": f"/etc/systemd/system/{unit_name}", "permissions": "0644",
              "content": render_app_unit(settings, layout), "defer": True},
+            {"path": f"/etc/systemd/system/{migrate_unit}", "permissions": "0644",
+             "content": migrate, "defer": True},
             {"path": "/etc/nginx/sites-available/webstack", "permissions": "0644",
              "content": site, "defer": True},
         ],
@@ -107,12 +113,9 @@ def render_app_cloud_config(
             ["python3", "-m", "venv", layout.venv],
             [f"{layout.venv}/bin/pip", "install", "--no-cache-dir",
              "--disable-pip-version-check", "-r", f"{layout.app_dir}/app/requirements.txt"],
-            # Migrations run once per droplet boot, before gunicorn; app.migrate holds a
-            # PostgreSQL advisory lock, so droplets booting together are safe.
-            ["systemd-run", "--wait", "--collect", "--quiet", f"--uid={layout.user}",
-             f"--property=EnvironmentFile={layout.env_file}",
-             f"--working-directory={layout.app_dir}", venv_python, "-m", "app.migrate"],
             ["systemctl", "daemon-reload"],
+            # Migrations first, without blocking boot: the unit retries until they succeed.
+            ["systemctl", "enable", "--now", "--no-block", migrate_unit],
             ["systemctl", "enable", "--now", unit_name],
             ["rm", "-f", "/etc/nginx/sites-enabled/default"],
             ["ln", "-sf", "/etc/nginx/sites-available/webstack",

@@ -200,6 +200,9 @@ class Settings:
     domain: str | None
     hostname: str
     ssh_keys: tuple[str, ...]
+    ssh_private_key: Secret | None = None
+    """Private half of one of `ssh_keys`, for the deploy steps run over SSH from the machine
+    running `pulumi up` (health-gated rollout, nginx upstream updates, database grants)."""
     admin_cidrs: tuple[str, ...] = ()
     vpc_ip_range: str | None = None
     app: AppSettings = field(default_factory=AppSettings)
@@ -486,6 +489,21 @@ def _ssh_keys(r: _Reader) -> tuple[str, ...]:
     return tuple(str(k).strip() for k in keys)
 
 
+def _ssh_private_key(r: _Reader, secret: bool, admin_cidrs: tuple[str, ...]) -> Secret | None:
+    key = r.str("sshPrivateKey")
+    if key is None:
+        return None
+    if not secret:
+        raise ConfigError("sshPrivateKey", "[plain text]",
+                          "must be set as a secret: pulumi config set --secret sshPrivateKey < KEY")
+    if "PRIVATE KEY-----" not in key:
+        raise ConfigError("sshPrivateKey", "[secret]", "must be an OpenSSH or PEM private key")
+    if not admin_cidrs:
+        raise ConfigError("sshPrivateKey", "[secret]",
+                          "needs adminCidrs: SSH from the deploying machine is otherwise blocked")
+    return Secret(key)
+
+
 def is_ssh_fingerprint_or_id(key: str) -> bool:
     """True when a `sshKeys` entry can go to a droplet as is; False for a name to look up."""
     return key.isdigit() or bool(_FINGERPRINT.match(key))
@@ -536,6 +554,7 @@ def load_settings(
         domain=domain,
         hostname=hostname,
         ssh_keys=_ssh_keys(r),
+        ssh_private_key=_ssh_private_key(r, "sshPrivateKey" in secret_keys, admin_cidrs),
         admin_cidrs=admin_cidrs,
         vpc_ip_range=vpc_ip_range,
         app=_app(r.obj("app"), production),
@@ -573,7 +592,8 @@ def from_pulumi_config() -> Settings:
 
 
 _TOP_LEVEL_KEYS = (
-    "environment", "region", "domain", "hostname", "sshKeys", "adminCidrs", "vpcIpRange",
+    "environment", "region", "domain", "hostname", "sshKeys", "sshPrivateKey", "adminCidrs",
+    "vpcIpRange",
     "app", "frontend", "database", "alerts", "budget",
 )
 

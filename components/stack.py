@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import pulumi
+import pulumi_command as command
 import pulumi_digitalocean as do
 import pulumi_random as random
 
@@ -29,6 +30,44 @@ def _ssh_keys(settings: Settings) -> list[pulumi.Input[str]]:
         key if is_ssh_fingerprint_or_id(key) else do.get_ssh_key_output(name=key).fingerprint
         for key in settings.ssh_keys
     ]
+
+
+# Runs on an app droplet (inside the database's tag firewall) with doadmin's URI on the first
+# line of stdin and the SQL after it, so the URI is never on a command line or on disk.
+_GRANT = """set -eu
+cloud-init status --wait >/dev/null || true
+/opt/webstack/venv/bin/python -c '
+import sys, psycopg
+uri = sys.stdin.readline().strip()
+with psycopg.connect(uri, autocommit=True, connect_timeout=10) as conn:
+    conn.execute(sys.stdin.read())
+'
+systemctl restart --no-block webstack-migrate.service
+"""
+
+
+def _grant_app_privileges(
+    settings: Settings, db: DatabaseCluster, app: AppTier, key: pulumi.Input[str] | None
+) -> None:
+    """PostgreSQL 15+ lets only a database's owner (doadmin here) create tables in it: doadmin
+    grants the app user its rights once, from the first app droplet, over SSH."""
+    if key is None:
+        pulumi.log.warn(
+            "webstack: no sshPrivateKey, so the app user's database grants are not applied; "
+            "run the one-time grant of README 'Database privileges' before the first deploy "
+            "can migrate")
+        return
+    first = app.droplets[0]
+    command.remote.Command(
+        f"{settings.stack}-db-grants",
+        connection=command.remote.ConnectionArgs(
+            host=first.ipv4_address, user="root", private_key=key, dial_error_limit=30),
+        create=_GRANT,
+        stdin=pulumi.Output.secret(pulumi.Output.all(db.admin_uri).apply(
+            lambda v: f"{v[0]}\n{db.app_grants_sql}\n")),
+        triggers=[db.cluster_id, first.id],
+        opts=pulumi.ResourceOptions(depends_on=[first]),
+    )
 
 
 def build(settings: Settings) -> dict[str, Any]:
@@ -58,6 +97,8 @@ def build(settings: Settings) -> dict[str, Any]:
         )
     )
 
+    key = pulumi.Output.secret(settings.ssh_private_key) if settings.ssh_private_key else None
+
     def app_tier(**web_sources: Any) -> AppTier:
         return AppTier(f"{stack}-app", AppTierArgs(
             settings=settings, vpc_id=vpc.id, ssh_keys=ssh_keys, user_data=user_data,
@@ -72,7 +113,8 @@ def build(settings: Settings) -> dict[str, Any]:
         app = app_tier(web_source_tags=[settings.lb_tag])
         frontend = LoadBalancedFrontend(f"{stack}-web", LoadBalancedFrontendArgs(
             settings=settings, vpc_id=vpc.id, ssh_keys=ssh_keys,
-            app_private_ips=app.private_ips))
+            app_private_ips=app.private_ips, ssh_private_key=key))
+    _grant_app_privileges(settings, db, app, key)
 
     alerts = MonitoringAlerts(f"{stack}-alerts", MonitoringAlertsArgs(
         settings=settings, db_cluster_id=db.cluster_id, lb_id=frontend.lb_id,
@@ -103,5 +145,7 @@ def build(settings: Settings) -> dict[str, Any]:
         "alert_policy_ids": alerts.alert_policy_ids,
         "uptime_check_id": alerts.uptime_check_id,
     }
+    if frontend.upstream_conf is not None:
+        outputs["lb_upstream_conf"] = frontend.upstream_conf
     outputs.update(cost.finish(tracker, settings.budget))
     return outputs

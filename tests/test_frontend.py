@@ -169,7 +169,7 @@ def test_upstream_balances_retries_and_keeps_connections_alive():
         assert UPSTREAM_PATH in cmd.inputs["create"] and "nginx -t" in cmd.inputs["create"]
         assert cmd.inputs["triggers"] == [droplet_id]
         assert "connection" in cmd.secret_inputs, "the SSH private key stays secret"
-        connection = cmd.inputs["connection"]["value"]  # unwrapped from its secret envelope
+        connection = cmd.inputs["connection"]
         assert (connection["host"], connection["user"], connection["privateKey"]) == (
             droplet.outputs["ipv4Address"], "root", "KEY")
 

@@ -166,6 +166,19 @@ def _contains_secret(value: Any) -> bool:
     return False
 
 
+def _unwrap_secrets(value: Any) -> Any:
+    """Inputs as the provider would receive them: secret envelopes opened at any depth."""
+    if rpc.is_rpc_secret(value):
+        return _unwrap_secrets(rpc.unwrap_rpc_secret(value))
+    if isinstance(value, Mapping):
+        return {k: _unwrap_secrets(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unwrap_secrets(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)  # the wire carries every number as a double
+    return value
+
+
 class _Mocks(pulumi.runtime.Mocks):
     def new_resource(self, args: pulumi_mocks.MockResourceArgs):
         outputs = mock_outputs(args.typ, args.name, args.inputs)
@@ -195,7 +208,7 @@ class _RecordingMonitor(pulumi_mocks.MockMonitor):
             urn=response.urn,
             parent=request.parent or None,
             custom=request.custom,
-            inputs=rpc.deserialize_properties(request.object),
+            inputs=_unwrap_secrets(rpc.deserialize_properties(request.object)),
             outputs=dict(state),
             protect=request.protect,
             depends_on=tuple(request.dependencies),
@@ -228,6 +241,14 @@ class _Logger:
         self.error(msg)
 
 
+_PLACEHOLDERS = {
+    "alerts": "https://hooks.slack.com/services/offline/plan/placeholder",
+    "sshPrivateKey": "-----BEGIN OPENSSH PRIVATE KEY-----\noffline-plan-placeholder\n"
+                     "-----END OPENSSH PRIVATE KEY-----\n",
+}
+"""Stand-ins of the right shape for secrets the offline plan cannot decrypt."""
+
+
 def stack_config(path: Path) -> tuple[dict[str, str], set[str]]:
     """Reads a `Pulumi.<stack>.yaml` into the engine's config map (JSON for objects).
 
@@ -242,8 +263,7 @@ def stack_config(path: Path) -> tuple[dict[str, str], set[str]]:
     def unseal(value: Any, key: str) -> Any:
         if isinstance(value, Mapping) and set(value) == {"secure"}:
             secret.add(key)
-            return "https://hooks.slack.com/services/offline/plan/placeholder" if \
-                key.endswith("alerts") else "offline-placeholder-secret"
+            return _PLACEHOLDERS.get(key.rpartition(":")[2], "offline-placeholder-secret")
         if isinstance(value, Mapping):
             return {k: unseal(v, key) for k, v in value.items()}
         if isinstance(value, list):
@@ -268,16 +288,11 @@ def _run(body: Callable[[], Any], *, stack: str, config: Mapping[str, str],
          secret_keys: set[str] | frozenset[str] = frozenset(), run: Run | None = None) -> Run:
     run = Run() if run is None else run
     pulumi.runtime.set_all_config(dict(config), list(secret_keys))
+    pulumi.runtime.settings.ROOT.set(None)  # a fresh root stack: no outputs of a previous run
     monitor = _RecordingMonitor(run)
     pulumi.runtime.set_mocks(monitor.mocks, project=PROJECT, stack=stack, preview=False,
                              monitor=monitor, logger=_Logger(run))
-    pulumi.runtime.settings.SETTINGS.rpc_manager.clear() if hasattr(
-        pulumi.runtime.settings.SETTINGS, "rpc_manager") else None
-
-    def program():
-        body()
-
-    _sync_await(pulumi.runtime.stack.run_pulumi_func(program))
+    _sync_await(pulumi.runtime.stack.run_pulumi_func(body))
     root = pulumi.runtime.get_root_resource()
     secret = set()
     for name, value in getattr(root, "outputs", {}).items():

@@ -137,7 +137,7 @@ def short_type(resource: Resource) -> str:
 
 
 def properties(resource: Resource) -> list[str]:
-    fn = PROPERTIES.get(resource.type.rpartition(":")[2])
+    fn = PROPERTIES.get(resource.type.rpartition(":")[2]) if resource.custom else None
     return fn(resource.inputs) if fn else []
 
 

@@ -1,0 +1,186 @@
+"""The whole program under the mocks, for both real stack files (and an nginx-mode variant)."""
+
+from __future__ import annotations
+
+import ipaddress
+import shutil
+import subprocess
+from functools import cache
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.cloud_config import USER_DATA_LIMIT
+from components.settings import database_size, load_settings, pool_connection_budget
+from tools.mocks import ROOT, Run, run_program
+
+WORLD = {"0.0.0.0/0", "::/0"}
+
+
+@cache
+def program(stack: str) -> Run:
+    return run_program(ROOT / f"Pulumi.{stack}.yaml")
+
+
+def stack_settings(stack: str):
+    from tools.mocks import stack_config
+
+    config, secret = stack_config(ROOT / f"Pulumi.{stack}.yaml")
+    import json
+
+    raw = {}
+    for key, value in config.items():
+        try:
+            raw[key.split(":", 1)[1]] = json.loads(value)
+        except ValueError:
+            raw[key.split(":", 1)[1]] = value
+    return load_settings(raw, stack=stack, secret_keys=frozenset(k.split(":")[1] for k in secret))
+
+
+STACKS = ["staging", "prod"]
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_every_droplet_has_keys_monitoring_and_vpc(stack):
+    run = program(stack)
+    vpc = run.one("index/vpc:Vpc")
+    droplets = run.of_type("index/droplet:Droplet")
+    assert len(droplets) == stack_settings(stack).app.droplet_count
+    for d in droplets:
+        assert d.inputs["sshKeys"], d.name
+        assert d.inputs["monitoring"] is True, d.name
+        assert d.inputs["vpcUuid"] == vpc.outputs.get("id", f"{vpc.name}-id")
+        assert "userData" in d.secret_inputs, "the user data holds DB credentials"
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_firewalls_never_open_to_the_world_and_port_80_only_from_lb(stack):
+    run = program(stack)
+    lb = run.one("index/loadBalancer:LoadBalancer")
+    settings = stack_settings(stack)
+    for fw in run.of_type("index/firewall:Firewall"):
+        for rule in fw.inputs.get("inboundRules", []):
+            assert not WORLD & set(rule.get("sourceAddresses", [])), (fw.name, rule)
+            if rule.get("portRange") == "80":
+                assert rule.get("sourceLoadBalancerUids") == [f"{lb.name}-id"], rule
+                assert not rule.get("sourceAddresses")
+            if rule.get("portRange") == "22":
+                assert rule["sourceAddresses"] == list(settings.admin_cidrs)
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_load_balancer_checks_healthz_within_digitalocean_ranges(stack):
+    lb = program(stack).one("index/loadBalancer:LoadBalancer").inputs
+    hc = lb["healthcheck"]
+    assert (hc["protocol"], hc["port"], hc["path"]) == ("http", 80, "/healthz")
+    assert 3 <= hc["checkIntervalSeconds"] <= 300 and 3 <= hc["responseTimeoutSeconds"] <= 300
+    assert 2 <= hc["unhealthyThreshold"] <= 10 and 2 <= hc["healthyThreshold"] <= 10
+    assert lb["vpcUuid"]
+    if stack == "prod":
+        assert lb["redirectHttpToHttps"] is True
+        assert lb["disableLetsEncryptDnsRecords"] is True
+        https = [r for r in lb["forwardingRules"] if r["entryProtocol"] == "https"]
+        assert https and all(r["certificateName"] for r in https)
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_database_private_firewalled_by_tag_pool_in_budget(stack):
+    run, settings = program(stack), stack_settings(stack)
+    cluster = run.one("index/databaseCluster:DatabaseCluster")
+    assert cluster.inputs["privateNetworkUuid"]
+    replicas = run.of_type("index/databaseReplica:DatabaseReplica")
+    firewalls = run.of_type("index/databaseFirewall:DatabaseFirewall")
+    assert len(firewalls) == 1 + len(replicas)
+    for fw in firewalls:
+        assert fw.inputs["rules"] and all(
+            (r["type"], r["value"]) == ("tag", settings.app_tag) for r in fw.inputs["rules"])
+    targets = {fw.inputs["clusterId"] for fw in firewalls}
+    assert {r.outputs["uuid"] for r in replicas} <= targets
+    pool = run.one("index/databaseConnectionPool:DatabaseConnectionPool")
+    assert pool.inputs["mode"] == "transaction"
+    assert pool.inputs["size"] <= pool_connection_budget(database_size(cluster.inputs["size"]))
+
+
+def test_prod_is_redundant_and_protected():
+    run = program("prod")
+    cluster = run.one("index/databaseCluster:DatabaseCluster")
+    assert cluster.inputs["nodeCount"] >= 2 and cluster.protect
+    assert len(run.of_type("index/databaseReplica:DatabaseReplica")) >= 1
+    assert len(run.of_type("index/droplet:Droplet")) >= 3
+    staging = program("staging").one("index/databaseCluster:DatabaseCluster")
+    assert staging.inputs["nodeCount"] == 1 and not staging.protect
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_every_alert_is_scoped(stack):
+    alerts = program(stack).of_type("index/monitorAlert:MonitorAlert")
+    assert alerts
+    for alert in alerts:
+        assert alert.inputs.get("entities") or alert.inputs.get("tags"), alert.name
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_outputs_complete_and_secrets_secret(stack):
+    run = program(stack)
+    for name in ("url", "frontend_ip", "app_droplet_ids", "app_private_ips", "vpc_id",
+                 "db_cluster_id", "db_host", "db_pool_uri", "db_replica_uris",
+                 "alert_policy_ids", "uptime_check_id", "monthly_cost_usd", "cost_breakdown"):
+        assert name in run.outputs, name
+    assert {"db_pool_uri", "db_replica_uris"} <= run.secret_outputs
+    public = {k: v for k, v in run.outputs.items() if k not in run.secret_outputs}
+    assert "password" not in yaml.safe_dump(public)
+    assert len(run.outputs["app_droplet_ids"]) == stack_settings(stack).app.droplet_count
+    for ip in run.outputs["app_private_ips"]:
+        assert ipaddress.ip_address(ip).is_private
+
+
+def test_prod_url_is_https_and_staging_warns_plain_http():
+    assert program("prod").outputs["url"] == "https://www.example.com"
+    staging = program("staging")
+    assert staging.outputs["url"].startswith("http://")
+    assert any("HTTP" in w for w in staging.warnings)
+
+
+def user_data(stack: str) -> str:
+    return program(stack).of_type("index/droplet:Droplet")[0].inputs["userData"]
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_cloud_config_valid_small_and_reproducible(stack, tmp_path):
+    text = user_data(stack)
+    assert text.startswith("#cloud-config\n")
+    assert len(text.encode()) < USER_DATA_LIMIT
+    again = run_program(ROOT / f"Pulumi.{stack}.yaml")
+    assert again.of_type("index/droplet:Droplet")[0].inputs["userData"] == text
+    assert all(d.inputs["userData"] == text for d in program(stack).of_type("Droplet"))
+    path = tmp_path / "user-data.yaml"
+    path.write_text(text)
+    cloud_init = shutil.which("cloud-init")
+    assert cloud_init, "cloud-init is installed by scripts/install-system-deps.sh"
+    result = subprocess.run([cloud_init, "schema", "--config-file", str(path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Valid cloud-config" in result.stdout
+    # The same check refuses a broken document, so the pass above means something.
+    path.write_text(text.replace("package_update: true", "package_update: 7"))
+    broken = subprocess.run([cloud_init, "schema", "--config-file", str(path)],
+                            capture_output=True, text=True, timeout=120)
+    assert broken.returncode != 0 and "package_update" in broken.stdout + broken.stderr
+
+
+def test_nginx_mode_program(tmp_path: Path):
+    data = yaml.safe_load((ROOT / "Pulumi.staging.yaml").read_text())
+    data["config"]["webstack:frontend"] = {"mode": "nginx"}
+    path = tmp_path / "Pulumi.nginxmode.yaml"
+    path.write_text(yaml.safe_dump(data))
+    run = run_program(path)
+    assert not run.of_type("index/loadBalancer:LoadBalancer")
+    assert run.of_type("index/reservedIp:ReservedIp")
+    app_tag = "webstack-nginxmode-app"
+    app_fw = [fw for fw in run.of_type("index/firewall:Firewall") if fw.inputs["tags"] == [app_tag]]
+    assert len(app_fw) == 1
+    web = [r for r in app_fw[0].inputs["inboundRules"] if r["portRange"] == "80"]
+    assert web and all(r["sourceTags"] == ["webstack-nginxmode-lb"] for r in web)
+    assert not any(WORLD & set(r.get("sourceAddresses", [])) for r in app_fw[0].inputs[
+        "inboundRules"])
