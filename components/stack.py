@@ -115,6 +115,7 @@ def build(settings: Settings) -> dict[str, Any]:
             settings=settings, vpc_id=vpc.id, ssh_keys=ssh_keys,
             app_private_ips=app.private_ips, ssh_private_key=key))
     _grant_app_privileges(settings, db, app, key)
+    manual_grant = {} if key else {"db_admin_uri": db.admin_uri}  # for the one-time grant
 
     alerts = MonitoringAlerts(f"{stack}-alerts", MonitoringAlertsArgs(
         settings=settings, db_cluster_id=db.cluster_id, lb_id=frontend.lb_id,
@@ -145,6 +146,7 @@ def build(settings: Settings) -> dict[str, Any]:
         "alert_policy_ids": alerts.alert_policy_ids,
         "uptime_check_id": alerts.uptime_check_id,
     }
+    outputs.update(manual_grant)
     if frontend.upstream_conf is not None:
         outputs["lb_upstream_conf"] = frontend.upstream_conf
     outputs.update(cost.finish(tracker, settings.budget))
