@@ -190,7 +190,6 @@ def test_doadmin_uri_is_exported_only_for_the_manual_grant_and_secret():
     staging, prod = program("staging"), program("prod")  # staging has no deploy key
     assert "db_admin_uri" in staging.secret_outputs
     assert "db_admin_uri" not in prod.outputs
-    grants = prod.one("remote:Command") if len(prod.of_type("remote:Command")) == 1 else next(
-        c for c in prod.of_type("remote:Command") if c.name == "prod-db-grants")
+    grants = next(c for c in prod.of_type("remote:Command") if c.name == "prod-db-grants")
     assert "stdin" in grants.secret_inputs and "doadmin" not in grants.inputs["create"]
     assert "GRANT USAGE, CREATE ON SCHEMA public" in grants.inputs["stdin"]
