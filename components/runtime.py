@@ -12,6 +12,7 @@ request is cut by gunicorn and reported by nginx rather than dropped halfway:
         < DigitalOcean load balancer idle timeout (60 s) < nginx client keepalive (75 s)
     gunicorn graceful_timeout (30 s) < systemd TimeoutStopSec (45 s)
     nginx upstream keepalive_timeout (4 s) < gunicorn keepalive (5 s)
+    a request's database waits: pool 2 s + connect 2 s + statement 3 s < gunicorn timeout
 """
 
 from __future__ import annotations
@@ -29,6 +30,14 @@ GUNICORN_GRACEFUL_TIMEOUT = 30
 """Seconds in-flight requests get to finish on stop or reload (HUP)."""
 GUNICORN_KEEPALIVE = 5
 """Seconds gunicorn keeps an idle connection from nginx open."""
+DB_POOL_TIMEOUT = 2
+"""Seconds a request waits for a free pooled connection before failing fast."""
+DB_CONNECT_TIMEOUT = 2
+"""Seconds to open a database connection (the app's default)."""
+DB_STATEMENT_TIMEOUT_MS = 3000
+"""Server-side limit per statement."""
+DB_REPLICA_RETRY_SECONDS = 5
+"""How long reads skip a replica that failed."""
 PROXY_TIMEOUT = max(GUNICORN_TIMEOUT, GUNICORN_GRACEFUL_TIMEOUT) + 15
 """nginx's proxy_read/send_timeout: longer than gunicorn takes to give up or to drain."""
 STOP_TIMEOUT = GUNICORN_GRACEFUL_TIMEOUT + 15
@@ -90,8 +99,8 @@ def render_nginx_site(
     """The nginx site (a `server` and its `upstream`, included inside `http {}`).
 
     `listen` is an nginx listen address (`80`, `127.0.0.1:8080`), `upstream` gunicorn's
-    address (`127.0.0.1:8000`, `unix:/path`). `metrics_allow` lists the addresses or CIDRs
-    that may read /metrics directly (the VPC, loopback); everyone else gets 403.
+    (`127.0.0.1:8000`). `metrics_allow` lists the addresses or CIDRs that may read /metrics
+    directly (the VPC, loopback); everyone else gets 403.
     """
     for source in metrics_allow:
         ipaddress.ip_network(source)  # ValueError names the bad address
@@ -118,6 +127,7 @@ def render_app_unit(settings: Settings, layout: DropletLayout) -> str:
     """The systemd unit running gunicorn from `layout`, sandboxed (exposure below 2.5)."""
     return render_template(
         "webstack-app.service.j2",
+        stack=settings.stack,
         user=layout.user,
         app_dir=layout.app_dir,
         env_file=layout.env_file,
@@ -142,6 +152,9 @@ def render_app_env(
     Values are double-quoted with `\\ " $ `` ` escaped: the subset of syntax systemd's
     EnvironmentFile and a POSIX shell (`set -a; . app.env`) read the same way.
     """
+    for i, url in enumerate(replica_urls):
+        if "," in url:
+            raise ValueError(f"replica_urls[{i}] contains a comma, the list's separator")
     values = {
         "database_url": database_url,
         "replica_urls": ",".join(replica_urls),
@@ -157,6 +170,10 @@ def render_app_env(
         timeout=GUNICORN_TIMEOUT,
         graceful_timeout=GUNICORN_GRACEFUL_TIMEOUT,
         keepalive=GUNICORN_KEEPALIVE,
+        db_pool_timeout=DB_POOL_TIMEOUT,
+        db_connect_timeout=DB_CONNECT_TIMEOUT,
+        db_statement_timeout_ms=DB_STATEMENT_TIMEOUT_MS,
+        db_replica_retry_seconds=DB_REPLICA_RETRY_SECONDS,
     )
 
 
