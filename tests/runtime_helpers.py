@@ -1,0 +1,128 @@
+"""Run the droplet's rendered files for real: nginx and gunicorn on loopback, in a temp dir."""
+
+from __future__ import annotations
+
+import getpass
+import http.client
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+GUNICORN = Path(sys.executable).parent / "gunicorn"
+GUNICORN_CONF = ROOT / "app" / "gunicorn.conf.py"
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now, on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def nginx_conf(tmp: Path, site: str) -> Path:
+    """A minimal nginx.conf that includes `site` inside `http {}`, every path under `tmp`."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "site.conf").write_text(site)
+    conf = tmp / "nginx.conf"
+    conf.write_text(f"""\
+user {getpass.getuser()};
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log;
+worker_processes 1;
+events {{ worker_connections 64; }}
+http {{
+    include /etc/nginx/mime.types;
+    default_type application/octet-stream;
+    access_log {tmp}/access.log;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    include {tmp}/site.conf;
+}}
+""")
+    return conf
+
+
+def nginx_command(conf: Path, *args: str) -> list[str]:
+    return ["nginx", "-p", str(conf.parent), "-c", str(conf), "-e", "stderr", *args]
+
+
+def env_file_values(path: Path) -> dict[str, str]:
+    """The variables the environment file at `path` sets, as a POSIX shell reads them.
+
+    An independent reader for the file's syntax, which systemd's EnvironmentFile shares.
+    """
+    names = re.findall(r"^([A-Z][A-Z0-9_]*)=", path.read_text(), re.MULTILINE)
+    script = 'set -a; . "$1"; shift; for n; do printf "%s=%s\\0" "$n" "${!n}"; done'
+    out = subprocess.run(
+        ["bash", "-c", script, "-", str(path), *names],
+        check=True, capture_output=True, text=True, env={},
+    ).stdout
+    return dict(item.split("=", 1) for item in out.split("\0") if item)
+
+
+def unit_environment(unit: str, runtime: Path) -> dict[str, str]:
+    """The unit's own `Environment=` variables, with its `RuntimeDirectory=` under `runtime`.
+
+    What systemd adds to the EnvironmentFile when it starts the service (%t is /run).
+    """
+    for name in re.findall(r"^RuntimeDirectory=(.+)$", unit, re.MULTILINE):
+        (runtime / name).mkdir(parents=True, exist_ok=True)
+    pairs = re.findall(r"^Environment=(\w+)=(.*)$", unit, re.MULTILINE)
+    return {name: value.replace("%t", str(runtime)) for name, value in pairs}
+
+
+@contextmanager
+def running(cmd: list[str], *, port: int, log: Path, env: Mapping[str, str] | None = None,
+            cwd: Path | None = None) -> Iterator[subprocess.Popen]:
+    """Start `cmd`, wait until it accepts connections on 127.0.0.1:`port`, always stop it."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}:\n{log.read_text()}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{cmd[0]} is not listening:\n{log.read_text()}") from None
+                time.sleep(0.05)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    headers: http.client.HTTPMessage
+    body: bytes
+
+
+def request(port: int, path: str, *, method: str = "GET", headers: Mapping[str, str] | None = None,
+            body: bytes | None = None, source: str = "127.0.0.1") -> Response:
+    """One HTTP request to 127.0.0.1:`port`, sent from the loopback address `source`."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10, source_address=(source, 0))
+    try:
+        conn.request(method, path, body=body, headers=dict(headers or {}))
+        resp = conn.getresponse()
+        return Response(resp.status, resp.headers, resp.read())
+    finally:
+        conn.close()

@@ -1,0 +1,422 @@
+"""The files every app droplet runs: checked by the real tools, then run for real on loopback.
+
+Static checks: `nginx -t`, `gunicorn --check-config`, `systemd-analyze verify` and
+`systemd-analyze security`. Live: the rendered nginx site in front of real gunicorn serving
+the app (its /healthz needs no database, so DATABASE_URL points at a closed port), and in front
+of an echo server that shows what reaches the app.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+import app.config as app_config
+import app.migrate as app_migrate
+from components.runtime import (
+    SECURITY_HEADERS,
+    DropletLayout,
+    render_app_env,
+    render_app_unit,
+    render_nginx_site,
+)
+from components.settings import Settings
+from tests.factories import make_settings
+from tests.runtime_helpers import (
+    GUNICORN,
+    GUNICORN_CONF,
+    ROOT,
+    env_file_values,
+    free_port,
+    nginx_command,
+    nginx_conf,
+    request,
+    running,
+    unit_environment,
+)
+
+UNREACHABLE_DB = "postgresql://u:p@127.0.0.1:1/x"
+MAX_EXPOSURE = 2.5
+HEADER_NAMES = [name for name, _ in SECURITY_HEADERS]
+HTTPS = {"X-Forwarded-Proto": "https"}
+
+
+def droplet_site(settings: Settings) -> str:
+    """The site exactly as an app droplet gets it."""
+    layout = DropletLayout()
+    return render_nginx_site(
+        settings, listen="80", upstream=layout.gunicorn_bind, static_dir=layout.static_dir,
+        metrics_allow=["10.10.0.0/20", "127.0.0.1"],
+    )
+
+
+def env_file(tmp: Path, settings: Settings, *, bind: str, **values: object) -> Path:
+    """The rendered environment file, written to `tmp`, with harmless defaults for the app."""
+    values = {"database_url": UNREACHABLE_DB, "replica_urls": [], "secret_key": "test-secret",
+              "migration_url": None, **values}
+    path = tmp / "app.env"
+    path.write_text(render_app_env(settings, bind=bind, **values))
+    return path
+
+
+def gunicorn_config(env: dict[str, str], *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(GUNICORN), "-c", str(GUNICORN_CONF), *flags, "app.wsgi:app"],
+        cwd=ROOT, env=env, capture_output=True, text=True,
+    )
+
+
+def seconds(text: str, directive: str) -> int:
+    """The value in seconds of `directive 45s` / `Directive=45s` in a rendered file."""
+    return int(re.search(rf"^\s*{directive}[ =](\d+)s;?$", text, re.MULTILINE)[1])
+
+
+def tool_layout(tmp: Path) -> DropletLayout:
+    """A layout under `tmp` whose venv has a real gunicorn, for systemd-analyze to find."""
+    layout = DropletLayout(root=str(tmp))
+    Path(layout.venv, "bin").mkdir(parents=True)
+    Path(layout.venv, "bin", "gunicorn").symlink_to(GUNICORN)
+    return layout
+
+
+# --------------------------------------------------------------------------- static checks
+
+
+def test_rendering_is_byte_identical_and_follows_settings(tmp_path):
+    settings = make_settings(app={"maxBodyMb": 7, "gunicornWorkers": 5, "gunicornThreads": 4})
+    assert droplet_site(settings) == droplet_site(settings)
+    assert render_app_unit(settings, DropletLayout()) == render_app_unit(settings, DropletLayout())
+    one, two = (env_file(tmp_path, settings, bind="127.0.0.1:8000").read_text() for _ in "12")
+    assert one == two
+
+    assert "client_max_body_size 7m;" in droplet_site(settings)
+    env = env_file_values(tmp_path / "app.env")
+    assert (env["GUNICORN_WORKERS"], env["GUNICORN_THREADS"]) == ("5", "4")
+
+
+def test_droplet_site_passes_nginx_t(tmp_path):
+    conf = nginx_conf(tmp_path, droplet_site(make_settings()))
+    result = subprocess.run(nginx_command(conf, "-t"), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "test is successful" in result.stderr
+
+
+def test_gunicorn_runs_with_the_rendered_environment(tmp_path):
+    settings = make_settings(app={"gunicornWorkers": 5, "gunicornThreads": 4})
+    env = env_file_values(env_file(tmp_path, settings, bind="127.0.0.1:8123"))
+
+    checked = gunicorn_config(env, "--check-config")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+    printed = gunicorn_config(env, "--print-config")
+    assert printed.returncode == 0, printed.stderr
+    config = dict(re.findall(r"^(\w+)\s+= (.*)$", printed.stdout, re.MULTILINE))
+    assert config["bind"] == "['127.0.0.1:8123']"
+    assert (config["workers"], config["threads"], config["worker_class"]) == ("5", "4", "gthread")
+    assert int(config["max_requests"]) > 0 and int(config["max_requests_jitter"]) > 0
+    assert (config["accesslog"], config["errorlog"]) == ("-", "-")
+    assert config["forwarded_allow_ips"] == "['127.0.0.1', '::1']"
+    assert config["preload_app"] == "False"
+
+    # Each layer gives up before the one in front of it (see components/runtime.py).
+    site, unit = droplet_site(settings), render_app_unit(settings, DropletLayout())
+    timeout, graceful = int(config["timeout"]), int(config["graceful_timeout"])
+    assert (timeout, graceful) == (30, 30)
+    assert seconds(site, "proxy_read_timeout") > max(timeout, graceful)
+    assert seconds(unit, "TimeoutStopSec") > graceful
+    upstream = re.search(r"upstream webstack_app \{[^}]*\}", site)[0]
+    assert seconds(upstream, "keepalive_timeout") < int(config["keepalive"])
+
+
+def test_gunicorn_defaults_match_the_rendered_environment(tmp_path):
+    """Run by hand without the env file, gunicorn behaves as on a droplet (bar the sizing)."""
+    rendered = env_file_values(env_file(tmp_path, make_settings(), bind="127.0.0.1:8000"))
+    app_env = {"DATABASE_URL": UNREACHABLE_DB, "SECRET_KEY": "test-secret"}
+    printed = gunicorn_config(app_env, "--print-config")
+    assert printed.returncode == 0, printed.stderr
+    config = dict(re.findall(r"^(\w+)\s+= (.*)$", printed.stdout, re.MULTILINE))
+    for name in ("timeout", "graceful_timeout", "keepalive"):
+        assert config[name] == rendered[f"GUNICORN_{name.upper()}"], name
+    assert config["bind"] == f"['{rendered['GUNICORN_BIND']}']"
+
+
+@pytest.mark.parametrize("bind", ["0.0.0.0:8000", "10.10.0.5:8000", "[::]:8000", ":8000"])
+def test_gunicorn_refuses_to_listen_beyond_loopback(bind):
+    result = gunicorn_config({"GUNICORN_BIND": bind}, "--check-config")
+    assert result.returncode != 0
+    assert "loopback" in result.stdout + result.stderr
+
+
+def test_unit_passes_systemd_analyze_verify(tmp_path):
+    layout = tool_layout(tmp_path)
+    unit = tmp_path / "webstack-app.service"
+    unit.write_text(render_app_unit(make_settings(), layout))
+    result = subprocess.run(["systemd-analyze", "verify", str(unit)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert unit.name not in result.stdout + result.stderr  # no warning about our unit
+
+
+def test_unit_sandbox_exposure_is_at_most_2_5(tmp_path):
+    unit = tmp_path / "webstack-app.service"
+    unit.write_text(render_app_unit(make_settings(), tool_layout(tmp_path)))
+    result = subprocess.run(["systemd-analyze", "security", "--offline=true", str(unit)],
+                            capture_output=True, text=True)
+    found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
+    assert found, result.stdout + result.stderr
+    assert float(found[1]) <= MAX_EXPOSURE, result.stdout
+
+
+def test_env_file_sets_every_variable_the_app_documents(tmp_path):
+    documented = set(re.findall(r"``([A-Z][A-Z0-9_]+)``", app_config.__doc__ + app_migrate.__doc__))
+    env = env_file_values(env_file(tmp_path, make_settings(), bind="127.0.0.1:8000",
+                                   migration_url="postgresql://m:p@primary:25060/app"))
+    assert "DB_POOL_SIZE" in documented
+    assert documented <= set(env)
+
+
+def test_env_file_keeps_awkward_values_intact(tmp_path):
+    secret = "a\"b'c$d`e\\f #g ${HOME} \\$"
+    replicas = ["postgresql://r:p%40ss@host-1:25060/app?sslmode=require",
+                "postgresql://r:p@host-2:25060/app"]
+    path = env_file(tmp_path, make_settings(), bind="127.0.0.1:8000", secret_key=secret,
+                    replica_urls=replicas, migration_url="postgresql://m:x$y@host:25060/app")
+    env = env_file_values(path)
+    assert env["SECRET_KEY"] == secret
+    assert env["DATABASE_REPLICA_URLS"] == ",".join(replicas)
+    assert env["DATABASE_MIGRATION_URL"] == "postgresql://m:x$y@host:25060/app"
+
+
+def test_env_file_refuses_control_characters_without_echoing_them(tmp_path):
+    with pytest.raises(ValueError, match="secret_key") as raised:
+        env_file(tmp_path, make_settings(), bind="127.0.0.1:8000", secret_key="top\nsecret")
+    assert "top" not in str(raised.value)
+
+
+def test_site_refuses_bad_arguments():
+    settings = make_settings()
+    with pytest.raises(ValueError, match="not-a-cidr"):
+        render_nginx_site(settings, static_dir="/srv/static", metrics_allow=["not-a-cidr"])
+    with pytest.raises(ValueError, match="absolute"):
+        render_nginx_site(settings, static_dir="static", metrics_allow=[])
+
+
+# --------------------------------------------------------------------------- live: app stack
+
+
+@dataclass(frozen=True)
+class Web:
+    port: int
+    settings: Settings
+    gunicorn: subprocess.Popen
+    gunicorn_log: Path
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory) -> Iterator[Web]:
+    """nginx (rendered site) -> gunicorn (app/gunicorn.conf.py) -> the app.
+
+    gunicorn gets the environment systemd would give it: the rendered file plus the unit's own
+    variables (its runtime directory for heartbeats and multi-process metrics).
+
+    /metrics is allowed from 127.0.0.2 only, so requests from 127.0.0.1 show the refusal.
+    """
+    tmp = tmp_path_factory.mktemp("web")
+    settings = make_settings()
+    app_port, web_port = free_port(), free_port()
+    bind = f"127.0.0.1:{app_port}"
+    env = {
+        **env_file_values(env_file(tmp, settings, bind=bind)),
+        **unit_environment(render_app_unit(settings, DropletLayout()), tmp / "run"),
+    }
+    static = tmp / "static"
+    static.mkdir()
+    (static / "site.css").write_text("body { color: black; }\n")
+    site = render_nginx_site(settings, listen=f"127.0.0.1:{web_port}", upstream=bind,
+                             static_dir=str(static), metrics_allow=["127.0.0.2"])
+    conf = nginx_conf(tmp / "nginx", site)
+    gunicorn = [str(GUNICORN), "-c", str(GUNICORN_CONF), "app.wsgi:app"]
+    with running(gunicorn, port=app_port, env=env, cwd=ROOT, log=tmp / "gunicorn.log") as proc, \
+            running(nginx_command(conf, "-g", "daemon off;"), port=web_port,
+                    log=tmp / "nginx.log"):
+        yield Web(web_port, settings, proc, tmp / "gunicorn.log")
+
+
+@pytest.mark.parametrize("host", ["203.0.113.7", "www.example.com", "anything.invalid"])
+def test_healthz_is_200_for_any_host_without_forwarded_proto(web, host):
+    resp = request(web.port, web.settings.frontend.health_check.path, headers={"Host": host})
+    assert resp.status == 200, resp.body
+    assert "Location" not in resp.headers
+
+
+def test_hsts_only_when_the_load_balancer_saw_https(web):
+    assert "Strict-Transport-Security" not in request(web.port, "/healthz").headers
+    assert "Strict-Transport-Security" not in request(
+        web.port, "/healthz", headers={"X-Forwarded-Proto": "http"}).headers
+    https = request(web.port, "/healthz", headers=HTTPS)
+    assert https.headers["Strict-Transport-Security"].startswith("max-age=")
+
+
+@pytest.mark.parametrize(("method", "path", "body", "status"), [
+    ("GET", "/healthz", None, 200),
+    ("GET", "/static/site.css", None, 200),        # nginx, with its own add_header
+    ("GET", "/no-such-endpoint", None, 404),       # the app's 404
+    ("GET", "/static/no-such-file.css", None, 404),  # nginx's 404
+    ("POST", "/api/notes", b"x" * (2 * 1024 * 1024), 413),
+])
+def test_security_headers_on_every_response(web, method, path, body, status):
+    resp = request(web.port, path, method=method, body=body, headers=HTTPS)
+    assert resp.status == status, resp.body
+    for name in HEADER_NAMES:
+        assert len(resp.headers.get_all(name) or []) == 1, (name, resp.headers)
+    assert "nginx/" not in resp.headers["Server"]  # server_tokens off
+
+
+def test_static_files_come_from_nginx_with_caching(web):
+    resp = request(web.port, "/static/site.css")
+    assert resp.body == b"body { color: black; }\n"
+    assert resp.headers["Content-Type"] == "text/css"
+    assert "max-age=" in resp.headers["Cache-Control"]
+
+
+def test_body_over_the_limit_is_refused_by_nginx(web):
+    limit = web.settings.app.max_body_mb * 1024 * 1024
+    resp = request(web.port, "/api/notes?oversized", method="POST", body=b"x" * (limit + 1),
+                   headers={"Content-Type": "application/json"})
+    assert resp.status == 413
+    assert resp.headers["Content-Type"] == "application/json"
+    assert "too large" in json.loads(resp.body)["error"]
+    assert "oversized" not in web.gunicorn_log.read_text()  # the app never saw it
+
+
+def test_metrics_only_for_allowed_addresses(web):
+    refused = request(web.port, "/metrics", source="127.0.0.1")
+    assert refused.status == 403
+    assert json.loads(refused.body) == {"error": "forbidden"}
+    allowed = request(web.port, "/metrics", source="127.0.0.2")
+    assert allowed.status == 200, allowed.body
+    relayed = request(web.port, "/metrics", source="127.0.0.2",
+                      headers={"X-Forwarded-For": "198.51.100.7"})
+    assert relayed.status == 403  # through the load balancer, from the internet
+
+
+def test_reload_drops_no_request(web):
+    """`systemctl reload` (HUP) replaces every worker while requests keep flowing."""
+    outcomes: list[object] = []
+    stop = threading.Event()
+    booted = web.gunicorn_log.read_text().count("Booting worker")
+
+    def client(method: str, path: str, body: bytes | None) -> None:
+        while not stop.is_set():
+            try:
+                outcomes.append(request(web.port, path, method=method, body=body,
+                                        headers={"Content-Type": "application/json"}).status)
+            except OSError as exc:
+                outcomes.append(exc)
+
+    clients = [threading.Thread(target=client, args=args) for args in 2 * [
+        ("GET", "/healthz", None), ("POST", "/api/notes", b"{}"),  # the app's 400, no database
+    ]]
+    for thread in clients:
+        thread.start()
+    try:
+        for _ in range(5):
+            time.sleep(0.5)
+            web.gunicorn.send_signal(signal.SIGHUP)
+        time.sleep(1)
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join()
+    log = web.gunicorn_log.read_text()
+    assert log.count("Booting worker") >= booted + web.settings.app.workers, log  # replaced
+    assert len(outcomes) > 100 and set(outcomes) <= {200, 400}, set(outcomes)
+
+
+# ------------------------------------------------------------------------ live: what the app sees
+
+
+class _Echo(BaseHTTPRequestHandler):
+    """Answers with the request line's version and headers, as the app would see them."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        body = json.dumps({"version": self.request_version, "headers": dict(self.headers)})
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def echo(tmp_path_factory) -> Iterator[int]:
+    """nginx (rendered site) -> an echo server; yields nginx's port."""
+    tmp = tmp_path_factory.mktemp("echo")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = free_port()
+        site = render_nginx_site(make_settings(), listen=f"127.0.0.1:{port}",
+                                 upstream=f"127.0.0.1:{server.server_port}",
+                                 static_dir=str(tmp), metrics_allow=[])
+        conf = nginx_conf(tmp, site)
+        with running(nginx_command(conf, "-g", "daemon off;"), port=port, log=tmp / "nginx.log"):
+            yield port
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def seen(port: int, **headers: str) -> dict:
+    """What the app behind nginx receives for a request with `headers`."""
+    resp = request(port, "/anything", headers={k.replace("_", "-"): v for k, v in headers.items()})
+    assert resp.status == 200
+    return json.loads(resp.body)
+
+
+@pytest.mark.parametrize(("sent", "forwarded"), [
+    ({"X_Forwarded_Proto": "https"}, "https"),  # the load balancer's word is kept
+    ({"X_Forwarded_Proto": "http"}, "http"),
+    ({}, "http"),                              # direct request: nginx's own scheme
+    ({"X_Forwarded_Proto": "gopher"}, "http"),  # nonsense is not passed on
+])
+def test_forwarded_proto_is_passed_through(echo, sent, forwarded):
+    assert seen(echo, **sent)["headers"]["X-Forwarded-Proto"] == forwarded
+
+
+def test_app_sees_client_host_and_keepalive_connection(echo):
+    got = seen(echo, Host="www.example.com", X_Forwarded_For="198.51.100.7")
+    headers = got["headers"]
+    assert headers["Host"] == headers["X-Forwarded-Host"] == "www.example.com"
+    assert headers["X-Forwarded-For"] == "198.51.100.7, 127.0.0.1"
+    assert headers["X-Real-IP"] == "127.0.0.1"
+    assert got["version"] == "HTTP/1.1" and "Connection" not in headers  # reusable upstream
+
+
+def test_upstream_down_gives_json_502(tmp_path):
+    port = free_port()
+    site = render_nginx_site(make_settings(), listen=f"127.0.0.1:{port}",
+                             upstream=f"127.0.0.1:{free_port()}", static_dir=str(tmp_path),
+                             metrics_allow=[])
+    conf = nginx_conf(tmp_path, site)
+    with running(nginx_command(conf, "-g", "daemon off;"), port=port, log=tmp_path / "nginx.log"):
+        resp = request(port, "/api/notes", headers=HTTPS)
+    assert resp.status == 502
+    assert json.loads(resp.body) == {"error": "bad gateway"}
+    assert all(name in resp.headers for name in HEADER_NAMES)
