@@ -96,7 +96,7 @@ def test_rendering_is_byte_identical_and_follows_settings(tmp_path):
     settings = make_settings(app={"maxBodyMb": 7, "gunicornWorkers": 5, "gunicornThreads": 4})
     assert droplet_site(settings) == droplet_site(settings)
     assert render_app_unit(settings, DropletLayout()) == render_app_unit(settings, DropletLayout())
-    one, two = (env_file(tmp_path, settings, bind="127.0.0.1:8000").read_text() for _ in "12")
+    one, two = (env_file(tmp_path, settings, bind="127.0.0.1:8000").read_text() for _ in range(2))
     assert one == two
 
     assert "client_max_body_size 7m;" in droplet_site(settings)
