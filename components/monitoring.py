@@ -51,8 +51,8 @@ class MonitoringAlerts(pulumi.ComponentResource):
 
     alert_policy_ids: pulumi.Output[list[str]]
     """The uuids of every alert policy created here."""
-    uptime_check_id: pulumi.Output[str]
-    """The uptime check's id."""
+    uptime_check_id: pulumi.Output[str] | None
+    """The uptime check's id; None with `alerts.uptimeCheck: false`."""
 
     def __init__(self, name: str, args: MonitoringAlertsArgs,
                  opts: pulumi.ResourceOptions | None = None):
@@ -101,6 +101,17 @@ class MonitoringAlerts(pulumi.ComponentResource):
             alert(f"db-{short}", f"v1/dbaas/alerts/{metric}", percent,
                   f"database {short} above {percent}%", entities=[args.db_cluster_id])
 
+        self.uptime_check_id = self._uptime(name, args, https, slack_url) if a.uptime_check \
+            else None
+        self.alert_policy_ids = pulumi.Output.all(*[p.uuid for p in policies])
+        self.register_outputs({
+            "alert_policy_ids": self.alert_policy_ids, "uptime_check_id": self.uptime_check_id,
+        })
+
+    def _uptime(self, name: str, args: MonitoringAlertsArgs, https: bool,
+                slack_url: pulumi.Input[str] | None) -> pulumi.Output[str]:
+        """The uptime check on the health URL and its alerts; returns the check's id."""
+        a, child = args.settings.alerts, pulumi.ResourceOptions(parent=self)
         check = digitalocean.UptimeCheck(
             f"{name}-uptime", target=args.health_url, type="https" if https else "http",
             regions=list(UPTIME_REGIONS), enabled=True, opts=child)
@@ -118,12 +129,7 @@ class MonitoringAlerts(pulumi.ComponentResource):
         for suffix, fields in uptime_alerts:
             digitalocean.UptimeAlert(f"{name}-uptime-{suffix}", check_id=check.id,
                                      notifications=notifications, opts=child, **fields)
-
-        self.alert_policy_ids = pulumi.Output.all(*[p.uuid for p in policies])
-        self.uptime_check_id = check.id
-        self.register_outputs({
-            "alert_policy_ids": self.alert_policy_ids, "uptime_check_id": self.uptime_check_id,
-        })
+        return check.id
 
 
 def _check(args: MonitoringAlertsArgs, managed: bool, https: bool) -> None:

@@ -182,6 +182,8 @@ class AlertSettings:
     window: str = "5m"
     latency_ms: int = 1000
     """Threshold for the LB p95 latency and uptime latency alerts."""
+    uptime_check: bool = True
+    """An uptime check on the site's /healthz from several regions ($1 a month)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -457,6 +459,7 @@ def _alerts(r: _Reader, secret: bool) -> AlertSettings:
         disk_percent=r.int("diskPercent", 85, 1, 100),
         window=r.choice("window", "5m", ALERT_WINDOWS),
         latency_ms=r.int("latencyMs", 1000, 1, 60000),
+        uptime_check=r.bool("uptimeCheck", True),
     )
     r.done()
     return alerts

@@ -218,18 +218,23 @@ def stack_variant(tmp_path: Path, name: str, **changes: dict[str, Any]) -> Path:
     return path
 
 
-def test_the_reference_stack_is_the_reference_design_plus_its_uptime_check():
+def test_the_reference_stack_costs_the_reference_design_to_the_cent():
     run = run_program(REFERENCE)
     breakdown = cost.price_run(run)
-    uptime = Decimal(catalog()["uptime_check"]["monthly_usd"])
-    assert breakdown.total == cost.reference_design().total + uptime == Decimal("61.00")
+    assert breakdown.total == cost.reference_design().total == Decimal("60.00")
     # The program's own outputs (the SDK transformation) agree with the offline pricing.
     assert cost.breakdown_json(breakdown) == {
         key: run.outputs[key] for key in ("monthly_cost_usd", "cost_breakdown")}
-    # Line by line, the program registers the reference design and one uptime check more.
+    # Line by line, the program registers exactly the reference design.
     rows = cost.diff(cost.reference_design(), breakdown).splitlines()
-    assert rows[1].split()[:3] == ["alerts-uptime", "uptime", "check"]
-    assert rows[3] == "(6 unchanged lines not shown)"
+    assert rows[-1] == "(6 unchanged lines not shown)", rows
+
+
+def test_the_uptime_check_adds_the_tables_figure(tmp_path):
+    base = cost.price_run(run_program(REFERENCE)).total
+    checked = run_program(stack_variant(tmp_path, "checked", alerts={"uptimeCheck": True}))
+    uptime = Decimal(catalog()["uptime_check"]["monthly_usd"])
+    assert cost.price_run(checked).total - base == uptime == Decimal("1.00")
 
 
 def test_weekly_backups_in_config_add_the_tables_figure(tmp_path):
@@ -250,5 +255,5 @@ def test_a_standby_in_config_adds_one_node_of_a_2gib_plan(tmp_path):
 
 def test_the_program_stops_over_an_enforced_budget(tmp_path):
     over = stack_variant(tmp_path, "over", budget={"monthlyUsd": 55, "enforce": True})
-    with pytest.raises(cost.BudgetError, match=r"monthlyUsd is \$55.00 .* \$61.00"):
+    with pytest.raises(cost.BudgetError, match=r"monthlyUsd is \$55.00 .* \$60.00"):
         run_program(over)

@@ -159,3 +159,10 @@ def test_args_that_would_leave_alerts_without_a_target_are_refused():
         build(make_settings(), lb_id=None)
     with pytest.raises(ValueError, match="webstack:domain"):
         build(settings_for("prod"), health_url=HTTP_URL)
+
+
+def test_uptime_check_can_be_turned_off():
+    run, component = build(make_settings(alerts={"uptimeCheck": False}))
+    assert not run.of_type("UptimeCheck") and not run.of_type("UptimeAlert")
+    assert component.uptime_check_id is None
+    assert run.of_type("MonitorAlert"), "the alert policies stay"

@@ -55,7 +55,8 @@ def plan(name: str) -> Run:
         root = error
         while root.__cause__ or root.__context__:
             root = root.__cause__ or root.__context__
-        if isinstance(root, (ConfigError, cost.BudgetError)) or "RunError" in type(error).__name__:
+        if isinstance(root, (ConfigError, cost.BudgetError, cost.CostError)) or \
+                "RunError" in type(error).__name__:
             raise PlanError(str(root)) from None
         raise
 
@@ -189,7 +190,11 @@ def print_plan(run: Run, name: str) -> None:
         for warning in run.warnings:
             print(f"  ! {warning}")
     print("\nMonthly cost (USD, list prices):")
-    print(cost.format_table(cost.price_run(run)))
+    breakdown = cost.price_run(run)
+    print(cost.format_table(breakdown))
+    app_platform = cost.app_platform_equivalent(breakdown, len(run.outputs["app_droplet_ids"]))
+    print(f"\nFor comparison: App Platform with the same redundancy ${app_platform.total};"
+          f" the original design ${cost.reference_design().total}")
 
 
 def main(argv: list[str] | None = None) -> int:
