@@ -56,6 +56,7 @@ import pulumi
 import pulumi_command as command
 import pulumi_digitalocean as digitalocean
 
+from components import ssh
 from components.lb_nginx import APP_PORT, UPSTREAM_PATH, render_lb_cloud_config, render_lb_upstream
 from components.settings import Settings
 
@@ -67,8 +68,7 @@ so the LB (not the droplet) closes idle keepalive connections and never reuses a
 
 # Run on an LB droplet with the rendered upstream file on stdin.
 INSTALL_UPSTREAM = f"""set -e
-cloud-init status --wait >/dev/null || true
-f={UPSTREAM_PATH}
+{ssh.wait_for_cloud_init(strict=False)}f={UPSTREAM_PATH}
 cp "$f" "$f.previous"
 cat > "$f.new"
 mv "$f.new" "$f"
@@ -243,13 +243,10 @@ class LoadBalancedFrontend(pulumi.ComponentResource):
         self.upstream_conf = pulumi.Output.from_input(args.app_private_ips).apply(
             lambda ips: render_lb_upstream([f"{ip}:{APP_PORT}" for ip in ips]))
         if args.ssh_private_key is not None:
-            key = pulumi.Output.secret(args.ssh_private_key)
             for i, droplet in enumerate(droplets):
                 command.remote.Command(
                     f"{name}-upstream-{i}",
-                    connection=command.remote.ConnectionArgs(
-                        host=droplet.ipv4_address, user="root", private_key=key,
-                        dial_error_limit=30),  # the droplet may still be booting
+                    connection=ssh.connection(droplet.ipv4_address, args.ssh_private_key),
                     create=INSTALL_UPSTREAM,
                     stdin=self.upstream_conf,
                     triggers=[droplet.id],
