@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from components.cloud_config import USER_DATA_LIMIT
-from components.settings import database_size, load_settings, pool_connection_budget
-from tools.mocks import ROOT, Run, run_program
+from components.settings import database_size, pool_connection_budget
+from tools.mocks import ROOT, Run, run_program, settings_for_stack_file
 
 WORLD = {"0.0.0.0/0", "::/0"}
 
@@ -24,18 +24,7 @@ def program(stack: str) -> Run:
 
 
 def stack_settings(stack: str):
-    from tools.mocks import stack_config
-
-    config, secret = stack_config(ROOT / f"Pulumi.{stack}.yaml")
-    import json
-
-    raw = {}
-    for key, value in config.items():
-        try:
-            raw[key.split(":", 1)[1]] = json.loads(value)
-        except ValueError:
-            raw[key.split(":", 1)[1]] = value
-    return load_settings(raw, stack=stack, secret_keys=frozenset(k.split(":")[1] for k in secret))
+    return settings_for_stack_file(ROOT / f"Pulumi.{stack}.yaml")
 
 
 STACKS = ["staging", "prod"]

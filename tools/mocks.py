@@ -284,6 +284,30 @@ def stack_config(path: Path) -> tuple[dict[str, str], set[str]]:
     return config, secret
 
 
+def stack_name(stack_file: Path) -> str:
+    """The stack a `Pulumi.<stack>.yaml` file configures."""
+    return stack_file.name.removeprefix("Pulumi.").removesuffix(".yaml")
+
+
+def settings_for_stack_file(stack_file: Path, *, stack: str | None = None):
+    """The validated `Settings` of a stack file, as the program would load them (secrets are
+    the offline placeholders of `stack_config`). Raises `ConfigError` on a bad value."""
+    from components.settings import load_settings
+
+    config, secret = stack_config(stack_file)
+    raw = {}
+    for key, value in config.items():
+        namespace, _, name = key.partition(":")
+        if namespace != PROJECT:
+            continue
+        try:
+            raw[name] = json.loads(value)
+        except ValueError:
+            raw[name] = value
+    secret_keys = frozenset(key.partition(":")[2] for key in secret)
+    return load_settings(raw, stack=stack or stack_name(stack_file), secret_keys=secret_keys)
+
+
 def _run(body: Callable[[], Any], *, stack: str, config: Mapping[str, str],
          secret_keys: set[str] | frozenset[str] = frozenset(), run: Run | None = None) -> Run:
     run = Run() if run is None else run
@@ -309,7 +333,7 @@ def run_program(stack_file: Path, *, stack: str | None = None, run: Run | None =
 
     Pass `run` to keep what was registered even when the program raises.
     """
-    stack = stack or stack_file.name.removeprefix("Pulumi.").removesuffix(".yaml")
+    stack = stack or stack_name(stack_file)
     config, secret = stack_config(stack_file)
     return _run(lambda: runpy.run_path(str(ROOT / "__main__.py"), run_name="__main__"),
                 stack=stack, config=config, secret_keys=secret, run=run)
