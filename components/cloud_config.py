@@ -19,13 +19,13 @@ from pathlib import Path
 
 import yaml
 
+from components.render import render_template
 from components.runtime import (
     DropletLayout,
     render_app_env,
     render_app_unit,
     render_nginx_site,
 )
-from components.render import render_template
 from components.settings import Settings
 
 APP_DIR = Path(__file__).resolve().parent.parent / "app"

@@ -15,7 +15,7 @@ import pulumi_command as command
 import pulumi_digitalocean as do
 import pulumi_random as random
 
-from components import cost
+from components import cost, ssh
 from components.app_tier import AppTier, AppTierArgs
 from components.cloud_config import render_app_cloud_config
 from components.database import DatabaseCluster, DatabaseClusterArgs
@@ -34,9 +34,7 @@ def _ssh_keys(settings: Settings) -> list[pulumi.Input[str]]:
 
 # Runs on an app droplet (inside the database's tag firewall) with doadmin's URI on the first
 # line of stdin and the SQL after it, so the URI is never on a command line or on disk.
-_GRANT = """set -eu
-cloud-init status --wait >/dev/null || true
-/opt/webstack/venv/bin/python -c '
+_GRANT = "set -eu\n" + ssh.wait_for_cloud_init() + """/opt/webstack/venv/bin/python -c '
 import sys, psycopg
 uri = sys.stdin.readline().strip()
 with psycopg.connect(uri, autocommit=True, connect_timeout=10) as conn:
@@ -60,8 +58,7 @@ def _grant_app_privileges(
     first = app.droplets[0]
     command.remote.Command(
         f"{settings.stack}-db-grants",
-        connection=command.remote.ConnectionArgs(
-            host=first.ipv4_address, user="root", private_key=key, dial_error_limit=30),
+        connection=ssh.connection(first.ipv4_address, key),
         create=_GRANT,
         stdin=pulumi.Output.secret(pulumi.Output.all(db.admin_uri).apply(
             lambda v: f"{v[0]}\n{db.app_grants_sql}\n")),
@@ -102,7 +99,7 @@ def build(settings: Settings) -> dict[str, Any]:
     def app_tier(**web_sources: Any) -> AppTier:
         return AppTier(f"{stack}-app", AppTierArgs(
             settings=settings, vpc_id=vpc.id, ssh_keys=ssh_keys, user_data=user_data,
-            **web_sources,
+            ssh_private_key=key, **web_sources,
         ))
 
     if settings.frontend.mode == "managed":

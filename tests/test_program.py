@@ -182,3 +182,14 @@ def test_doadmin_uri_is_exported_only_for_the_manual_grant_and_secret():
     grants = next(c for c in prod.of_type("remote:Command") if c.name == "prod-db-grants")
     assert "stdin" in grants.secret_inputs and "doadmin" not in grants.inputs["create"]
     assert "GRANT USAGE, CREATE ON SCHEMA public" in grants.inputs["stdin"]
+
+
+def test_prod_rollouts_are_health_gated_one_droplet_at_a_time():
+    run = program("prod")
+    droplets = sorted(run.of_type("index/droplet:Droplet"), key=lambda d: d.name)
+    gates = sorted((c for c in run.of_type("remote:Command") if "-gate-" in c.name),
+                   key=lambda c: c.name)
+    assert len(gates) == len(droplets) == 3
+    for previous_gate, droplet in zip(gates, droplets[1:], strict=False):
+        assert previous_gate.urn in droplet.depends_on
+    assert not any("-gate-" in c.name for c in program("staging").of_type("remote:Command"))
