@@ -1,0 +1,98 @@
+"""The README stays true: first commands, config, outputs and component tables match the code."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components import settings as settings_module
+from tools.mocks import ROOT, run_program
+
+README = (ROOT / "README.md").read_text()
+
+
+def table(heading: str) -> list[str]:
+    """First-column names (in backticks) of the table under a heading."""
+    section = README.split(f"\n{heading}\n", 1)[1]
+    rows = []
+    for line in section.splitlines():
+        if line.startswith("#"):
+            break
+        match = re.match(r"\| `([^`]+)` \|", line)
+        if match:
+            rows.append(match.group(1))
+    return rows
+
+
+def test_readme_begins_with_the_two_commands_and_ci_runs_the_test_one():
+    first_block = README.split("```sh\n", 1)[1].split("```", 1)[0]
+    commands = [line.split("#")[0].strip() for line in first_block.strip().splitlines()]
+    assert commands == ["make plan", "make test"]
+    assert README.index("```sh") < README.index("\n## ")
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def documented_config_keys() -> set[str]:
+    return set(table("## Configuration"))
+
+
+def read_config_keys() -> set[str]:
+    """Every key settings.py reads, recorded while loading a config that sets none of them."""
+    seen: set[str] = set()
+    reader = settings_module._Reader
+    original = reader.get
+
+    def get(self, name, default=None):
+        seen.add(self.key(name))
+        return original(self, name, default)
+
+    reader.get = get
+    try:
+        settings_module.load_settings(
+            {"sshKeys": ["k"], "alerts": {"emails": ["a@example.com"]},
+             "database": {"replicas": [{}]}}, stack="staging")
+    finally:
+        reader.get = original
+    keys = {re.sub(r"\[\d+\].*", "", key) for key in seen}  # a list's items: the list
+    return {key for key in keys if not any(k.startswith(f"{key}.") for k in keys)}  # leaves
+
+
+def test_config_table_lists_exactly_the_keys_settings_read():
+    assert documented_config_keys() == read_config_keys()
+
+
+def test_every_key_declared_in_pulumi_yaml_is_read():
+    declared = set(yaml.safe_load((ROOT / "Pulumi.yaml").read_text())["config"])
+    assert declared <= read_config_keys()
+
+
+def test_outputs_table_matches_the_program(tmp_path: Path):
+    nginx = yaml.safe_load((ROOT / "Pulumi.staging.yaml").read_text())
+    nginx["config"]["webstack:frontend"] = {"mode": "nginx"}
+    (tmp_path / "Pulumi.nginx.yaml").write_text(yaml.safe_dump(nginx))
+    produced = set()
+    for path in (ROOT / "Pulumi.staging.yaml", ROOT / "Pulumi.prod.yaml",
+                 tmp_path / "Pulumi.nginx.yaml"):
+        produced |= set(run_program(path).outputs)
+    assert set(table("## Stack outputs")) == produced
+
+
+COMPONENTS = [("components.app_tier", "AppTier"), ("components.frontend", "LoadBalancedFrontend"),
+              ("components.database", "DatabaseCluster"),
+              ("components.monitoring", "MonitoringAlerts")]
+
+
+@pytest.mark.parametrize("module,name", COMPONENTS)
+def test_component_tables_match_args_and_outputs(module, name):
+    mod = importlib.import_module(module)
+    inputs = [f.name for f in dataclasses.fields(getattr(mod, f"{name}Args"))]
+    outputs = list(getattr(mod, name).__annotations__)
+    section = f"### `{name}` (`{module.replace('.', '/')}.py`)"
+    assert section in README
+    rows = table(section)
+    assert rows == inputs + outputs
