@@ -1,0 +1,60 @@
+"""webstack's Flask app: a small notes API on a primary and read replicas.
+
+``create_app()`` reads its settings from the environment (see ``app.config``); tests pass a
+mapping that overrides it. Nothing connects to a database until a request needs it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from app import api, errors, health, metrics
+from app.config import Settings
+from app.db import Database
+
+MAX_BODY_BYTES = 256 * 1024
+"""Largest request body: room for a note of MAX_NOTE_LENGTH characters, JSON-escaped."""
+
+
+@dataclass(frozen=True)
+class Services:
+    """What the blueprints need, kept in ``app.extensions["webstack"]``."""
+
+    settings: Settings
+    database: Database
+    metrics: metrics.Metrics
+
+
+def create_app(config: Mapping[str, object] | None = None) -> Flask:
+    """Build the app. ``config`` overrides environment variables (and may set TESTING)."""
+    overrides = dict(config or {})
+    testing = bool(overrides.get("TESTING"))
+    settings = Settings.from_mapping({**os.environ, **overrides}, testing=testing)
+
+    app = Flask(__name__)
+    app.config.update(
+        TESTING=testing,
+        SECRET_KEY=settings.secret_key,
+        MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
+        SESSION_COOKIE_SAMESITE="Lax",
+    )
+    # One proxy hop in front of gunicorn (nginx, which passes on the load balancer's
+    # X-Forwarded-Proto): trust exactly one X-Forwarded-For/-Proto/-Host value.
+    app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1)
+
+    app_metrics = metrics.Metrics()
+    database = Database(settings, on_fallback=app_metrics.count_fallback)
+    app_metrics.watch(database)
+    app.extensions["webstack"] = Services(settings, database, app_metrics)
+
+    app_metrics.instrument(app)
+    errors.register(app)
+    app.register_blueprint(health.bp)
+    app.register_blueprint(api.bp)
+    app.register_blueprint(metrics.bp)
+    return app

@@ -1,0 +1,217 @@
+"""Database access: the primary for writes, replicas for reads, and the routing between them.
+
+Routing and read-your-writes
+    Writes run on the primary (``DATABASE_URL``). After the commit, the primary's WAL insert
+    position is returned to the caller, which keeps it in the client's signed session cookie.
+    A read takes the replicas in round-robin order and uses the first that answers and has
+    replayed at least that position (``pg_last_wal_replay_lsn()``); if none qualifies it runs on
+    the primary and ``on_fallback`` is told why ("lagging" or "unavailable"). A replica that
+    fails is skipped for ``replica_retry_seconds``. So a client always sees its own writes,
+    while other clients read from replicas that may lag.
+
+Every transaction starts with one statement that sets the statement timeout for the
+transaction only (``SET LOCAL`` semantics, the only kind PgBouncer's transaction mode keeps)
+and reports whether the server is in recovery and how far it has replayed. That same answer
+names the server in ``Result.served_by``: "primary" when the server is not in recovery, else
+the replica's name ("replica-0", ...).
+
+Fork safety: engines are created by ``create_app`` and must not cross a fork. Run gunicorn
+without ``preload_app``, or call ``Database.dispose()`` in gunicorn's ``post_fork`` hook.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import psycopg
+from psycopg import errors as pg_errors
+from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+from app.config import Settings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+UNAVAILABLE = (OperationalError, PoolTimeoutError)
+"""Errors meaning "the database did not answer": mapped to 503, trigger replica fallback."""
+
+ROUND_TRIP_MARGIN = 1.0
+"""Seconds the client waits for a reply beyond the server's statement timeout."""
+
+_START = text(
+    "SELECT set_config('statement_timeout', :timeout, true),"
+    " pg_is_in_recovery(), pg_last_wal_replay_lsn()::text"
+)
+_WAL_POSITION = text("SELECT pg_current_wal_insert_lsn()::text")
+
+
+class DeadlineConnection(psycopg.Connection):
+    """A psycopg connection that gives up on any server round trip after a deadline.
+
+    PgBouncer keeps a query waiting while it cannot reach the server, up to its
+    ``query_wait_timeout`` (120 s by default) and ignores cancel requests for such a query,
+    so neither the server's statement timeout nor a cancel can free the worker. When the
+    deadline passes the connection is closed (its protocol state is unknown) and
+    ``psycopg.OperationalError`` is raised, which SQLAlchemy treats as a disconnect.
+    """
+
+    round_trip_timeout: float | None = None
+
+    def wait(self, gen, interval=0.1, timeout=None):
+        """psycopg's own ``wait``, with ``round_trip_timeout`` as the default timeout."""
+        try:
+            return super().wait(gen, interval, timeout or self.round_trip_timeout)
+        except pg_errors._WaitTimeout:
+            self.close()
+            raise psycopg.OperationalError(
+                f"no reply from the database within {self.round_trip_timeout} s"
+            ) from None
+
+
+def parse_lsn(value: str) -> int:
+    """``'16/B374D848'`` -> an integer that orders like the WAL position."""
+    high, low = value.split("/")
+    return (int(high, 16) << 32) | int(low, 16)
+
+
+@dataclass(frozen=True)
+class Result(Generic[T]):
+    """What a unit of work returned, which server ran it, and for writes the WAL position."""
+
+    value: T
+    served_by: str
+    lsn: int = 0
+
+
+@dataclass
+class Node:
+    """One database server as the app sees it: a name and its engine."""
+
+    name: str
+    engine: Engine
+    skip_until: float = 0.0
+
+
+def make_engine(url: URL, settings: Settings) -> Engine:
+    """An engine with pre-ping, bounded pool waits and a client-side deadline per round trip.
+
+    Prepared statements are off (``prepare_threshold=None``): PgBouncer in transaction mode
+    may run each transaction on a different server connection.
+    """
+    engine = create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=settings.pool_size,
+        max_overflow=settings.max_overflow,
+        pool_timeout=settings.pool_timeout,
+        connect_args={
+            "connect_timeout": settings.connect_timeout,
+            "prepare_threshold": None,
+            "application_name": "webstack",
+        },
+    )
+    deadline = settings.statement_timeout_ms / 1000 + ROUND_TRIP_MARGIN
+
+    @event.listens_for(engine, "do_connect")
+    def connect(dialect, connection_record, cargs, cparams):
+        connection = DeadlineConnection.connect(*cargs, **cparams)
+        connection.round_trip_timeout = deadline
+        return connection
+
+    return engine
+
+
+class Database:
+    """The primary and the replicas of one app, and the read/write routing between them."""
+
+    def __init__(self, settings: Settings, on_fallback: Callable[[str], None]) -> None:
+        self.primary = Node("primary", make_engine(settings.database_url, settings))
+        self.replicas = [
+            Node(f"replica-{index}", make_engine(url, settings))
+            for index, url in enumerate(settings.replica_urls)
+        ]
+        self._statement_timeout = str(settings.statement_timeout_ms)
+        self._retry_seconds = settings.replica_retry_seconds
+        self._on_fallback = on_fallback
+        self._turn = itertools.count()
+
+    @property
+    def nodes(self) -> list[Node]:
+        return [self.primary, *self.replicas]
+
+    def write(self, work: Callable[[Connection], T]) -> Result[T]:
+        """Run ``work`` in a transaction on the primary; ``lsn`` is the WAL position after it."""
+        with self.primary.engine.connect() as conn:
+            with conn.begin():
+                served_by = self._start(conn, self.primary)[0]
+                value = work(conn)
+            lsn = parse_lsn(conn.scalar(_WAL_POSITION))
+            conn.commit()
+        return Result(value, served_by, lsn)
+
+    def read(self, work: Callable[[Connection], T], min_lsn: int = 0) -> Result[T]:
+        """Run ``work`` on a replica that has replayed ``min_lsn``, else on the primary."""
+        lagging = False
+        for node in self._replica_order():
+            if node.skip_until > time.monotonic():
+                continue
+            try:
+                with node.engine.begin() as conn:
+                    served_by, replayed = self._start(conn, node)
+                    if replayed < min_lsn:
+                        lagging = True
+                        continue
+                    return Result(work(conn), served_by)
+            except UNAVAILABLE as exc:
+                node.skip_until = time.monotonic() + self._retry_seconds
+                log.warning("%s failed, reading elsewhere: %s", node.name, _cause(exc))
+        if self.replicas:
+            self._on_fallback("lagging" if lagging else "unavailable")
+        return self.read_primary(work)
+
+    def read_primary(self, work: Callable[[Connection], T]) -> Result[T]:
+        """Run ``work`` in a transaction on the primary."""
+        with self.primary.engine.begin() as conn:
+            served_by = self._start(conn, self.primary)[0]
+            return Result(work(conn), served_by)
+
+    def probe(self, node: Node) -> dict[str, object]:
+        """Readiness of one server: reachable, and in recovery or not."""
+        try:
+            with node.engine.begin() as conn:
+                served_by = self._start(conn, node)[0]
+        except UNAVAILABLE as exc:
+            return {"ok": False, "error": type(_cause(exc)).__name__}
+        return {"ok": True, "role": "primary" if served_by == "primary" else "replica"}
+
+    def dispose(self) -> None:
+        """Close every pooled connection (at shutdown, or in a forked child)."""
+        for node in self.nodes:
+            node.engine.dispose()
+
+    def _replica_order(self) -> list[Node]:
+        if not self.replicas:
+            return []
+        first = next(self._turn) % len(self.replicas)
+        return self.replicas[first:] + self.replicas[:first]
+
+    def _start(self, conn: Connection, node: Node) -> tuple[str, int]:
+        """Begin a transaction: set its statement timeout; return (served_by, replayed LSN)."""
+        row = conn.execute(_START, {"timeout": self._statement_timeout}).one()
+        in_recovery, replayed = row[1], row[2]
+        served_by = node.name if in_recovery else "primary"
+        return served_by, parse_lsn(replayed) if replayed else 0
+
+
+def _cause(exc: Exception) -> BaseException:
+    """The driver's exception behind a SQLAlchemy one, if any."""
+    return getattr(exc, "orig", None) or exc

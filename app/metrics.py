@@ -1,0 +1,122 @@
+"""Prometheus metrics on ``GET /metrics``.
+
+Each app has its own ``CollectorRegistry``, so several apps can live in one process (tests).
+
+Several gunicorn workers: set ``PROMETHEUS_MULTIPROC_DIR`` to an empty directory writable by
+the workers (e.g. systemd's ``RuntimeDirectory=``, emptied on every start) in the workers'
+environment. Request counters, latencies and fallbacks are then summed over all workers,
+past and present. The pool gauges always describe the worker that answered the scrape.
+Without it, every metric describes a single worker.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+from flask import Blueprint, Flask, Response, current_app, g, request
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+from app.db import Database
+
+bp = Blueprint("metrics", __name__)
+
+
+class PoolCollector(Collector):
+    """Connection pool usage of each engine, read at scrape time."""
+
+    def __init__(self, database: Database) -> None:
+        self._database = database
+
+    def collect(self) -> Iterator[Metric]:
+        checked_out = GaugeMetricFamily(
+            "webstack_db_pool_checked_out",
+            "Connections currently checked out of the pool",
+            labels=["engine"],
+        )
+        size = GaugeMetricFamily(
+            "webstack_db_pool_size", "Connections the pool keeps (overflow excluded)",
+            labels=["engine"],
+        )
+        for node in self._database.nodes:
+            checked_out.add_metric([node.name], node.engine.pool.checkedout())
+            size.add_metric([node.name], node.engine.pool.size())
+        yield checked_out
+        yield size
+
+
+class Metrics:
+    """The app's metrics and the hooks that feed them."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "webstack_http_requests",
+            "HTTP requests by endpoint, method and status",
+            ["endpoint", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "webstack_http_request_duration_seconds",
+            "HTTP request latency by endpoint, method and status",
+            ["endpoint", "method", "status"],
+            registry=self.registry,
+        )
+        self.replica_fallbacks = Counter(
+            "webstack_db_replica_fallbacks",
+            "Reads served by the primary because no replica could (lagging or unavailable)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self._pools: PoolCollector | None = None
+
+    def count_fallback(self, reason: str) -> None:
+        self.replica_fallbacks.labels(reason=reason).inc()
+
+    def watch(self, database: Database) -> None:
+        """Report the pools of ``database``."""
+        self._pools = PoolCollector(database)
+        self.registry.register(self._pools)
+
+    def instrument(self, app: Flask) -> None:
+        """Time and count every request of ``app``."""
+        app.before_request(_start_timer)
+        app.after_request(self._observe)
+
+    def exposition(self) -> bytes:
+        if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        if self._pools is not None:
+            registry.register(self._pools)
+        return generate_latest(registry)
+
+    def _observe(self, response: Response) -> Response:
+        endpoint = request.url_rule.rule if request.url_rule else "unmatched"
+        labels = (endpoint, request.method, str(response.status_code))
+        self.requests.labels(*labels).inc()
+        started = g.get("request_started")
+        if started is not None:
+            self.latency.labels(*labels).observe(time.perf_counter() - started)
+        return response
+
+
+def _start_timer() -> None:
+    g.request_started = time.perf_counter()
+
+
+@bp.get("/metrics")
+def metrics() -> Response:
+    body = current_app.extensions["webstack"].metrics.exposition()
+    return Response(body, content_type=CONTENT_TYPE_LATEST)
