@@ -23,6 +23,8 @@ from app.config import ConfigError, sqlalchemy_url
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 CONNECT_TIMEOUT = 10
+MIGRATION_LOCK_KEY = 0x77656273746B
+"""Advisory lock key ("webstk") that serialises runs; taken in ``migrations/env.py``."""
 
 
 def upgrade(url: str, key: str = "DATABASE_MIGRATION_URL") -> None:

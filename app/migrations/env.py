@@ -11,9 +11,8 @@ with it the lock: don't write one without another guard.
 from alembic import context
 from sqlalchemy import text
 
+from app.migrate import MIGRATION_LOCK_KEY
 from app.models import metadata
-
-MIGRATION_LOCK_KEY = 0x77656273746B  # "webstk": one key for all of webstack's migrations
 
 if context.is_offline_mode():
     raise SystemExit("offline (--sql) migrations are not supported")
