@@ -1,0 +1,103 @@
+"""Settings from the environment, and an app that starts without touching the database."""
+
+import pytest
+
+from app import create_app
+from app.config import ConfigError, Settings, sqlalchemy_url
+
+URL = "postgresql://u:p@127.0.0.1:1/db"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgres://doadmin:s3cr%40t@db.example:25060/defaultdb?sslmode=require",
+        "postgresql://doadmin:s3cr%40t@db.example:25060/defaultdb?sslmode=require",
+        "postgresql+psycopg://doadmin:s3cr%40t@db.example:25060/defaultdb?sslmode=require",
+    ],
+)
+def test_digitalocean_urls_are_converted_for_psycopg(url):
+    converted = sqlalchemy_url(url, "DATABASE_URL")
+    assert converted.drivername == "postgresql+psycopg"
+    assert converted.password == "s3cr@t"
+    assert (converted.host, converted.port) == ("db.example", 25060)
+    assert converted.database == "defaultdb"
+    assert converted.query == {"sslmode": "require"}
+
+
+@pytest.mark.parametrize("url", ["mysql://u:p@h/db", "not a url"])
+def test_other_urls_are_rejected_naming_the_key(url):
+    with pytest.raises(ConfigError, match="DATABASE_URL"):
+        sqlalchemy_url(url, "DATABASE_URL")
+
+
+def test_secret_key_is_required_outside_tests():
+    with pytest.raises(ConfigError, match="SECRET_KEY"):
+        Settings.from_mapping({"DATABASE_URL": URL})
+    with pytest.raises(ConfigError, match="SECRET_KEY"):
+        create_app({"DATABASE_URL": URL, "SECRET_KEY": ""})
+
+
+def test_tests_get_a_random_secret_key():
+    first = Settings.from_mapping({"DATABASE_URL": URL}, testing=True)
+    second = Settings.from_mapping({"DATABASE_URL": URL}, testing=True)
+    assert len(first.secret_key) >= 32
+    assert first.secret_key != second.secret_key
+
+
+def test_database_url_is_required():
+    with pytest.raises(ConfigError, match="DATABASE_URL"):
+        Settings.from_mapping({"SECRET_KEY": "x" * 32, "DATABASE_URL": ""})
+
+
+def test_defaults_and_overrides():
+    settings = Settings.from_mapping({"SECRET_KEY": "k", "DATABASE_URL": URL})
+    assert settings.replica_urls == ()
+    assert (settings.pool_size, settings.max_overflow, settings.pool_timeout) == (2, 2, 2.0)
+    assert (settings.connect_timeout, settings.statement_timeout_ms) == (2, 3000)
+    settings = Settings.from_mapping(
+        {
+            "SECRET_KEY": "k",
+            "DATABASE_URL": URL,
+            "DATABASE_REPLICA_URLS": " postgres://r0@h0/db , ,postgresql://r1@h1/db,",
+            "DB_POOL_SIZE": "7",
+            "DB_POOL_TIMEOUT": "0.5",
+            "DB_STATEMENT_TIMEOUT_MS": "250",
+        }
+    )
+    assert [url.host for url in settings.replica_urls] == ["h0", "h1"]
+    assert {url.drivername for url in settings.replica_urls} == {"postgresql+psycopg"}
+    assert (settings.pool_size, settings.pool_timeout, settings.statement_timeout_ms) == (
+        7,
+        0.5,
+        250,
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("DB_POOL_SIZE", "many"), ("DB_POOL_SIZE", "0"), ("DB_MAX_OVERFLOW", "-1"),
+     ("DB_POOL_TIMEOUT", "soon"), ("DB_STATEMENT_TIMEOUT_MS", "10")],
+)
+def test_bad_numbers_are_rejected_naming_the_key(key, value):
+    with pytest.raises(ConfigError, match=key):
+        Settings.from_mapping({"SECRET_KEY": "k", "DATABASE_URL": URL, key: value})
+
+
+def test_environment_is_read(monkeypatch):
+    monkeypatch.setenv("DATABASE_URL", URL)
+    monkeypatch.setenv("SECRET_KEY", "from-the-environment")
+    monkeypatch.setenv("DB_POOL_SIZE", "3")
+    app = create_app()
+    settings = app.extensions["webstack"].settings
+    assert app.config["SECRET_KEY"] == "from-the-environment"
+    assert settings.pool_size == 3
+    assert app.extensions["webstack"].database.primary.engine.pool.size() == 3
+
+
+def test_app_starts_and_is_live_without_a_database():
+    """Nothing connects at creation; /healthz answers while no database listens at all."""
+    app = create_app({"TESTING": True, "DATABASE_URL": URL})
+    response = app.test_client().get("/healthz")
+    assert response.status_code == 200
+    assert app.extensions["webstack"].database.primary.engine.pool.checkedin() == 0
