@@ -67,9 +67,11 @@ class DeadlineConnection(psycopg.Connection):
     round_trip_timeout: float | None = None
 
     def wait(self, gen, interval=0.1, timeout=None):
-        """psycopg's own ``wait``, with ``round_trip_timeout`` as the default timeout."""
+        """psycopg's own ``wait``; without an explicit timeout, ``round_trip_timeout`` applies."""
+        if timeout is not None or self.round_trip_timeout is None:
+            return super().wait(gen, interval, timeout)
         try:
-            return super().wait(gen, interval, timeout or self.round_trip_timeout)
+            return super().wait(gen, interval, self.round_trip_timeout)
         except pg_errors._WaitTimeout:
             self.close()
             raise psycopg.OperationalError(
