@@ -2,7 +2,8 @@
 
 Routing and read-your-writes
     Writes run on the primary (``DATABASE_URL``). After the commit, the primary's WAL insert
-    position is returned to the caller, which keeps it in the client's signed session cookie.
+    position (``pg_current_wal_insert_lsn()``: past the commit record even with asynchronous
+    commit) is returned to the caller, which keeps it in the client's signed session cookie.
     A read takes the replicas in round-robin order and uses the first that answers and has
     replayed at least that position (``pg_last_wal_replay_lsn()``); if none qualifies it runs on
     the primary and ``on_fallback`` is told why ("lagging" or "unavailable"). A replica that
@@ -62,6 +63,8 @@ class DeadlineConnection(psycopg.Connection):
     so neither the server's statement timeout nor a cancel can free the worker. When the
     deadline passes the connection is closed (its protocol state is unknown) and
     ``psycopg.OperationalError`` is raised, which SQLAlchemy treats as a disconnect.
+    ``wait(timeout=)`` and ``_WaitTimeout`` are psycopg 3.3 internals (hence the pin);
+    tests/test_app_outage.py fails if they change.
     """
 
     round_trip_timeout: float | None = None
