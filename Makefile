@@ -8,7 +8,7 @@ PLAN_ARGS := $(if $(JSON),--json) $(if $(DIFF),--diff $(DIFF)) $(if $(DIAGRAM),-
 .PHONY: venv system-deps plan test lint
 
 venv: $(VENV)/.installed
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt app/requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
 	touch $@
@@ -24,3 +24,18 @@ test: venv system-deps  ## the whole test suite
 
 lint: venv
 	$(VENV)/bin/ruff check .
+
+# --- The local HA lab (docs/lab.md) -----------------------------------------------------
+# make lab STACK=prod     the stack's data plane on loopback, in the background; prints its URL
+# make lab-down           stops every lab process (state and logs stay in .lab/)
+# make chaos STACK=prod   failure scenarios under load in a lab of their own; lab-report.json
+.PHONY: lab lab-down chaos
+
+lab: venv system-deps
+	$(PY) -m lab up $(STACK)
+
+lab-down: venv
+	$(PY) -m lab down
+
+chaos: venv system-deps
+	$(PY) -m lab chaos $(STACK) $(CHAOS_ARGS)
