@@ -72,6 +72,7 @@ def render_app_cloud_config(
         upstream=layout.gunicorn_bind,
         static_dir=layout.static_dir,
         metrics_allow=[vpc_cidr, "127.0.0.1"],
+        trusted_proxies=[vpc_cidr],
     )
     env = render_app_env(
         settings,

@@ -95,14 +95,17 @@ def render_nginx_site(
     upstream: str = "127.0.0.1:8000",
     static_dir: str,
     metrics_allow: Sequence[str],
+    trusted_proxies: Sequence[str] = (),
 ) -> str:
     """The nginx site (a `server` and its `upstream`, included inside `http {}`).
 
     `listen` is an nginx listen address (`80`, `127.0.0.1:8080`), `upstream` gunicorn's
     (`127.0.0.1:8000`). `metrics_allow` lists the addresses or CIDRs that may read /metrics
-    directly (the VPC, loopback); everyone else gets 403.
+    directly (the VPC, loopback); everyone else gets 403. `trusted_proxies` lists the load
+    balancer's addresses (the VPC): the client address in their X-Forwarded-For becomes
+    nginx's, and the app gets that one address (it trusts one hop).
     """
-    for source in metrics_allow:
+    for source in [*metrics_allow, *trusted_proxies]:
         ipaddress.ip_network(source)  # ValueError names the bad address
     if not static_dir.startswith("/"):
         raise ValueError(f"static_dir {static_dir!r} must be an absolute path")
@@ -118,6 +121,7 @@ def render_nginx_site(
         max_body_mb=settings.app.max_body_mb,
         health_path=settings.frontend.health_check.path,
         metrics_allow=list(metrics_allow),
+        trusted_proxies=list(trusted_proxies),
         static_dir=static_dir.rstrip("/"),
         security_headers=SECURITY_HEADERS,
     )

@@ -363,10 +363,13 @@ class _Echo(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture(scope="module")
-def echo(tmp_path_factory) -> Iterator[int]:
-    """nginx (rendered site) -> an echo server; yields nginx's port."""
+@pytest.fixture(scope="module", params=[(), ("127.0.0.0/8",)], ids=["direct", "behind-lb"])
+def echo(request, tmp_path_factory) -> Iterator[tuple[int, tuple[str, ...]]]:
+    """nginx (rendered site) -> an echo server; yields nginx's port and its trusted proxies.
+
+    "behind-lb" trusts loopback as the droplet trusts the VPC: the load balancer's address."""
     tmp = tmp_path_factory.mktemp("echo")
+    trusted = request.param
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -374,10 +377,10 @@ def echo(tmp_path_factory) -> Iterator[int]:
         port = free_port()
         site = render_nginx_site(make_settings(), listen=f"127.0.0.1:{port}",
                                  upstream=f"127.0.0.1:{server.server_port}",
-                                 static_dir=str(tmp), metrics_allow=[])
+                                 static_dir=str(tmp), metrics_allow=[], trusted_proxies=trusted)
         conf = nginx_conf(tmp, site)
         with running(nginx_command(conf, "-g", "daemon off;"), port=port, log=tmp / "nginx.log"):
-            yield port
+            yield port, trusted
     finally:
         server.shutdown()
         server.server_close()
@@ -397,15 +400,17 @@ def seen(port: int, **headers: str) -> dict:
     ({"X_Forwarded_Proto": "gopher"}, "http"),  # nonsense is not passed on
 ])
 def test_forwarded_proto_is_passed_through(echo, sent, forwarded):
-    assert seen(echo, **sent)["headers"]["X-Forwarded-Proto"] == forwarded
+    assert seen(echo[0], **sent)["headers"]["X-Forwarded-Proto"] == forwarded
 
 
-def test_app_sees_client_host_and_keepalive_connection(echo):
-    got = seen(echo, Host="www.example.com", X_Forwarded_For="198.51.100.7")
+def test_app_sees_one_client_address_and_keepalive_connection(echo):
+    port, trusted = echo
+    # A client's own claim, then the address the load balancer saw, as DigitalOcean appends it.
+    got = seen(port, Host="www.example.com", X_Forwarded_For="10.9.9.9, 198.51.100.7")
     headers = got["headers"]
     assert headers["Host"] == headers["X-Forwarded-Host"] == "www.example.com"
-    assert headers["X-Forwarded-For"] == "198.51.100.7, 127.0.0.1"
-    assert headers["X-Real-IP"] == "127.0.0.1"
+    client = "198.51.100.7" if trusted else "127.0.0.1"  # only a trusted LB is believed
+    assert headers["X-Forwarded-For"] == headers["X-Real-IP"] == client
     assert got["version"] == "HTTP/1.1" and "Connection" not in headers  # reusable upstream
 
 
