@@ -1,10 +1,12 @@
-"""Run the droplet's rendered files for real: nginx and gunicorn on loopback, in a temp dir."""
+"""Run the droplets' rendered files for real: nginx and gunicorn on loopback, in a temp dir,
+and cloud-init's own schema check on their user data."""
 
 from __future__ import annotations
 
 import getpass
 import http.client
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,6 +19,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 GUNICORN = Path(sys.executable).parent / "gunicorn"
 GUNICORN_CONF = ROOT / "app" / "gunicorn.conf.py"
+
+
+def cloud_init_schema(text: str, directory: Path) -> subprocess.CompletedProcess:
+    """`cloud-init schema --config-file` on `text` (Debian's cloud-init, installed by
+    scripts/install-system-deps.sh); exit code 0 means a valid cloud-config."""
+    cloud_init = shutil.which("cloud-init")
+    assert cloud_init, "cloud-init is installed by scripts/install-system-deps.sh"
+    path = directory / "user-data.yaml"
+    path.write_text(text)
+    return subprocess.run([cloud_init, "schema", "--config-file", str(path)],
+                          capture_output=True, text=True, timeout=120)
 
 
 def free_port() -> int:

@@ -28,6 +28,7 @@ from components.lb_nginx import (
     render_lb_upstream,
 )
 from tests.factories import make_settings, settings_for
+from tests.runtime_helpers import cloud_init_schema
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
@@ -238,12 +239,7 @@ def test_cloud_config_is_valid_and_never_holds_app_ips(stack, tmp_path):
     settings = settings_for(stack, frontend={"mode": "nginx"})
     text = render_lb_cloud_config(settings)
     assert text.startswith("#cloud-config\n")
-    path = tmp_path / "user-data.yaml"
-    path.write_text(text)
-    cloud_init = shutil.which("cloud-init")
-    assert cloud_init, "cloud-init is installed by scripts/install-system-deps.sh"
-    result = subprocess.run([cloud_init, "schema", "--config-file", str(path)],
-                            capture_output=True, text=True, timeout=120)
+    result = cloud_init_schema(text, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     data = yaml.safe_load(text)
     assert "nginx" in data["packages"]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import shutil
-import subprocess
 from functools import cache
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import yaml
 
 from components.cloud_config import USER_DATA_LIMIT
 from components.settings import database_size, pool_connection_budget
+from tests.runtime_helpers import cloud_init_schema
 from tools.mocks import ROOT, Run, run_program, settings_for_stack_file
 
 WORLD = {"0.0.0.0/0", "::/0"}
@@ -143,18 +142,12 @@ def test_cloud_config_valid_small_and_reproducible(stack, tmp_path):
     again = run_program(ROOT / f"Pulumi.{stack}.yaml")
     assert again.of_type("index/droplet:Droplet")[0].inputs["userData"] == text
     assert all(d.inputs["userData"] == text for d in program(stack).of_type("Droplet"))
-    path = tmp_path / "user-data.yaml"
-    path.write_text(text)
-    cloud_init = shutil.which("cloud-init")
-    assert cloud_init, "cloud-init is installed by scripts/install-system-deps.sh"
-    result = subprocess.run([cloud_init, "schema", "--config-file", str(path)],
-                            capture_output=True, text=True, timeout=120)
+    result = cloud_init_schema(text, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Valid cloud-config" in result.stdout
     # The same check refuses a broken document, so the pass above means something.
-    path.write_text(text.replace("package_update: true", "package_update: 7"))
-    broken = subprocess.run([cloud_init, "schema", "--config-file", str(path)],
-                            capture_output=True, text=True, timeout=120)
+    broken = cloud_init_schema(text.replace("package_update: true", "package_update: 7"),
+                               tmp_path)
     assert broken.returncode != 0 and "package_update" in broken.stdout + broken.stderr
 
 
