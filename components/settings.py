@@ -567,7 +567,25 @@ def load_settings(
         budget=_budget(r.obj("budget"), production),
     )
     r.done()
+    _check_replica_connections(settings)
     return settings
+
+
+def _check_replica_connections(settings: Settings) -> None:
+    """Reads reach replicas directly (no pool): one connection per gunicorn thread of every
+    worker on every droplet (the env file sets DB_POOL_SIZE to the threads, no overflow)."""
+    app = settings.app
+    needed = app.droplet_count * app.workers * app.gunicorn_threads
+    for i, replica in enumerate(settings.database.replicas):
+        budget = pool_connection_budget(database_size(replica.size))
+        if needed > budget:
+            raise ConfigError(
+                f"database.replicas[{i}].size", replica.size,
+                f"allows {budget} connections, but the app opens up to {needed} to each replica"
+                f" (dropletCount {app.droplet_count} x {app.workers} workers x"
+                f" {app.gunicorn_threads} threads): use a larger replica or fewer"
+                " app.gunicornWorkers / app.gunicornThreads",
+            )
 
 
 def from_pulumi_config() -> Settings:

@@ -72,6 +72,8 @@ BAD = [
     ("prod", PROD, {"domain": None}, "webstack:domain", "production needs a domain"),
     ("prod", PROD, {"database.replicas": []}, "database.replicas", "at least one read replica"),
     ("staging", STAGING, {"app.dropletCout": 3}, "app.dropletCout", "unknown key"),
+    ("prod", PROD, {"app.dropletCount": 4, "app.gunicornThreads": 8},
+     "database.replicas[0].size", "allows 47 connections, but the app opens up to 96"),
     ("staging", STAGING, {"alerts.slackUrl": "https://hooks.slack.com/x",
                           "alerts.slackChannel": "#ops"}, "alerts.slackUrl", "--secret"),
 ]
