@@ -1,0 +1,512 @@
+"""Failure scenarios under a bounded load, each judged by a written criterion.
+
+    python -m lab chaos prod [--only 1,3] [--report lab-report.json]
+
+A lab of its own is started (state in `.lab/chaos`, addresses 127.0.1.x, so a `make lab`
+can keep running), every scenario runs against it, and it is always stopped. The report
+(`lab-report.json`) lists per scenario the requests by outcome, the criterion and pass/fail;
+a table goes to stdout. Exit status 1 when a criterion fails.
+
+1 kill-droplet      kill -9 a droplet's gunicorn and nginx under GET load. nginx frontend: no
+                    failed request (retried on another droplet). Managed (DigitalOcean LB, no
+                    retries): failures only until the health check removes the droplet
+                    (unhealthy_threshold x interval + timeout after the kill), none after.
+2 rolling-restart   every droplet in turn: out of the frontend (HAProxy drain / nginx upstream
+                    without it), wait for its requests to finish, restart gunicorn and nginx,
+                    healthy, back in. No failed request.
+3 gunicorn-hup      five graceful reloads (HUP) of every droplet's gunicorn under mixed load.
+                    No failed request.
+4 replica-down      stop a replica under read load: reads keep succeeding elsewhere (the
+                    primary), and come back to the replica after it restarts (X-Served-By).
+5 primary-restart   stop and restart the primary under mixed load: /healthz 200 throughout,
+                    failed writes are fast 503s, writes recover without touching the app, and
+                    every acknowledged write is in the database afterwards.
+6 read-your-writes  replicas replay 1.5 s late: a client reads its own write 100 times out of
+                    100, while a reader without its session misses some (the lag is real).
+7 pool-limit        writes from 3 x pool-size concurrent clients: the primary never holds more
+                    app connections than the pool size, each replica no more than its plan
+                    allows, and every request ends in a bounded time (no hang).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psycopg
+
+from components.runtime import (
+    DB_CONNECT_TIMEOUT,
+    DB_POOL_TIMEOUT,
+    DB_REPLICA_RETRY_SECONDS,
+    DB_STATEMENT_TIMEOUT_MS,
+)
+from components.settings import database_size, pool_connection_budget
+from lab.load import FAILURES, Client, Load, Request, Sample, counts
+from lab.stack import LABS_DIR, ROOT, Lab, stack_file, stop_lab, wait_until
+
+FAST_FAIL_SECONDS = DB_POOL_TIMEOUT + DB_CONNECT_TIMEOUT + DB_STATEMENT_TIMEOUT_MS / 1000 + 1
+"""The longest a request may take when the database is slow or away: the app's own waits
+(pool, connect, statement; see components/runtime.py) plus a second. Longer is a hang."""
+RECOVERY_SECONDS = 15.0
+"""Writes must succeed again this soon after the primary is back."""
+REPLICA_LAG_SECONDS = 1.5
+
+
+def read(n: int) -> Request:
+    return Request("GET", "/api/notes?limit=5", tag="read")
+
+
+def write(n: int) -> Request:
+    return Request("POST", "/api/notes", json.dumps({"text": f"chaos {n}"}).encode(), tag="write")
+
+
+def mixed(n: int) -> Request:
+    """Half reads, a quarter writes, a quarter health checks."""
+    kind = n % 4
+    if kind == 0:
+        return write(n)
+    if kind == 3:
+        return Request("GET", "/healthz", tag="health")
+    return read(n)
+
+
+@dataclass
+class Result:
+    number: int
+    name: str
+    criterion: str
+    passed: bool | None = None
+    """None: skipped (the stack lacks what the scenario needs)."""
+    requests: int = 0
+    outcomes: dict[str, int] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=dict)
+    details: dict[str, object] = field(default_factory=dict)
+    note: str = ""
+    seconds: float = 0.0
+
+    def count(self, samples: list[Sample]) -> None:
+        self.requests = len(samples)
+        self.outcomes = counts(samples)
+        self.failures = {kind: self.outcomes[kind] for kind in FAILURES}
+
+    def check(self, condition: bool, why: str) -> None:
+        """Record a failed part of the criterion (the scenario fails if any does)."""
+        if not condition:
+            self.passed = False
+            self.note = f"{self.note}; {why}" if self.note else why
+        elif self.passed is None:
+            self.passed = True
+
+    @property
+    def verdict(self) -> str:
+        return {True: "PASS", False: "FAIL", None: "SKIP"}[self.passed]
+
+
+def _failed(samples: list[Sample]) -> list[Sample]:
+    return [s for s in samples if not s.ok]
+
+
+def _when(samples: list[Sample]) -> list[float]:
+    return [round(s.start, 2) for s in samples][:20]
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+def kill_droplet(lab: Lab, result: Result) -> None:
+    victim = lab.droplets[0]
+    hc = lab.settings.frontend.health_check
+    window = hc.detection_seconds if lab.mode == "managed" else 0
+    with Load(lab.url, read, workers=8, rate=40, max_seconds=window + 20) as load:
+        load.sleep(2)
+        t_kill = load.mark("kill")
+        lab.kill_droplet(victim)
+        if lab.mode == "managed":
+            detected = wait_until(lambda: lab.backend_servers()[victim.name]["status"]
+                                  .startswith("DOWN"), window + 5, "HAProxy marks it down")
+            result.details["removed_after_seconds"] = round(detected, 1)
+        load.sleep(t_kill + window + 5 - load.now())
+    samples = load.samples
+    result.count(samples)
+    failed = _failed(samples)
+    early = [s for s in failed if s.end < t_kill]
+    late = [s for s in failed if s.start >= t_kill + window]
+    result.details.update(window_seconds=window, failures_in_window=len(failed) - len(late),
+                          failures_after_window=len(late), failure_times=_when(failed),
+                          kill_at=round(t_kill, 2))
+    result.check(not early, f"{len(early)} failures before the kill")
+    if window:
+        result.check(not late, f"{len(late)} failures more than {window} s after the kill")
+    else:
+        result.check(not failed, f"{len(failed)} failed requests (the LB should retry them)")
+    lab.restart_droplet(victim)
+    result.details["back_in_frontend_after_seconds"] = round(lab.wait_frontend_ready(), 1)
+
+
+def rolling_restart(lab: Lab, result: Result) -> None:
+    steps = []
+    with Load(lab.url, mixed, workers=8, rate=40, max_seconds=60 * len(lab.droplets)) as load:
+        load.sleep(1)
+        for droplet in lab.droplets:
+            started = time.monotonic()
+            if lab.mode == "managed":
+                lab.set_server_state(droplet, "drain")
+                wait_until(lambda d=droplet: int(lab.backend_servers()[d.name]["scur"]) == 0,
+                           30, f"{droplet.name} drained")
+            else:
+                lab.set_upstreams([d.site for d in lab.droplets if d is not droplet])
+            lab.stop_droplet(droplet)
+            lab.restart_droplet(droplet)
+            if lab.mode == "managed":
+                lab.set_server_state(droplet, "ready")
+                lab.wait_frontend_ready([droplet])
+            else:
+                lab.set_upstreams([d.site for d in lab.droplets])
+            steps.append({droplet.name: round(time.monotonic() - started, 1)})
+        load.sleep(1)
+    result.count(load.samples)
+    failed = _failed(load.samples)
+    result.details.update(seconds_per_droplet=steps, failure_times=_when(failed))
+    result.check(not failed, f"{len(failed)} failed requests")
+
+
+def gunicorn_hup(lab: Lab, result: Result, rounds: int = 5) -> None:
+    workers = lab.settings.app.workers
+    with Load(lab.url, mixed, workers=8, rate=40, max_seconds=30 * rounds) as load:
+        load.sleep(1)
+        for _ in range(rounds):
+            old = {d.name: lab.gunicorn_workers(d) for d in lab.droplets}
+            for droplet in lab.droplets:
+                lab.reload_gunicorn(droplet)
+            for droplet in lab.droplets:
+                before = old[droplet.name]
+                wait_until(lambda d=droplet, before=before: not lab.gunicorn_workers(d) & before
+                           and len(lab.gunicorn_workers(d)) == workers,
+                           60, f"{droplet.name}: new workers, old ones gone")
+            load.sleep(1)
+    result.count(load.samples)
+    failed = _failed(load.samples)
+    result.details.update(rounds=rounds, failure_times=_when(failed),
+                          failed_requests=sorted({f"{s.method} {s.tag} {s.outcome} {s.status}"
+                                                  for s in failed}))
+    result.check(not failed, f"{len(failed)} failed requests")
+
+
+def replica_down(lab: Lab, result: Result) -> None:
+    if not lab.settings.database.replicas:
+        result.note = "skipped: the stack has no read replica"
+        return
+    with Load(lab.url, read, workers=8, rate=40, max_seconds=60) as load:
+        load.sleep(3)
+        t_stop = load.mark("stop")
+        lab.pg.stop_replica(0)
+        load.sleep(5)
+        t_start = load.mark("start")
+        lab.pg.start_replica(0)
+        bound = DB_REPLICA_RETRY_SECONDS + 10
+        try:
+            wait_until(lambda: any(s.served_by == "replica-0" and s.start > t_start
+                                   for s in list(load.samples)), bound, "reads on the replica")
+        except TimeoutError:
+            pass
+        load.sleep(2)
+    samples = load.samples
+    result.count(samples)
+    failed = _failed(samples)
+    down = [s for s in samples if t_stop + 0.5 < s.start < t_start]
+    back = [s.start - t_start for s in samples if s.start > t_start and s.served_by == "replica-0"]
+    result.details.update(
+        served_before=dict(Counter(s.served_by for s in samples if s.end < t_stop)),
+        served_while_down=dict(Counter(s.served_by for s in down)),
+        replica_again_after_seconds=round(min(back), 1) if back else None,
+        failure_times=_when(failed),
+    )
+    result.check(not failed, f"{len(failed)} failed reads")
+    result.check(down and not any(s.served_by == "replica-0" for s in down),
+                 "reads while the replica was down did not all go elsewhere")
+    result.check(bool(back) and min(back) <= DB_REPLICA_RETRY_SECONDS + 10,
+                 "reads did not come back to the replica after its restart")
+
+
+def primary_restart(lab: Lab, result: Result) -> None:
+    with Load(lab.url, mixed, workers=16, rate=30, max_seconds=60) as load:
+        load.sleep(3)
+        t_stop = load.mark("stop")
+        lab.pg.stop_primary("fast")
+        load.sleep(6)
+        t_start = load.mark("start")
+        lab.pg.start_primary()
+        try:
+            wait_until(lambda: any(s.tag == "write" and s.ok and s.start > t_start
+                                   for s in list(load.samples)), RECOVERY_SECONDS, "writes back")
+        except TimeoutError:
+            pass
+        load.sleep(3)
+    samples = load.samples
+    result.count(samples)
+    writes = [s for s in samples if s.tag == "write"]
+    health = [s for s in samples if s.tag == "health"]
+    acknowledged = [s.json()["id"] for s in writes if s.status == 201]
+    recovered = [s.start - t_start for s in writes if s.ok and s.start > t_start]
+    late = [s for s in writes if s.start > t_start + RECOVERY_SECONDS and not s.ok]
+    slow = [s for s in _failed(samples) if s.status != 503 or s.elapsed > FAST_FAIL_SECONDS]
+    with psycopg.connect(lab.pg.admin_dsn(dbname=lab.settings.database.name)) as conn:
+        found = {row[0] for row in conn.execute(
+            "SELECT id FROM notes WHERE id = ANY(%s)", (acknowledged,))}
+    missing = sorted(set(acknowledged) - found)
+    result.details.update(
+        outage_seconds=round(t_start - t_stop, 1),
+        health=counts(health),
+        writes=counts(writes),
+        write_503_max_seconds=round(max((s.elapsed for s in writes if s.status == 503),
+                                        default=0), 2),
+        writes_recovered_after_seconds=round(min(recovered), 1) if recovered else None,
+        acknowledged_writes=len(acknowledged), missing_after=missing[:20],
+    )
+    result.check(all(s.ok for s in health), "/healthz failed during the outage")
+    result.check(not slow, f"{len(slow)} failures were not a 503 within "
+                           f"{FAST_FAIL_SECONDS:.0f} s")
+    result.check(bool(recovered) and not late,
+                 f"writes did not recover within {RECOVERY_SECONDS:.0f} s")
+    result.check(bool(acknowledged) and not missing,
+                 f"{len(missing)} acknowledged writes missing")
+
+
+def read_your_writes(lab: Lab, result: Result, rounds: int = 100) -> None:
+    if not lab.settings.database.replicas:
+        result.note = "skipped: the stack has no read replica (every read is on the primary)"
+        return
+    replicas = range(len(lab.settings.database.replicas))
+    writer, stranger = Client(lab.url), Client(lab.url, cookies=False)
+    samples, own, stale = [], 0, 0
+    served = Counter()
+    for index in replicas:
+        lab.pg.set_apply_delay(index, REPLICA_LAG_SECONDS)
+    try:
+        for n in range(rounds):
+            created = writer.send(write(n))
+            samples.append(created)
+            if created.status != 201:
+                continue
+            note = created.json()["id"]
+            mine = writer.send(Request("GET", "/api/notes?limit=20", tag="read"))
+            other = stranger.send(Request("GET", "/api/notes?limit=20", tag="read"))
+            samples += [mine, other]
+            served[mine.served_by] += 1
+            own += mine.ok and note in {row["id"] for row in mine.json()["notes"]}
+            stale += other.ok and note not in {row["id"] for row in other.json()["notes"]}
+    finally:
+        for index in replicas:
+            lab.pg.set_apply_delay(index, 0)
+            lab.pg.wait_for_replay(index)
+    result.count(samples)
+    result.details.update(own_write_read=f"{own}/{rounds}", own_reads_served_by=dict(served),
+                          lag_seconds=REPLICA_LAG_SECONDS,
+                          stale_reads_without_session=f"{stale}/{rounds}")
+    result.check(own == rounds, f"the writer read its own write {own} times of {rounds}")
+    result.check(stale > 0, "no reader ever missed a write: the lag was not injected")
+    result.check(not _failed(samples), "failed requests")
+
+
+def pool_limit(lab: Lab, result: Result) -> None:
+    db = lab.settings.database
+    clients = 3 * db.pool.size
+    peaks: dict[str, int] = {}
+    stop = threading.Event()
+
+    def sample(node: str) -> None:
+        with psycopg.connect(lab.pg.admin_dsn(node), autocommit=True) as conn:
+            while not stop.wait(0.05):
+                n = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = %s"
+                                 " AND backend_type = 'client backend'", (db.name,)).fetchone()[0]
+                peaks[node] = max(peaks.get(node, 0), n)
+
+    nodes = ["primary"] + [f"replica-{i}" for i in range(len(db.replicas))]
+    samplers = [threading.Thread(target=sample, args=(node,), daemon=True) for node in nodes]
+    for thread in samplers:
+        thread.start()
+    plan = mixed if db.replicas else write
+    try:
+        with Load(lab.url, plan, workers=clients, rate=None, max_requests=20_000,
+                  max_seconds=8, timeout=FAST_FAIL_SECONDS + 5) as load:
+            load.wait()
+    finally:
+        stop.set()
+        for thread in samplers:
+            thread.join()
+    samples = load.samples
+    result.count(samples)
+    ok = sorted(s.elapsed for s in samples if s.ok)
+    replica_limit = {f"replica-{i}": pool_connection_budget(database_size(r.size))
+                     for i, r in enumerate(db.replicas)}
+    result.details.update(
+        clients=clients, pool_size=db.pool.size, peak_connections=peaks,
+        replica_connection_limits=replica_limit,
+        ok_p50_seconds=round(ok[len(ok) // 2], 3) if ok else None,
+        ok_max_seconds=round(ok[-1], 3) if ok else None,
+        statuses=dict(Counter(s.status for s in samples)),
+    )
+    result.check(peaks.get("primary", 0) <= db.pool.size,
+                 f"{peaks.get('primary')} app connections on the primary > pool {db.pool.size}")
+    for node, limit in replica_limit.items():
+        result.check(peaks.get(node, 0) <= limit, f"{peaks.get(node)} connections on {node}")
+    slow = [s for s in samples if s.elapsed > FAST_FAIL_SECONDS]
+    result.check(not slow, f"{len(slow)} requests took over {FAST_FAIL_SECONDS:.0f} s")
+    bad = [s for s in _failed(samples) if s.status != 503]
+    result.check(not bad, f"{len(bad)} failures other than a fast 503")
+
+
+SCENARIOS: list[tuple[str, Callable[[Lab, Result], None], str]] = [
+    ("kill-droplet", kill_droplet,
+     "kill -9 one droplet's gunicorn+nginx under GET load: nginx frontend 0 failed requests; "
+     "managed frontend failures only within unhealthy_threshold x interval + timeout of the "
+     "kill, 0 after"),
+    ("rolling-restart", rolling_restart,
+     "each droplet drained from the frontend, restarted, healthy, put back: 0 failed requests"),
+    ("gunicorn-hup", gunicorn_hup,
+     "5 graceful reloads (HUP) of every droplet's gunicorn under mixed load: 0 failed requests"),
+    ("replica-down", replica_down,
+     "replica stopped under read load: 0 failed reads, served elsewhere while down, served by "
+     f"the replica again within {DB_REPLICA_RETRY_SECONDS + 10} s of its restart"),
+    ("primary-restart", primary_restart,
+     "primary stopped and restarted under mixed load: /healthz always 200, failures only 503s "
+     f"within {FAST_FAIL_SECONDS:.0f} s, writes back within {RECOVERY_SECONDS:.0f} s, "
+     "no acknowledged write missing"),
+    ("read-your-writes", read_your_writes,
+     f"replicas {REPLICA_LAG_SECONDS} s behind: a client reads its own write 100/100, and a "
+     "reader without its session misses some (the lag is real)"),
+    ("pool-limit", pool_limit,
+     "3 x pool size concurrent clients: app connections on the primary <= pool size, on a "
+     f"replica <= its plan's budget; every request within {FAST_FAIL_SECONDS:.0f} s, "
+     "failures only 503"),
+]
+
+
+# --------------------------------------------------------------------------- running
+
+
+def ensure_healthy(lab: Lab) -> None:
+    """Bring back whatever a scenario left down, so the next one starts from a healthy lab."""
+    lab.pg.start_primary()
+    for index in range(len(lab.settings.database.replicas)):
+        lab.pg.start_replica(index)
+    for droplet in lab.droplets:
+        if lab.mode == "managed" and lab.backend_servers()[droplet.name]["status"] in (
+                "DRAIN", "MAINT"):
+            lab.set_server_state(droplet, "ready")
+        if lab.droplet_alive(droplet):
+            continue
+        lab.kill_droplet(droplet)
+        lab.restart_droplet(droplet)
+    if lab.mode == "nginx" and len(lab.upstreams) != len(lab.droplets):
+        lab.set_upstreams([d.site for d in lab.droplets])
+    lab.wait_frontend_ready()
+
+
+def run_scenarios(lab: Lab, numbers: list[int] | None = None) -> list[Result]:
+    """Run the scenarios (all, or those numbered) against a started lab."""
+    client = Client(lab.url)
+    for n in range(20):  # something to read
+        client.send(write(n))
+    results = []
+    for number, (name, scenario, criterion) in enumerate(SCENARIOS, start=1):
+        if numbers and number not in numbers:
+            continue
+        result = Result(number, name, criterion)
+        print(f"chaos: {number} {name} ...", flush=True)
+        started = time.monotonic()
+        try:
+            scenario(lab, result)
+        except Exception as exc:  # a scenario that cannot finish fails, the others still run
+            result.check(False, f"error: {type(exc).__name__}: {exc}")
+        result.seconds = round(time.monotonic() - started, 1)
+        results.append(result)
+        print(f"chaos: {number} {name}: {result.verdict} in {result.seconds} s"
+              + (f" ({result.note})" if result.note else ""), flush=True)
+        ensure_healthy(lab)
+    return results
+
+
+def table(results: list[Result]) -> str:
+    head = (f"{'#':>2}  {'scenario':<17} {'result':<6} {'requests':>8} {'ok':>6} {'5xx':>5} "
+            f"{'conn':>5} {'t/o':>5} {'other':>5} {'secs':>6}")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        o = r.outcomes or dict.fromkeys(("ok", *FAILURES), 0)
+        lines.append(f"{r.number:>2}  {r.name:<17} {r.verdict:<6} {r.requests:>8} {o['ok']:>6} "
+                     f"{o['http_5xx']:>5} {o['connection_error']:>5} {o['timeout']:>5} "
+                     f"{o['http_other']:>5} {r.seconds:>6}")
+        lines.append(f"    criterion: {r.criterion}")
+        if r.note:
+            lines.append(f"    note: {r.note}")
+        for key, value in r.details.items():
+            lines.append(f"    {key}: {value}")
+    return "\n".join(lines)
+
+
+def report(lab: Lab, results: list[Result], seconds: float) -> dict:
+    return {
+        "stack": lab.settings.stack,
+        "frontend": lab.mode,
+        "droplets": len(lab.droplets),
+        "replicas": len(lab.settings.database.replicas),
+        "pool_size": lab.settings.database.pool.size,
+        "health_check": asdict(lab.settings.frontend.health_check),
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        "seconds": round(seconds, 1),
+        "passed": all(r.passed is not False for r in results),
+        "scenarios": [{**asdict(r), "result": r.verdict} for r in results],
+    }
+
+
+def _terminate_on_signal() -> None:
+    """SIGTERM/SIGHUP end the run like Ctrl-C does, so `finally` stops the lab."""
+    def raise_interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, raise_interrupt)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lab chaos", description=__doc__)
+    parser.add_argument("stack", help="a stack name (Pulumi.<stack>.yaml) or a stack file")
+    parser.add_argument("--only", help="comma-separated scenario numbers (default: all)")
+    parser.add_argument("--report", type=Path, default=ROOT / "lab-report.json")
+    parser.add_argument("--dir", type=Path, default=LABS_DIR / "chaos", help="state directory")
+    parser.add_argument("--net", default="127.0.1", help="first three octets of the addresses")
+    args = parser.parse_args(argv)
+    numbers = [int(n) for n in args.only.split(",")] if args.only else None
+
+    _terminate_on_signal()
+    started = time.monotonic()
+    stop_lab(args.dir)  # a previous run that was killed
+    lab = Lab(stack_file(args.stack), state_dir=args.dir, net=args.net)
+    try:
+        print(f"chaos: starting a {lab.mode}-frontend lab of stack {lab.settings.stack}",
+              flush=True)
+        lab.start()
+        results = run_scenarios(lab, numbers)
+    finally:
+        stop_lab(args.dir)
+    data = report(lab, results, time.monotonic() - started)
+    args.report.write_text(json.dumps(data, indent=2) + "\n")
+    print()
+    print(table(results))
+    print(f"\n{'PASSED' if data['passed'] else 'FAILED'}: stack {lab.settings.stack}, "
+          f"{len(results)} scenarios in {data['seconds']} s; report in {args.report}")
+    return 0 if data["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

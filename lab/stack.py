@@ -1,0 +1,646 @@
+"""A stack's data plane on loopback, from the same rendered files as the droplets.
+
+    lab = Lab(stack_file("prod"))     # Pulumi.prod.yaml: its own settings
+    lab.start()                       # PostgreSQL, migrations, droplets, frontend
+    lab.url                           # http://127.0.0.10:8080
+    stop_lab(lab.state_dir)           # everything the lab started, found from its state dir
+
+On loopback (`net` 127.0.0 by default):
+
+    127.0.0.10:8080       the frontend: HAProxy emulating the DigitalOcean load balancer
+                          (managed mode, `lab/haproxy.cfg.j2`) or nginx with the config of
+                          `components/lb_nginx.py` (nginx mode)
+    127.0.0.1i:8080       droplet i (i = 1, 2, ...): nginx with `runtime.render_nginx_site`
+    127.0.0.1i:8000       droplet i: gunicorn with `app/gunicorn.conf.py` and the environment
+                          of `runtime.render_app_env` and of the systemd unit's Environment=
+    127.0.0.1:<free>      PostgreSQL primary, streaming replicas (the stack's count) and
+                          pgbouncer in front of the primary (`scripts/pgcluster.py`)
+
+What differs from the droplets, and only that: addresses and ports (8080 rather than 80, so
+no root is needed), paths (everything under `state_dir`, `.lab/` in the repo by default),
+plain HTTP at the frontend (the lab checks availability; TLS is checked by
+`tests/test_lb_nginx.py`), and processes started here rather than by systemd (the unit's
+ExecStart, ExecReload and Environment= are mirrored). When run as root, nginx workers run as
+root too: everything listens on loopback only, and the lab's files stay readable.
+
+Each server runs detached in its own process group, so the lab outlives the command that
+started it; `stop_lab` (make lab-down) stops them all from the pid files under `state_dir`.
+"""
+
+from __future__ import annotations
+
+import csv
+import http.client
+import importlib.util
+import io
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+from components.frontend import HTTP_IDLE_TIMEOUT
+from components.lb_nginx import render_lb_nginx_conf
+from components.runtime import (
+    GUNICORN_GRACEFUL_TIMEOUT,
+    DropletLayout,
+    render_app_env,
+    render_app_unit,
+    render_nginx_site,
+)
+from components.settings import Settings
+from tools.mocks import settings_for_stack_file
+
+ROOT = Path(__file__).resolve().parent.parent
+LABS_DIR = ROOT / ".lab"
+"""Every lab's state lives in a directory below this one (gitignored)."""
+STATE_FILE = "state.json"
+FRONTEND_PORT = 8080
+SITE_PORT = 8080
+GUNICORN_PORT = 8000
+FRONTEND_HOST = 10
+FIRST_DROPLET_HOST = 11
+GUNICORN = Path(sys.executable).parent / "gunicorn"
+GUNICORN_CONF = ROOT / "app" / "gunicorn.conf.py"
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
+START_TIMEOUT = 30.0
+
+
+def _load_pgcluster():
+    """scripts/pgcluster.py (scripts/ is not a package), imported once per process."""
+    if "pgcluster" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("pgcluster", ROOT / "scripts/pgcluster.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules["pgcluster"]
+
+
+def stack_file(stack: str) -> Path:
+    """`Pulumi.<stack>.yaml` in the repo, or `stack` itself when it is a path to a stack file."""
+    path = Path(stack)
+    if path.suffix == ".yaml" and path.is_file():
+        return path.resolve()
+    path = ROOT / f"Pulumi.{stack}.yaml"
+    if not path.is_file():
+        known = sorted(p.name[len("Pulumi."):-len(".yaml")] for p in ROOT.glob("Pulumi.*.yaml"))
+        raise SystemExit(f"no stack {stack!r}: known stacks are {', '.join(known)}")
+    return path
+
+
+# --------------------------------------------------------------------------- rendering
+
+_templates = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(Path(__file__).parent),
+    undefined=jinja2.StrictUndefined,
+    keep_trailing_newline=True,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+
+
+def render_haproxy_cfg(settings: Settings, *, listen: str, servers: Iterable[tuple[str, str]],
+                       socket_path: str, pidfile: str) -> str:
+    """HAProxy standing in for the DigitalOcean LB, with the stack's health check."""
+    hc = settings.frontend.health_check
+    return _templates.get_template("haproxy.cfg.j2").render(
+        listen=listen, servers=list(servers), socket=socket_path, pidfile=pidfile,
+        path=hc.path, interval=hc.interval_seconds, check_timeout=hc.timeout_seconds,
+        fall=hc.unhealthy_threshold, rise=hc.healthy_threshold, idle_timeout=HTTP_IDLE_TIMEOUT,
+    )
+
+
+def nginx_main_conf(directory: Path, include: Path) -> str:
+    """The top of an nginx config whose every path is under `directory`; `include` holds the
+    rendered site (http context), as Debian's nginx.conf includes sites-enabled/."""
+    user = "user root root;\n" if os.geteuid() == 0 else ""
+    temp = "\n".join(f"    {kind}_temp_path {directory}/temp/{kind};"
+                     for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    return f"""\
+{user}worker_processes 1;
+pid {directory}/nginx.pid;
+error_log {directory}/error.log;
+events {{ worker_connections 1024; }}
+http {{
+    include /etc/nginx/mime.types;
+    default_type application/octet-stream;
+    access_log {directory}/access.log;
+{temp}
+    include {include};
+}}
+"""
+
+
+def unit_environment(unit: str, runtime_dir: Path) -> dict[str, str]:
+    """The unit's own Environment= variables, with %t (systemd's /run) at `runtime_dir`'s
+    parent: what systemd adds to the EnvironmentFile when it starts the service."""
+    pairs = re.findall(r"^Environment=(\w+)=(.*)$", unit, re.MULTILINE)
+    return {name: value.replace("%t", str(runtime_dir.parent)) for name, value in pairs}
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (FileNotFoundError, IndexError, ValueError):
+        return None
+
+
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (state, ppid, pgrp, ...)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+
+
+def running(pid: int | None) -> bool:
+    """True while `pid` is a live process (reaping it first if it is our exited child)."""
+    if not pid:
+        return False
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live processes of process group `pgid` (a server and its workers)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _stat(int(entry.name))
+            if fields and fields[0] != "Z" and int(fields[2]) == pgid:
+                members.append(int(entry.name))
+    return members
+
+
+def signal_group(pid: int | None, sig: int) -> None:
+    """Send `sig` to `pid`'s process group when it leads one, else to `pid` alone."""
+    if not running(pid):
+        return
+    try:
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def wait_gone(pids: Iterable[int], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    pids = list(pids)
+    while any(running(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def terminate(pid: int | None, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+    """`sig` to the server `pid`; SIGKILL its whole group if anything is left after `timeout`."""
+    if not pid:
+        return
+    members = group_members(pid) or ([pid] if running(pid) else [])
+    if running(pid):
+        os.kill(pid, sig)
+    if not wait_gone(members, timeout):
+        signal_group(pid, signal.SIGKILL)
+        for member in members:
+            signal_group(member, signal.SIGKILL)
+        wait_gone(members, 5)
+
+
+def http_status(address: str, path: str = "/healthz", timeout: float = 2.0) -> int | None:
+    """The status of GET `path` at `address` (host:port), or None when nothing answers."""
+    host, port = address.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Connection": "close"})
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str, interval=0.1) -> float:
+    """Poll `check` until true; return the seconds it took, or raise naming `what`."""
+    started = time.monotonic()
+    while not check():
+        if time.monotonic() - started > timeout:
+            raise TimeoutError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(interval)
+    return time.monotonic() - started
+
+
+def _log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return f"({path.name}: no log)"
+
+
+# --------------------------------------------------------------------------- the lab
+
+
+@dataclass(frozen=True)
+class Droplet:
+    """One app "droplet": its own loopback address, nginx site and gunicorn."""
+
+    index: int
+    address: str
+    dir: Path
+
+    @property
+    def name(self) -> str:
+        return f"droplet-{self.index}"
+
+    @property
+    def site(self) -> str:
+        """Where the frontend sends traffic (the droplet's port 80 on DigitalOcean)."""
+        return f"{self.address}:{SITE_PORT}"
+
+    @property
+    def bind(self) -> str:
+        return f"{self.address}:{GUNICORN_PORT}"
+
+    @property
+    def gunicorn_pid(self) -> int | None:
+        return read_pid(self.dir / "gunicorn.pid")
+
+    @property
+    def nginx_pid(self) -> int | None:
+        return read_pid(self.dir / "nginx.pid")
+
+
+class Lab:
+    """A stack's droplets, database and frontend on loopback, state under `state_dir`.
+
+    `lb_conf_filter` edits the rendered nginx LB config (nginx mode) before use: tests break
+    it on purpose to show that the scenarios catch it.
+    """
+
+    def __init__(self, stack_path: Path, *, state_dir: Path = LABS_DIR / "lab",
+                 net: str = "127.0.0", lb_conf_filter: Callable[[str], str] | None = None):
+        self.stack_path = Path(stack_path).resolve()
+        self.settings = settings_for_stack_file(self.stack_path)
+        self.state_dir = Path(state_dir).resolve()
+        self.net = net
+        self.lb_conf_filter = lb_conf_filter
+        self.frontend = f"{net}.{FRONTEND_HOST}:{FRONTEND_PORT}"
+        self.droplets = [
+            Droplet(i, f"{net}.{FIRST_DROPLET_HOST + i - 1}", self.state_dir / f"droplet-{i}")
+            for i in range(1, self.settings.app.droplet_count + 1)
+        ]
+        self.lb_dir = self.state_dir / "lb"
+        pgcluster = _load_pgcluster()
+        self.pg = pgcluster.PgCluster(
+            self.state_dir / "pg", replicas=len(self.settings.database.replicas),
+            database=self.settings.database.name, user=self.settings.database.name,
+            stop_at_exit=False,
+        )
+        self.upstreams = [d.site for d in self.droplets]
+        """nginx mode: the droplets the LB currently sends to."""
+
+    @property
+    def mode(self) -> str:
+        return self.settings.frontend.mode
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.frontend}"
+
+    # ------------------------------------------------------------------ start and stop
+
+    def start(self) -> None:
+        """Start everything, or stop what was started and raise."""
+        if (self.state_dir / STATE_FILE).exists():
+            raise RuntimeError(f"a lab is already running in {self.state_dir}: stop it first "
+                               "(make lab-down)")
+        shutil.rmtree(self.state_dir, ignore_errors=True)  # a fresh lab: no stale state
+        self.state_dir.mkdir(parents=True)
+        # PostgreSQL runs as `postgres` when we are root: it must traverse to its directory.
+        os.chmod(self.state_dir, 0o755)
+        self._save_state()
+        try:
+            urls = self.pg.start()
+            set_pool_size(self.pg, self.settings.database.pool.size)
+            secret_key = secrets.token_urlsafe(32)
+            for droplet in self.droplets:
+                self._render_droplet(droplet, urls, secret_key)
+            self._migrate(self.droplets[0])
+            for droplet in self.droplets:
+                self.start_gunicorn(droplet)
+            for droplet in self.droplets:
+                self.start_nginx(droplet)
+            for droplet in self.droplets:
+                self.wait_droplet_healthy(droplet)
+            self._start_frontend()
+            self.wait_frontend_ready()
+        except BaseException:
+            stop_lab(self.state_dir)
+            raise
+
+    def stop(self) -> None:
+        stop_lab(self.state_dir)
+
+    def _save_state(self) -> None:
+        state = {"stack": self.settings.stack, "stack_file": str(self.stack_path),
+                 "mode": self.mode, "net": self.net, "url": self.url,
+                 "droplets": [d.name for d in self.droplets]}
+        (self.state_dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+
+    def _render_droplet(self, droplet: Droplet, urls, secret_key: str) -> None:
+        """The droplet's files, from the droplets' renderers with lab addresses and paths."""
+        droplet.dir.mkdir(parents=True, exist_ok=True)
+        env = render_app_env(
+            self.settings, database_url=urls.pool, replica_urls=urls.replicas,
+            secret_key=secret_key, migration_url=urls.primary, bind=droplet.bind,
+        )
+        env_file = droplet.dir / "app.env"
+        env_file.touch(mode=0o600)
+        env_file.write_text(env)
+        layout = DropletLayout(root=str(droplet.dir), env_file=str(env_file),
+                               gunicorn_bind=droplet.bind)
+        (droplet.dir / "webstack-app.service").write_text(render_app_unit(self.settings, layout))
+        site = render_nginx_site(
+            self.settings, listen=droplet.site, upstream=droplet.bind,
+            static_dir=str(ROOT / "app" / "static"), metrics_allow=["127.0.0.0/8"],
+        )
+        (droplet.dir / "site.conf").write_text(site)
+        (droplet.dir / "nginx.conf").write_text(
+            nginx_main_conf(droplet.dir, droplet.dir / "site.conf"))
+
+    def _migrate(self, droplet: Droplet) -> None:
+        """`python -m app.migrate` once, with a droplet's environment, as cloud-init runs it."""
+        result = subprocess.run(
+            ["bash", "-c", 'set -a; . "$0"; set +a; exec "$@"', str(droplet.dir / "app.env"),
+             sys.executable, "-m", "app.migrate"],
+            cwd=ROOT, env=_base_env(), capture_output=True, text=True, timeout=120,
+        )
+        (self.state_dir / "migrate.log").write_text(result.stdout + result.stderr)
+        if result.returncode != 0:
+            raise RuntimeError(f"migrations failed:\n{result.stdout}{result.stderr}")
+
+    # ------------------------------------------------------------------ droplets
+
+    def start_gunicorn(self, droplet: Droplet) -> None:
+        """ExecStart of the unit: gunicorn with the EnvironmentFile and the unit's Environment=,
+        its RuntimeDirectory emptied first."""
+        runtime = droplet.dir / "run" / "webstack"
+        shutil.rmtree(runtime, ignore_errors=True)
+        runtime.mkdir(parents=True, mode=0o700)
+        unit = (droplet.dir / "webstack-app.service").read_text()
+        env = {**_base_env(), **unit_environment(unit, runtime)}
+        (droplet.dir / "gunicorn.pid").unlink(missing_ok=True)
+        with (droplet.dir / "gunicorn.log").open("ab") as log:
+            proc = subprocess.Popen(
+                ["bash", "-c", 'set -a; . "$0"; set +a; exec "$@"', str(droplet.dir / "app.env"),
+                 str(GUNICORN), "--config", str(GUNICORN_CONF),
+                 "--pid", str(droplet.dir / "gunicorn.pid"), "app.wsgi:app"],
+                cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        wait_until(lambda: droplet.gunicorn_pid == proc.pid or _exited(proc, droplet),
+                   START_TIMEOUT, f"{droplet.name}: gunicorn's pid file")
+
+    def start_nginx(self, droplet: Droplet) -> None:
+        _start_nginx(droplet.dir)
+
+    def wait_droplet_healthy(self, droplet: Droplet, timeout: float = START_TIMEOUT) -> None:
+        try:
+            wait_until(lambda: http_status(droplet.site) == 200, timeout,
+                       f"{droplet.name} /healthz")
+        except TimeoutError:
+            raise RuntimeError(f"{droplet.name} is not healthy:\n"
+                               f"{_log_tail(droplet.dir / 'gunicorn.log')}\n"
+                               f"{_log_tail(droplet.dir / 'error.log')}") from None
+
+    def stop_droplet(self, droplet: Droplet) -> None:
+        """A graceful stop: gunicorn drains its workers (TERM), nginx finishes its requests
+        (QUIT), as `systemctl stop` does."""
+        terminate(droplet.nginx_pid, signal.SIGQUIT, timeout=GUNICORN_GRACEFUL_TIMEOUT + 5)
+        terminate(droplet.gunicorn_pid, signal.SIGTERM, timeout=GUNICORN_GRACEFUL_TIMEOUT + 5)
+
+    def kill_droplet(self, droplet: Droplet) -> None:
+        """kill -9 of gunicorn and nginx, workers included: the droplet dies mid-request."""
+        pids = [pid for pid in (droplet.gunicorn_pid, droplet.nginx_pid) if pid]
+        members = [m for pid in pids for m in group_members(pid)]
+        for pid in pids:
+            signal_group(pid, signal.SIGKILL)
+        if not wait_gone(members, 10):
+            raise RuntimeError(f"{droplet.name}: processes survived SIGKILL")
+        for name in ("gunicorn.pid", "nginx.pid"):
+            (droplet.dir / name).unlink(missing_ok=True)
+
+    def restart_droplet(self, droplet: Droplet) -> None:
+        """Start gunicorn and nginx again and wait until the droplet answers /healthz."""
+        self.start_gunicorn(droplet)
+        self.start_nginx(droplet)
+        self.wait_droplet_healthy(droplet)
+
+    def droplet_alive(self, droplet: Droplet) -> bool:
+        return running(droplet.gunicorn_pid) and running(droplet.nginx_pid)
+
+    def reload_gunicorn(self, droplet: Droplet) -> None:
+        """ExecReload of the unit: HUP to gunicorn's master (new workers, old ones drained)."""
+        os.kill(droplet.gunicorn_pid, signal.SIGHUP)
+
+    def gunicorn_workers(self, droplet: Droplet) -> set[int]:
+        master = droplet.gunicorn_pid
+        return {pid for pid in group_members(master) if pid != master} if master else set()
+
+    # ------------------------------------------------------------------ frontend
+
+    def _start_frontend(self) -> None:
+        self.lb_dir.mkdir(parents=True, exist_ok=True)
+        if self.mode == "managed":
+            cfg = self.lb_dir / "haproxy.cfg"
+            cfg.write_text(render_haproxy_cfg(
+                self.settings, listen=self.frontend,
+                servers=[(d.name, d.site) for d in self.droplets],
+                socket_path=str(self.lb_dir / "haproxy.sock"),
+                pidfile=str(self.lb_dir / "haproxy.pid"),
+            ))
+            _run([HAPROXY, "-c", "-q", "-f", cfg])
+            _run([HAPROXY, "-f", cfg])
+        else:
+            self._write_lb_conf()
+            (self.lb_dir / "nginx.conf").write_text(
+                nginx_main_conf(self.lb_dir, self.lb_dir / "lb.conf"))
+            _start_nginx(self.lb_dir)
+
+    def _write_lb_conf(self) -> None:
+        conf = render_lb_nginx_conf(
+            self.settings, upstreams=self.upstreams, server_name="_",
+            listen_http=self.frontend, listen_https=None, certificate=None, static_dir=None,
+        )
+        if self.lb_conf_filter:
+            conf = self.lb_conf_filter(conf)
+        (self.lb_dir / "lb.conf").write_text(conf)
+
+    def set_upstreams(self, upstreams: list[str]) -> None:
+        """nginx mode: send to `upstreams` only (re-rendered, `nginx -t`, reload); returns once
+        the old workers have finished their requests and exited."""
+        self.upstreams = list(upstreams)
+        self._write_lb_conf()
+        conf = self.lb_dir / "nginx.conf"
+        _run([NGINX, "-t", "-q", "-p", self.lb_dir, "-c", conf, "-e", self.lb_dir / "error.log"])
+        master = read_pid(self.lb_dir / "nginx.pid")
+        old = {pid for pid in group_members(master) if pid != master}
+        os.kill(master, signal.SIGHUP)
+        if not wait_gone(old, GUNICORN_GRACEFUL_TIMEOUT + 15):
+            raise TimeoutError("the LB's old nginx workers did not finish")
+
+    def haproxy(self, command: str) -> str:
+        """One command to HAProxy's runtime API; its answer."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5)
+            sock.connect(str(self.lb_dir / "haproxy.sock"))
+            sock.sendall(command.encode() + b"\n")
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks).decode()
+
+    def backend_servers(self) -> dict[str, dict[str, str]]:
+        """HAProxy's view of each droplet: status (UP, DOWN, DRAIN, "UP 1/2"...), scur..."""
+        text = self.haproxy("show stat").lstrip("# ")
+        return {row["svname"]: row for row in csv.DictReader(io.StringIO(text))
+                if row["pxname"] == "droplets" and row["svname"] not in ("FRONTEND", "BACKEND")}
+
+    def set_server_state(self, droplet: Droplet, state: str) -> None:
+        """HAProxy: `ready`, `drain` or `maint` for one droplet."""
+        answer = self.haproxy(f"set server droplets/{droplet.name} state {state}").strip()
+        if answer:
+            raise RuntimeError(f"haproxy: {answer}")
+
+    def frontend_ready(self, droplet: Droplet) -> bool:
+        """Does the frontend send new requests to `droplet`?"""
+        if self.mode == "managed":
+            return self.backend_servers()[droplet.name]["status"] == "UP"
+        return droplet.site in self.upstreams
+
+    def wait_frontend_ready(self, droplets: list[Droplet] | None = None,
+                            timeout: float | None = None) -> float:
+        """Wait until the frontend sends to every droplet (HAProxy: rise checks passed)."""
+        hc = self.settings.frontend.health_check
+        timeout = timeout or (hc.healthy_threshold + 2) * hc.interval_seconds + START_TIMEOUT
+        droplets = self.droplets if droplets is None else droplets
+        return wait_until(lambda: http_status(self.frontend) is not None
+                          and all(self.frontend_ready(d) for d in droplets),
+                          timeout, "the frontend's view of the droplets", interval=0.2)
+
+    # ------------------------------------------------------------------ inspection
+
+    def pids(self) -> set[int]:
+        """Every live process of the lab (servers and their workers)."""
+        return {member for pid in _pidfile_pids(self.state_dir) for member in group_members(pid)}
+
+
+def _base_env() -> dict[str, str]:
+    """What systemd gives a service before its EnvironmentFile: no developer's variables."""
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"}
+
+
+def _exited(proc: subprocess.Popen, droplet: Droplet) -> bool:
+    if proc.poll() is not None:
+        raise RuntimeError(f"{droplet.name}: gunicorn exited with {proc.returncode}:\n"
+                           f"{_log_tail(droplet.dir / 'gunicorn.log')}")
+    return False
+
+
+def _run(cmd: list) -> None:
+    result = subprocess.run([str(c) for c in cmd], stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        raise RuntimeError(f"{Path(str(cmd[0])).name} failed:\n{result.stdout}{result.stderr}")
+
+
+def _start_nginx(directory: Path) -> None:
+    """nginx with `directory/nginx.conf`, daemonized (its own session), after `nginx -t`."""
+    conf, log = directory / "nginx.conf", directory / "error.log"
+    (directory / "temp").mkdir(exist_ok=True)
+    _run([NGINX, "-t", "-q", "-p", directory, "-c", conf, "-e", log])
+    _run([NGINX, "-p", directory, "-c", conf, "-e", log])
+    wait_until(lambda: running(read_pid(directory / "nginx.pid")), START_TIMEOUT,
+               f"nginx in {directory.name}")
+
+
+def set_pool_size(cluster, size: int) -> None:
+    """Give pgbouncer the stack's pool size (DigitalOcean's connection pool `size`): rewrite
+    `default_pool_size` in the ini pgcluster wrote, and reload (SIGHUP applies it online)."""
+    ini = cluster.base_dir / "pgbouncer" / "pgbouncer.ini"
+    text, found = re.subn(r"(?m)^default_pool_size = \d+$", f"default_pool_size = {size}",
+                          ini.read_text())
+    if found != 1:
+        raise RuntimeError(f"{ini}: no default_pool_size line to set")
+    ini.write_text(text)
+    os.kill(read_pid(cluster.base_dir / "pgbouncer" / "pgbouncer.pid"), signal.SIGHUP)
+    time.sleep(0.2)
+
+
+def lab_pid(pidfile: Path, state_dir: Path) -> int | None:
+    """The pid in `pidfile` if that process is alive and is the lab's: every lab server has
+    its state directory on its command line (a pid file may outlive its process, and the
+    pid be reused by another)."""
+    pid = read_pid(pidfile)
+    if not running(pid):
+        return None
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except FileNotFoundError:
+        return None
+    return pid if str(Path(state_dir).resolve()).encode() in cmdline else None
+
+
+def _pidfile_pids(state_dir: Path) -> list[int]:
+    """Servers recorded under `state_dir`: frontend, droplets, then the database."""
+    files = [*state_dir.glob("lb/*.pid"), *state_dir.glob("droplet-*/*.pid"),
+             *state_dir.glob("pg/pgbouncer/pgbouncer.pid"), *state_dir.glob("pg/*/postmaster.pid")]
+    return [pid for pid in (lab_pid(f, state_dir) for f in files) if pid]
+
+
+def stop_lab(state_dir: Path) -> None:
+    """Stop every process of the lab in `state_dir`: frontend, droplets, then the database
+    (pgcluster's own stop), and kill whatever is left. Safe to call more than once."""
+    state_dir = Path(state_dir).resolve()
+    for pidfile in sorted(state_dir.glob("lb/*.pid")):
+        terminate(lab_pid(pidfile, state_dir), signal.SIGTERM)
+    for droplet_dir in sorted(state_dir.glob("droplet-*")):
+        terminate(lab_pid(droplet_dir / "nginx.pid", state_dir), signal.SIGTERM)
+        terminate(lab_pid(droplet_dir / "gunicorn.pid", state_dir), signal.SIGTERM,
+                  timeout=GUNICORN_GRACEFUL_TIMEOUT + 5)
+    if (state_dir / "pg" / "cluster.json").exists():
+        pgcluster = _load_pgcluster()
+        try:
+            pgcluster.PgCluster(state_dir / "pg", replicas=0, stop_at_exit=False).stop_all()
+        except RuntimeError as exc:
+            print(f"lab: pg_ctl stop failed, killing the servers: {exc}", file=sys.stderr)
+    for pid in _pidfile_pids(state_dir):
+        terminate(pid, signal.SIGKILL)
+    (state_dir / STATE_FILE).unlink(missing_ok=True)
+
+
+def lab_dirs() -> list[Path]:
+    """State directories of labs that may be running (make lab's and make chaos's)."""
+    return sorted(p.parent for p in LABS_DIR.glob(f"*/{STATE_FILE}"))
