@@ -1,0 +1,204 @@
+"""The local HA lab: the load generator counts right, the HAProxy config is the LB's, a prod lab
+starts, serves, answers 503 with every droplet down and stops without a trace, and a broken
+nginx LB setting (no retries) makes the kill-a-droplet scenario fail."""
+
+from __future__ import annotations
+
+import http.client
+import http.server
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lab.chaos import run_scenarios
+from lab.load import OUTCOMES, Load, Request
+from lab.stack import (
+    HAPROXY,
+    Lab,
+    group_members,
+    http_status,
+    render_haproxy_cfg,
+    stack_file,
+    stop_lab,
+    wait_until,
+)
+from tools.mocks import ROOT, settings_for_stack_file
+
+NEXT_UPSTREAM = "proxy_next_upstream error timeout http_502 http_503 http_504;"
+
+
+def lab_dir() -> Path:
+    """A state directory PostgreSQL (run as `postgres` under root) can reach: not pytest's
+    tmp_path, whose parent is private to the user running the tests."""
+    return Path(tempfile.mkdtemp(prefix="webstack-lab-"))
+
+
+# --------------------------------------------------------------------------- load generator
+
+
+class _Server(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        if self.path == "/drop":
+            self.connection.shutdown(socket.SHUT_RDWR)  # closed before any response
+            return
+        if self.path == "/slow":
+            time.sleep(1.0)
+        status = {"/ok": 200, "/fail": 503, "/missing": 404}.get(self.path, 200)
+        self.send_response(status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def local_server() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Server)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_load_counts_every_request_once_by_outcome(local_server):
+    paths = ["/ok", "/fail", "/missing", "/drop", "/slow"]
+    with Load(local_server, lambda n: Request("GET", paths[n % 5]), workers=5, rate=None,
+              max_requests=25, max_seconds=30, timeout=0.3) as load:
+        load.wait()
+    by_path = {p: {s.outcome for s in load.samples if s.path == p} for p in paths}
+    assert by_path == {"/ok": {"ok"}, "/fail": {"http_5xx"}, "/missing": {"http_other"},
+                       "/drop": {"connection_error"}, "/slow": {"timeout"}}
+    assert len(load.samples) == 25 and all(s.outcome in OUTCOMES for s in load.samples)
+
+
+def test_load_is_bounded_in_time_and_refuses_other_hosts(local_server):
+    started = time.monotonic()
+    with Load(local_server, lambda n: Request("GET", "/ok"), workers=2, rate=20,
+              max_requests=10_000, max_seconds=1.0) as load:
+        load.wait()
+    assert time.monotonic() - started < 3 and len(load.samples) <= 25
+    with pytest.raises(ValueError, match="loopback only"):
+        Load("http://203.0.113.7", lambda n: Request(), max_requests=1)
+
+
+# --------------------------------------------------------------------------- HAProxy config
+
+
+@pytest.mark.parametrize("stack", ["staging", "prod"])
+def test_haproxy_checks_like_the_stacks_load_balancer_and_never_retries(tmp_path, stack):
+    settings = settings_for_stack_file(ROOT / f"Pulumi.{stack}.yaml")
+    hc = settings.frontend.health_check
+    cfg = render_haproxy_cfg(settings, listen="127.0.0.10:8080",
+                             servers=[("droplet-1", "127.0.0.11:8080")],
+                             socket_path=str(tmp_path / "sock"), pidfile=str(tmp_path / "pid"))
+    lines = {line.strip() for line in cfg.splitlines()}
+    assert f"default-server check inter {hc.interval_seconds}s fall {hc.unhealthy_threshold}" \
+           f" rise {hc.healthy_threshold}" in lines
+    assert f"timeout check {hc.timeout_seconds}s" in lines
+    assert f"http-check send meth GET uri {hc.path}" in lines
+    assert "retries 0" in lines and "option redispatch" not in lines
+    (tmp_path / "haproxy.cfg").write_text(cfg)
+    check = subprocess.run([HAPROXY, "-c", "-f", str(tmp_path / "haproxy.cfg")],
+                           capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+# --------------------------------------------------------------------------- a prod lab
+
+
+def _cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    """What `make lab` / `make lab-down` run."""
+    return subprocess.run([sys.executable, "-m", "lab", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_prod_lab_starts_serves_fails_closed_and_stops_without_a_trace():
+    directory = lab_dir()
+    try:
+        up = _cli("up", "prod", "--dir", str(directory), "--net", "127.0.2")
+        assert up.returncode == 0, up.stdout + up.stderr
+        url = up.stdout.strip().splitlines()[-1]
+        assert url == "http://127.0.2.10:8080"
+        host, port = url.removeprefix("http://").split(":")
+
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        conn.request("POST", "/api/notes", body=b'{"text": "hello lab"}',
+                     headers={"Content-Type": "application/json"})
+        created = conn.getresponse()
+        assert created.status == 201, created.read()
+        created.read()
+        conn.request("GET", "/api/notes")
+        listed = conn.getresponse()
+        assert listed.status == 200 and b"hello lab" in listed.read()
+        conn.close()
+
+        # The lab runs detached from the command that started it, under HAProxy (managed).
+        lab = Lab(stack_file("prod"), state_dir=directory, net="127.0.2")
+        pids = lab.pids()
+        haproxy = int((directory / "lb" / "haproxy.pid").read_text().split()[0])
+        assert haproxy in pids and len(lab.droplets) == 3
+        assert all(group_members(d.gunicorn_pid) for d in lab.droplets)
+
+        # Every droplet dead: the emulated LB fails closed with a 503, as DigitalOcean's does.
+        for droplet in lab.droplets:
+            lab.kill_droplet(droplet)
+        detection = lab.settings.frontend.health_check.detection_seconds
+        wait_until(lambda: http_status(lab.frontend, "/") == 503, detection + 5, "503")
+
+        down = _cli("down", "--dir", str(directory))
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()
+                    and group_members(pid)], "lab processes survived lab-down"
+        left = subprocess.run(["pgrep", "-f", str(directory)], capture_output=True, text=True)
+        assert left.returncode == 1, f"still running: {left.stdout}"
+    finally:
+        stop_lab(directory)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- the scenarios fail
+
+
+@pytest.fixture
+def nginx_lab() -> Iterator[Lab]:
+    """A staging-shaped lab with the nginx frontend (2 droplets, no replica)."""
+    directory = lab_dir()
+    config = yaml.safe_load((ROOT / "Pulumi.staging.yaml").read_text())
+    config["config"]["webstack:frontend"]["mode"] = "nginx"
+    variant = directory.with_name(directory.name + "-stack") / "Pulumi.labnginx.yaml"
+    variant.parent.mkdir()
+    variant.write_text(yaml.safe_dump(config))
+    lab = Lab(variant, state_dir=directory, net="127.0.3")
+    try:
+        lab.start()
+        yield lab
+    finally:
+        stop_lab(directory)
+        shutil.rmtree(directory, ignore_errors=True)
+        shutil.rmtree(variant.parent, ignore_errors=True)
+
+
+def test_kill_scenario_passes_with_lb_retries_and_fails_without(nginx_lab):
+    assert NEXT_UPSTREAM in (nginx_lab.lb_dir / "lb.conf").read_text()
+    [good] = run_scenarios(nginx_lab, [1])
+    assert good.passed, good.note
+    assert good.outcomes["ok"] == good.requests > 100
+
+    # The deliberately broken setting: the LB no longer tries another droplet.
+    nginx_lab.lb_conf_filter = lambda conf: conf.replace(NEXT_UPSTREAM, "proxy_next_upstream off;")
+    nginx_lab.set_upstreams(nginx_lab.upstreams)
+    assert "proxy_next_upstream off;" in (nginx_lab.lb_dir / "lb.conf").read_text()
+    [broken] = run_scenarios(nginx_lab, [1])
+    assert broken.passed is False
+    assert broken.requests - broken.outcomes["ok"] > 0 and "failed requests" in broken.note
