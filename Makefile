@@ -39,3 +39,11 @@ lab-down: venv
 
 chaos: venv system-deps
 	$(PY) -m lab chaos $(STACK) $(CHAOS_ARGS)
+
+# --- Throughput and latency, layer by layer (docs/bench.md) -----------------------------
+# make bench STACK=prod   gunicorn, droplet nginx, frontend, static ceiling, upstream keepalive
+#                         on/off, sync/gthread, in a lab of its own; bench-report.json
+.PHONY: bench
+
+bench: venv system-deps
+	$(PY) -m lab.bench $(STACK) $(BENCH_ARGS)

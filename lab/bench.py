@@ -1,0 +1,444 @@
+"""Throughput and latency of a stack's data plane, layer by layer, in one run on loopback.
+
+    python -m lab.bench prod [--duration 3] [--repeats 3] [--connections 16]   # make bench
+
+A lab of its own is started (state in `.lab/bench`, addresses 127.0.4.x, so `make lab` and
+`make chaos` can keep running), some notes are seeded, every target below is measured and the
+lab is always stopped. Each target gets `repeats` runs of `duration` seconds with `wrk`
+(`connections` open connections, keep-alive); the rounds are interleaved, so the machine's
+noise falls on every target alike, and the median of the runs is reported. Every ratio is
+between medians of the same run. The report goes to `bench-report.json`, a table to stdout.
+
+Targets, for `/healthz` (the app without the database) and `GET /api/notes` (a read of the
+seeded notes, 20 rows):
+
+    gunicorn             droplet 1's gunicorn, directly (gthread: the stack's threads)
+    gunicorn_sync        a second gunicorn beside it, with the environment `render_app_env`
+                         gives the stack with gunicornThreads 1 (GUNICORN_THREADS=1: sync)
+    nginx                droplet 1's nginx site (upstream keepalive on, as rendered)
+    nginx_keepalive_off  a second nginx beside it: droplet 1's site file on another port,
+                         upstream keepalive taken out by `keepalive_off` (a textual edit made
+                         here only: `render_nginx_site` has no switch for it)
+    frontend             the stack's frontend (HAProxy for the DigitalOcean LB, or the nginx
+                         LB) in front of all the droplets
+
+and `static`: droplet 1's site file on a third port, its /static/ alias pointed at a 1 KiB
+file (no upstream at all): the ceiling nginx itself sets on this machine.
+
+The extra servers live in `droplet-1-<variant>/` under the state directory, so `stop_lab`
+(and `make lab-down`) stops them with the lab.
+
+Cost per 100 requests per second: every droplet of the lab runs on this one machine, so the
+frontend's figure is what N droplets squeezed onto these cores deliver, not what N real
+droplets would. Two figures are reported: the lab's own (droplet price x count / (frontend rps
+/ 100)) and an estimate with per-droplet capacity = droplet 1's rps through its nginx x the
+droplet size's vCPUs / the cores the lab had (which it shared with PostgreSQL, pgbouncer and
+the load generator). Only the app droplets are priced (not the LB or the database).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import re
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from components.runtime import render_app_env
+from lab.load import Client, Load, Request
+from lab.stack import LABS_DIR, ROOT, Droplet, Lab, nginx_main_conf, stack_file, stop_lab
+
+DURATION = 3
+"""Seconds per run (wrk takes whole seconds)."""
+REPEATS = 3
+CONNECTIONS = 16
+WARMUP = 1
+"""Seconds of unrecorded load per target before the first round (imports, pools)."""
+SEED_NOTES = 20
+NET = "127.0.4"
+STATE_DIR = LABS_DIR / "bench"
+REPORT = ROOT / "bench-report.json"
+SYNC_PORT = 8001
+KEEPALIVE_OFF_PORT = 8081
+STATIC_PORT = 8082
+STATIC_FILE = "bench.txt"
+WRK = shutil.which("wrk")
+WRK_TIMEOUT = 5
+PATHS = {"healthz": "/healthz", "notes": "/api/notes"}
+APP_TARGETS = ("gunicorn", "gunicorn_sync", "nginx", "nginx_keepalive_off", "frontend")
+RATIOS = {
+    "nginx_vs_gunicorn": ("nginx", "gunicorn"),
+    "frontend_vs_gunicorn": ("frontend", "gunicorn"),
+    "frontend_vs_nginx": ("frontend", "nginx"),
+    "keepalive_on_vs_off": ("nginx", "nginx_keepalive_off"),
+    "gthread_vs_sync": ("gunicorn", "gunicorn_sync"),
+    "nginx_vs_static": ("nginx", "static"),
+}
+"""Per path: `<path>.<name>` = numerator / denominator, of rps, p50 and p99 each."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run against one URL."""
+
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    errors: int
+    """Responses other than 2xx/3xx, and connect/read/write errors and timeouts."""
+
+
+# --------------------------------------------------------------------------- load generators
+
+_UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
+
+
+def parse_wrk(output: str) -> Run:
+    """The figures of `wrk --latency` output."""
+
+    def number(pattern: str) -> re.Match[str]:
+        found = re.search(pattern, output, re.MULTILINE)
+        if not found:
+            raise ValueError(f"wrk output without {pattern!r}:\n{output}")
+        return found
+
+    def percentile(p: int) -> float:
+        value, unit = number(rf"^\s+{p}%\s+([\d.]+)(us|ms|s|m|h)$").groups()
+        return float(value) * _UNITS_MS[unit]
+
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    sockets = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
+                        output)
+    errors = int(non_2xx.group(1)) if non_2xx else 0
+    errors += sum(map(int, sockets.groups())) if sockets else 0
+    return Run(rps=float(number(r"^Requests/sec:\s+([\d.]+)").group(1)),
+               p50_ms=percentile(50), p99_ms=percentile(99),
+               requests=int(number(r"^\s+(\d+) requests in").group(1)), errors=errors)
+
+
+def run_wrk(url: str, duration: int, connections: int) -> Run:
+    cmd = [WRK, "--latency", "-t1", f"-c{connections}", f"-d{duration}s",
+           f"--timeout={WRK_TIMEOUT}s", url]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 30)
+    if result.returncode != 0:
+        raise RuntimeError(f"wrk {url} failed:\n{result.stdout}{result.stderr}")
+    return parse_wrk(result.stdout)
+
+
+def run_python(url: str, duration: int, connections: int) -> Run:
+    """The fallback without wrk: lab.load's closed loop, one connection per request (so its
+    figures are lower than wrk's and not comparable with them)."""
+    parts = urlsplit(url)
+    with Load(f"http://{parts.netloc}", lambda n: Request("GET", parts.path),
+              workers=connections, rate=None, max_requests=10**7, max_seconds=duration,
+              timeout=WRK_TIMEOUT) as load:
+        load.wait()
+        elapsed = load.now()
+    ok = sorted(s.elapsed for s in load.samples if s.ok)
+    if not ok:
+        raise RuntimeError(f"{url}: no successful request")
+    return Run(rps=len(ok) / elapsed, p50_ms=_quantile(ok, 0.50) * 1000,
+               p99_ms=_quantile(ok, 0.99) * 1000, requests=len(load.samples),
+               errors=len(load.samples) - len(ok))
+
+
+def _quantile(ordered: list[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+TOOLS = {"wrk": run_wrk, "python": run_python}
+
+
+# --------------------------------------------------------------------------- the variants
+
+
+def keepalive_off(site: str) -> str:
+    """The rendered droplet site without upstream keepalive: the `keepalive` and
+    `keepalive_timeout` lines of the upstream block and `proxy_set_header Connection ""` go
+    (nginx then sends `Connection: close` to gunicorn and opens a connection per request).
+    `render_nginx_site` has no switch for it; this edit exists for the bench only."""
+    upstream = re.search(r"^upstream webstack_app \{\n.*?^\}\n", site, re.MULTILINE | re.DOTALL)
+    if not upstream:
+        raise ValueError("the rendered site has no `upstream webstack_app` block")
+    block, found = re.subn(r"^\s+keepalive(_timeout)? \w+;\n", "", upstream.group(0),
+                           flags=re.MULTILINE)
+    site = site.replace(upstream.group(0), block)
+    site, connection = re.subn(r'^\s+proxy_set_header Connection "";\n', "", site,
+                               flags=re.MULTILINE)
+    if found != 2 or connection != 1:
+        raise ValueError("the rendered site's upstream keepalive is not the one this edit "
+                         "knows (keepalive, keepalive_timeout, Connection \"\"): update it")
+    return site
+
+
+def start_variants(lab: Lab) -> dict[str, str]:
+    """Beside droplet 1: a sync gunicorn, an nginx without upstream keepalive, and an nginx
+    with a static file; their base URLs by target name."""
+    droplet = lab.droplets[0]
+
+    def variant(name: str) -> Droplet:
+        directory = lab.state_dir / f"{droplet.name}-{name}"  # droplet-*: stop_lab stops it
+        directory.mkdir()
+        return Droplet(droplet.index, droplet.address, directory)
+
+    sync = variant("sync")
+    sync_settings = dataclasses.replace(
+        lab.settings, app=dataclasses.replace(lab.settings.app, gunicorn_threads=1))
+    urls = lab.pg.urls
+    (sync.dir / "app.env").write_text(render_app_env(
+        sync_settings, database_url=urls.pool, replica_urls=urls.replicas,
+        secret_key=secrets.token_urlsafe(32), migration_url=None,
+        bind=f"{droplet.address}:{SYNC_PORT}"))
+    shutil.copy(droplet.dir / "webstack-app.service", sync.dir)
+    lab.start_gunicorn(sync)
+
+    # The nginx variants are droplet 1's own site as the lab wrote it, on another port.
+    site = (droplet.dir / "site.conf").read_text()
+    static_dir = lab.state_dir / "static"
+    static_dir.mkdir()
+    (static_dir / STATIC_FILE).write_text("webstack bench\n" * 68)  # ~1 KiB
+    edits = {"keepalive-off": (KEEPALIVE_OFF_PORT, keepalive_off),
+             "static": (STATIC_PORT, lambda text: _edit(text, r"alias \S+;",
+                                                        f"alias {static_dir}/;"))}
+    for name, (port, edit) in edits.items():
+        nginx = variant(name)
+        listen = f"listen {droplet.address}:{port} default_server;"
+        text = _edit(site, rf"listen {re.escape(droplet.site)} default_server;", listen)
+        (nginx.dir / "site.conf").write_text(edit(text))
+        (nginx.dir / "nginx.conf").write_text(nginx_main_conf(nginx.dir, nginx.dir / "site.conf"))
+        lab.start_nginx(nginx)
+    return {
+        "gunicorn": f"http://{droplet.bind}",
+        "gunicorn_sync": f"http://{droplet.address}:{SYNC_PORT}",
+        "nginx": f"http://{droplet.site}",
+        "nginx_keepalive_off": f"http://{droplet.address}:{KEEPALIVE_OFF_PORT}",
+        "frontend": lab.url,
+        "static": f"http://{droplet.address}:{STATIC_PORT}",
+    }
+
+
+def _edit(text: str, pattern: str, replacement: str) -> str:
+    """`text` with the one line matching `pattern` (after its indent) replaced."""
+    text, found = re.subn(rf"(?m)^(\s*){pattern}$", lambda m: m.group(1) + replacement, text)
+    if found != 1:
+        raise ValueError(f"the droplet's site has {found} lines like {pattern!r}, not one")
+    return text
+
+
+def seed_notes(url: str, count: int = SEED_NOTES) -> None:
+    client = Client(url)
+    for n in range(count):
+        body = json.dumps({"text": f"bench note {n}"}).encode()
+        sample = client.send(Request("POST", "/api/notes", body))
+        if sample.status != 201:
+            raise RuntimeError(f"seeding notes: {sample.outcome} {sample.status} {sample.body}")
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def targets(bases: dict[str, str], health_path: str) -> dict[str, str]:
+    """Every measurement's URL by its name (`<path>/<target>`)."""
+    paths = {**PATHS, "healthz": health_path}
+    found = {f"{key}/{t}": bases[t] + path for key, path in paths.items() for t in APP_TARGETS}
+    found["static"] = f"{bases['static']}/static/{STATIC_FILE}"
+    return found
+
+
+def measure(urls: dict[str, str], *, tool: str = "wrk", duration: int = DURATION,
+            repeats: int = REPEATS, connections: int = CONNECTIONS,
+            warmup: int = WARMUP) -> dict[str, list[Run]]:
+    """`repeats` rounds over every URL; odd rounds go backwards, so a drift of the machine
+    over the run weighs on every target alike."""
+    load = TOOLS[tool]
+    if warmup:
+        for url in urls.values():
+            load(url, warmup, connections)
+    runs: dict[str, list[Run]] = {name: [] for name in urls}
+    for round_ in range(repeats):
+        order = list(urls) if round_ % 2 == 0 else list(reversed(urls))
+        for name in order:
+            runs[name].append(load(urls[name], duration, connections))
+    return runs
+
+
+def median_of(runs: list[Run]) -> dict[str, float]:
+    """Each figure's median over the runs (taken separately)."""
+    return {"rps": statistics.median(r.rps for r in runs),
+            "p50_ms": statistics.median(r.p50_ms for r in runs),
+            "p99_ms": statistics.median(r.p99_ms for r in runs),
+            "errors": sum(r.errors for r in runs)}
+
+
+def ratios(medians: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    found = {}
+    for key in PATHS:
+        for name, (top, bottom) in RATIOS.items():
+            a = medians["static" if top == "static" else f"{key}/{top}"]
+            b = medians["static" if bottom == "static" else f"{key}/{bottom}"]
+            found[f"{key}.{name}"] = {"rps": a["rps"] / b["rps"],
+                                      "p50": a["p50_ms"] / b["p50_ms"],
+                                      "p99": a["p99_ms"] / b["p99_ms"]}
+    return found
+
+
+def cost(lab: Lab, medians: dict[str, dict[str, float]]) -> dict[str, object]:
+    """USD per month per 100 requests per second, from the app droplets' price alone."""
+    size, count = lab.settings.app.size, lab.settings.app.droplet_count
+    monthly = float(size.monthly_usd) * count
+    cores = len(os.sched_getaffinity(0))
+    found: dict[str, object] = {
+        "droplet_size": size.slug, "droplet_vcpus": size.vcpus, "droplets": count,
+        "droplets_monthly_usd": monthly, "lab_cores": cores,
+        "assumption": (f"per-droplet capacity = droplet 1's rps through its nginx x "
+                       f"{size.vcpus} vCPU / {cores} lab cores (shared with PostgreSQL, "
+                       "pgbouncer and the load generator); the lab runs all droplets on this "
+                       "one machine, so the frontend's rps is not N real droplets' rps"),
+    }
+    for key in PATHS:
+        frontend = medians[f"{key}/frontend"]["rps"]
+        per_droplet = medians[f"{key}/nginx"]["rps"] * size.vcpus / cores
+        found[key] = {
+            "lab_frontend_rps": frontend,
+            "lab_usd_per_100_rps": monthly / (frontend / 100),
+            "estimated_droplet_rps": per_droplet,
+            "estimated_stack_rps": per_droplet * count,
+            "estimated_usd_per_100_rps": monthly / (per_droplet * count / 100),
+        }
+    return found
+
+
+def machine() -> dict[str, object]:
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
+    return {"nproc": len(os.sched_getaffinity(0)), "cpu": model.group(1) if model else "?",
+            "kernel": platform.release(), "python": platform.python_version(),
+            "wrk": _wrk_version()}
+
+
+def _wrk_version() -> str | None:
+    if not WRK:
+        return None
+    result = subprocess.run([WRK, "-v"], capture_output=True, text=True, timeout=10)
+    return (result.stdout + result.stderr).split("[")[0].strip() or None
+
+
+def run_bench(lab: Lab, *, tool: str = "wrk", duration: int = DURATION, repeats: int = REPEATS,
+              connections: int = CONNECTIONS, warmup: int = WARMUP) -> dict[str, object]:
+    """Measure a started lab; the report as a dict."""
+    started = time.monotonic()
+    seed_notes(lab.url)
+    urls = targets(start_variants(lab), lab.settings.frontend.health_check.path)
+    runs = measure(urls, tool=tool, duration=duration, repeats=repeats,
+                   connections=connections, warmup=warmup)
+    medians = {name: {**median_of(rs), "url": urls[name], "runs": [dataclasses.asdict(r)
+                                                                   for r in rs]}
+               for name, rs in runs.items()}
+    app = lab.settings.app
+    return {
+        "stack": lab.settings.stack,
+        "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": machine(),
+        "stack_shape": {"droplets": app.droplet_count, "droplet_size": app.droplet_size,
+                        "gunicorn_workers": app.workers, "gunicorn_threads": app.gunicorn_threads,
+                        "frontend": lab.mode},
+        "load": {"tool": tool, "duration_s": duration, "repeats": repeats,
+                 "connections": connections, "warmup_s": warmup,
+                 "statistic": "median of the runs, per figure"},
+        "measurements": medians,
+        "ratios": ratios(medians),
+        "cost": cost(lab, medians),
+        "seconds": round(time.monotonic() - started, 1),
+    }
+
+
+# --------------------------------------------------------------------------- output
+
+
+def table(report: dict) -> str:
+    lines = [f"webstack bench, stack {report['stack']}, {report['date']}, "
+             f"{report['machine']['nproc']} cores ({report['machine']['cpu']}), "
+             f"{report['load']['tool']}: {report['load']['connections']} connections, "
+             f"{report['load']['repeats']} x {report['load']['duration_s']} s per target",
+             "", f"{'measurement':<30} {'rps':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}"]
+    for name, m in report["measurements"].items():
+        lines.append(f"{name:<30} {m['rps']:>9.0f} {m['p50_ms']:>8.2f} {m['p99_ms']:>8.2f} "
+                     f"{m['errors']:>7}")
+    lines += ["", f"{'ratio (a / b)':<34} {'rps':>6} {'p50':>6} {'p99':>6}"]
+    for name, r in report["ratios"].items():
+        lines.append(f"{name:<34} {r['rps']:>6.2f} {r['p50']:>6.2f} {r['p99']:>6.2f}")
+    c = report["cost"]
+    lines += ["", f"cost: {c['droplets']} x {c['droplet_size']} = "
+              f"{c['droplets_monthly_usd']:.2f} USD/month (app droplets only)"]
+    for key in PATHS:
+        k = c[key]
+        lines.append(f"  {key}: lab {k['lab_frontend_rps']:.0f} rps through the frontend -> "
+                     f"{k['lab_usd_per_100_rps']:.2f} USD per 100 rps; estimate "
+                     f"{k['estimated_stack_rps']:.0f} rps -> "
+                     f"{k['estimated_usd_per_100_rps']:.2f} USD per 100 rps")
+    lines.append(f"  estimate: {c['assumption']}")
+    lines.append(f"took {report['seconds']:.0f} s")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lab.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stack", help="a stack name (Pulumi.<stack>.yaml) or a stack file")
+    parser.add_argument("--duration", type=int, default=DURATION, help="seconds per run")
+    parser.add_argument("--repeats", type=int, default=REPEATS, help="runs per target")
+    parser.add_argument("--connections", type=int, default=CONNECTIONS)
+    parser.add_argument("--warmup", type=int, default=WARMUP, help="seconds per target, 0: none")
+    parser.add_argument("--tool", choices=TOOLS, default="wrk" if WRK else "python")
+    parser.add_argument("--report", type=Path, default=REPORT)
+    parser.add_argument("--dir", type=Path, default=STATE_DIR, help="state directory")
+    parser.add_argument("--net", default=NET, help="first three octets of the addresses")
+    parser.add_argument("--keep-state", action="store_true",
+                        help="keep the state directory (logs) after the run")
+    args = parser.parse_args(argv)
+    if not (1 <= args.duration <= 30 and 1 <= args.repeats <= 9
+            and 1 <= args.connections <= 256 and 0 <= args.warmup <= 10):
+        parser.error("bounds: duration 1-30 s, repeats 1-9, connections 1-256, warmup 0-10 s")
+
+    _terminate_on_signal()
+    stop_lab(args.dir)  # a previous run that was killed
+    lab = Lab(stack_file(args.stack), state_dir=args.dir, net=args.net)
+    try:
+        lab.start()
+        report = run_bench(lab, tool=args.tool, duration=args.duration, repeats=args.repeats,
+                           connections=args.connections, warmup=args.warmup)
+    finally:
+        stop_lab(args.dir)
+    if not args.keep_state:
+        shutil.rmtree(args.dir, ignore_errors=True)  # access logs of every request
+    report["command"] = "python -m lab.bench " + " ".join(argv or sys.argv[1:])
+    args.report.write_text(json.dumps(report, indent=2) + "\n")
+    print(table(report))
+    print(f"report: {args.report}")
+    return 1 if any(m["errors"] for m in report["measurements"].values()) else 0
+
+
+def _terminate_on_signal() -> None:
+    """SIGTERM/SIGHUP end the run like Ctrl-C does, so `finally` stops the lab."""
+    def raise_interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, raise_interrupt)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""make bench: against a small lab it measures every target without an error, gives every ratio
+and both cost figures as positive numbers, writes the report and leaves nothing running; the
+keepalive-off edit takes out upstream keepalive and nothing else; wrk's output is read right.
+No figure is compared with another: the machine is too noisy for timed assertions."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from components.runtime import render_nginx_site
+from lab import bench
+from tools.mocks import ROOT, settings_for_stack_file
+
+
+def test_bench_measures_every_layer_and_writes_the_report(tmp_path, capsys):
+    # PostgreSQL (run as `postgres` under root) must reach the state directory: not tmp_path.
+    state = Path(tempfile.mkdtemp(prefix="webstack-bench-"))
+    report_path = tmp_path / "bench-report.json"
+    try:
+        status = bench.main(["staging", "--duration", "1", "--repeats", "1", "--warmup", "0",
+                    "--connections", "2", "--report", str(report_path), "--dir", str(state),
+                    "--net", "127.0.5"])
+        assert status == 0
+        left = subprocess.run(["pgrep", "-f", str(state)], capture_output=True, text=True)
+        assert left.returncode == 1, f"still running: {left.stdout}"
+        assert not state.exists(), "the state directory (logs) was not removed"
+    finally:
+        bench.stop_lab(state)
+        shutil.rmtree(state, ignore_errors=True)
+
+    report = json.loads(report_path.read_text())
+    measured = report["measurements"]
+    assert set(measured) == {f"{p}/{t}" for p in bench.PATHS for t in bench.APP_TARGETS} | {
+        "static"}
+    for name, m in measured.items():
+        assert m["rps"] > 0 and m["p50_ms"] > 0 and m["p99_ms"] > 0, name
+        assert m["errors"] == 0, f"{name}: {m['errors']} failed requests"
+    assert set(report["ratios"]) == {f"{p}.{r}" for p in bench.PATHS for r in bench.RATIOS}
+    assert all(v > 0 for r in report["ratios"].values() for v in r.values())
+    for path in bench.PATHS:
+        figures = report["cost"][path]
+        assert figures["lab_usd_per_100_rps"] > 0 and figures["estimated_usd_per_100_rps"] > 0
+    assert report["stack_shape"]["droplets"] == 2 and report["machine"]["nproc"] >= 1
+    assert "cost: 2 x s-1vcpu-1gb = 12.00 USD/month" in capsys.readouterr().out
+
+
+def test_keepalive_off_takes_out_upstream_keepalive_only():
+    settings = settings_for_stack_file(ROOT / "Pulumi.prod.yaml")
+    site = render_nginx_site(settings, listen="127.0.0.1:8080", upstream="127.0.0.1:8000",
+                             static_dir="/srv/static", metrics_allow=["127.0.0.0/8"])
+    off = bench.keepalive_off(site)
+    removed = [line.strip() for line in site.splitlines() if line not in off.splitlines()]
+    threads = settings.app.workers * settings.app.gunicorn_threads
+    assert removed == [f"keepalive {threads};", "keepalive_timeout 4s;",
+                       'proxy_set_header Connection "";']
+    assert "keepalive_timeout 75s;" in off  # the clients' keepalive stays
+    with pytest.raises(ValueError, match="update it"):
+        bench.keepalive_off(off)
+
+
+WRK_OUTPUT = """\
+Running 3s test @ http://127.0.4.11:8000/healthz
+  1 threads and 16 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency    81.29ms  179.76ms 766.10ms   86.84%
+    Req/Sec     2.45k     0.91k    3.88k    66.67%
+  Latency Distribution
+     50%  585.00us
+     75%   12.79ms
+     90%  380.93ms
+     99%    1.20s
+  5292 requests in 3.02s, 826.51KB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 4
+Requests/sec:   1754.25
+Transfer/sec:    273.98KB
+"""
+
+
+def test_wrk_output_is_read_with_its_units_and_errors():
+    run = bench.parse_wrk(WRK_OUTPUT)
+    assert run == bench.Run(rps=1754.25, p50_ms=pytest.approx(0.585), p99_ms=1200.0,
+                            requests=5292, errors=7)
+    with pytest.raises(ValueError, match="Requests/sec"):
+        bench.parse_wrk(WRK_OUTPUT.replace("Requests/sec", "Requests"))
+
+
+class _Ok(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        status = 200 if self.path == "/ok" else 503
+        self.send_response(status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_python_fallback_counts_rate_latency_and_errors():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Ok)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        good = bench.run_python(f"{url}/ok", 1, 2)
+        assert good.rps > 0 and 0 < good.p50_ms <= good.p99_ms and good.errors == 0
+        with pytest.raises(RuntimeError, match="no successful request"):
+            bench.run_python(f"{url}/fail", 1, 2)
+    finally:
+        server.shutdown()
+        server.server_close()
