@@ -116,7 +116,7 @@ def parse_wrk(output: str) -> Run:
         return found
 
     def percentile(p: int) -> float:
-        value, unit = number(rf"^\s+{p}%\s+([\d.]+)(us|ms|s|m|h)$").groups()
+        value, unit = number(rf"^\s+{p}%\s+([\d.]+)(us|ms|s|m|h)\s*$").groups()
         return float(value) * _UNITS_MS[unit]
 
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
@@ -135,7 +135,10 @@ def run_wrk(url: str, duration: int, connections: int) -> Run:
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 30)
     if result.returncode != 0:
         raise RuntimeError(f"wrk {url} failed:\n{result.stdout}{result.stderr}")
-    return parse_wrk(result.stdout)
+    run = parse_wrk(result.stdout)
+    if run.requests == 0:
+        raise RuntimeError(f"{url}: not one request completed in {duration} s (a stall)")
+    return run
 
 
 def run_python(url: str, duration: int, connections: int) -> Run:
@@ -278,6 +281,7 @@ def measure(urls: dict[str, str], *, tool: str = "wrk", duration: int = DURATION
 def median_of(runs: list[Run]) -> dict[str, float]:
     """Each figure's median over the runs (taken separately)."""
     return {"rps": statistics.median(r.rps for r in runs),
+            "rps_min": min(r.rps for r in runs), "rps_max": max(r.rps for r in runs),
             "p50_ms": statistics.median(r.p50_ms for r in runs),
             "p99_ms": statistics.median(r.p99_ms for r in runs),
             "errors": sum(r.errors for r in runs)}
@@ -321,6 +325,14 @@ def cost(lab: Lab, medians: dict[str, dict[str, float]]) -> dict[str, object]:
     return found
 
 
+def worker_recycles(lab: Lab) -> dict[str, int]:
+    """Workers gunicorn replaced after `max_requests` (app/gunicorn.conf.py), per droplet 1's
+    gunicorns: at bench rates a recycle comes every second or two, and a worker booting the
+    app takes CPU from the others, which shows in p99."""
+    return {log.parent.name: log.read_text(errors="replace").count("Autorestarting worker")
+            for log in sorted(lab.state_dir.glob(f"{lab.droplets[0].name}*/gunicorn.log"))}
+
+
 def machine() -> dict[str, object]:
     cpuinfo = Path("/proc/cpuinfo").read_text()
     model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
@@ -339,7 +351,7 @@ def _wrk_version() -> str | None:
 def run_bench(lab: Lab, *, tool: str = "wrk", duration: int = DURATION, repeats: int = REPEATS,
               connections: int = CONNECTIONS, warmup: int = WARMUP) -> dict[str, object]:
     """Measure a started lab; the report as a dict."""
-    started = time.monotonic()
+    started, load_at_start = time.monotonic(), os.getloadavg()[0]
     seed_notes(lab.url)
     urls = targets(start_variants(lab), lab.settings.frontend.health_check.path)
     runs = measure(urls, tool=tool, duration=duration, repeats=repeats,
@@ -361,6 +373,8 @@ def run_bench(lab: Lab, *, tool: str = "wrk", duration: int = DURATION, repeats:
         "measurements": medians,
         "ratios": ratios(medians),
         "cost": cost(lab, medians),
+        "gunicorn_worker_recycles": worker_recycles(lab),
+        "load_average": {"start": load_at_start, "end": os.getloadavg()[0]},
         "seconds": round(time.monotonic() - started, 1),
     }
 
@@ -373,10 +387,14 @@ def table(report: dict) -> str:
              f"{report['machine']['nproc']} cores ({report['machine']['cpu']}), "
              f"{report['load']['tool']}: {report['load']['connections']} connections, "
              f"{report['load']['repeats']} x {report['load']['duration_s']} s per target",
-             "", f"{'measurement':<30} {'rps':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}"]
+             f"load average (1 min) {report['load_average']['start']:.2f} at the start, "
+             f"{report['load_average']['end']:.2f} at the end",
+             "", f"{'measurement':<28} {'rps':>7} {'(min-max)':>13} {'p50 ms':>8} {'p99 ms':>8} "
+             f"{'errors':>6}"]
     for name, m in report["measurements"].items():
-        lines.append(f"{name:<30} {m['rps']:>9.0f} {m['p50_ms']:>8.2f} {m['p99_ms']:>8.2f} "
-                     f"{m['errors']:>7}")
+        spread = f"({m['rps_min']:.0f}-{m['rps_max']:.0f})"
+        lines.append(f"{name:<28} {m['rps']:>7.0f} {spread:>13} {m['p50_ms']:>8.2f} "
+                     f"{m['p99_ms']:>8.2f} {m['errors']:>6}")
     lines += ["", f"{'ratio (a / b)':<34} {'rps':>6} {'p50':>6} {'p99':>6}"]
     for name, r in report["ratios"].items():
         lines.append(f"{name:<34} {r['rps']:>6.2f} {r['p50']:>6.2f} {r['p99']:>6.2f}")
@@ -390,6 +408,8 @@ def table(report: dict) -> str:
                      f"{k['estimated_stack_rps']:.0f} rps -> "
                      f"{k['estimated_usd_per_100_rps']:.2f} USD per 100 rps")
     lines.append(f"  estimate: {c['assumption']}")
+    recycles = ", ".join(f"{k} {v}" for k, v in report["gunicorn_worker_recycles"].items())
+    lines.append(f"gunicorn workers recycled (max_requests): {recycles}")
     lines.append(f"took {report['seconds']:.0f} s")
     return "\n".join(lines)
 
