@@ -10,14 +10,16 @@ On loopback (`net` 127.0.0 by default):
     127.0.0.10:8080       the frontend: HAProxy emulating the DigitalOcean load balancer
                           (managed mode, `lab/haproxy.cfg.j2`) or nginx with the config of
                           `components/lb_nginx.py` (nginx mode)
-    127.0.0.1i:8080       droplet i (i = 1, 2, ...): nginx with `runtime.render_nginx_site`
-    127.0.0.1i:8000       droplet i: gunicorn with `app/gunicorn.conf.py` and the environment
-                          of `runtime.render_app_env` and of the systemd unit's Environment=
+    127.0.0.1i:8080       droplet i (i = 1, 2, ...): nginx with the droplet's site
+    127.0.0.1i:8000       droplet i: gunicorn with `app/gunicorn.conf.py`, the droplet's
+                          environment file and its systemd unit's Environment=
     127.0.0.1:<free>      PostgreSQL primary, streaming replicas (the stack's count) and
                           pgbouncer in front of the primary (`scripts/pgcluster.py`)
 
-What differs from the droplets, and only that: addresses and ports (8080 rather than 80, so
-no root is needed), paths (everything under `state_dir`, `.lab/` in the repo by default),
+The droplet's files are taken from the user data a droplet boots with
+(`components/cloud_config.py`, which renders them with `components/runtime.py`). What differs
+from the droplets, and only that: addresses and ports (8080 rather than 80, so no root is
+needed; loopback stands for the VPC), paths (under `state_dir`, `.lab/` in the repo by default),
 plain HTTP at the frontend (the lab checks availability; TLS is checked by
 `tests/test_lb_nginx.py`), and processes started here rather than by systemd (the unit's
 ExecStart, ExecReload and Environment= are mirrored). When run as root, nginx workers run as
@@ -48,16 +50,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
+import yaml
 
+from components.cloud_config import render_app_cloud_config
 from components.frontend import HTTP_IDLE_TIMEOUT
 from components.lb_nginx import render_lb_nginx_conf
-from components.runtime import (
-    GUNICORN_GRACEFUL_TIMEOUT,
-    DropletLayout,
-    render_app_env,
-    render_app_unit,
-    render_nginx_site,
-)
+from components.runtime import GUNICORN_GRACEFUL_TIMEOUT, DropletLayout
 from components.settings import Settings
 from tools.mocks import settings_for_stack_file
 
@@ -75,6 +73,10 @@ GUNICORN_CONF = ROOT / "app" / "gunicorn.conf.py"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 START_TIMEOUT = 30.0
+LAB_VPC = "127.0.0.0/8"
+"""The lab's "VPC": where the frontend connects to the droplets from."""
+SITE_FILE = "/etc/nginx/sites-available/webstack"
+UNIT_FILE = "/etc/systemd/system/webstack-app.service"
 
 
 def _load_pgcluster():
@@ -336,8 +338,9 @@ class Lab:
         if (self.state_dir / STATE_FILE).exists():
             raise RuntimeError(f"a lab is already running in {self.state_dir}: stop it first "
                                "(make lab-down)")
-        shutil.rmtree(self.state_dir, ignore_errors=True)  # a fresh lab: no stale state
-        self.state_dir.mkdir(parents=True)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        for stale in (*self.state_dir.glob("droplet-*"), self.lb_dir, self.state_dir / "pg"):
+            shutil.rmtree(stale, ignore_errors=True)  # a fresh lab, whatever ran here before
         # PostgreSQL runs as `postgres` when we are root: it must traverse to its directory.
         os.chmod(self.state_dir, 0o755)
         self._save_state()
@@ -370,22 +373,26 @@ class Lab:
         (self.state_dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 
     def _render_droplet(self, droplet: Droplet, urls, secret_key: str) -> None:
-        """The droplet's files, from the droplets' renderers with lab addresses and paths."""
+        """The droplet's files, taken from the user data a real droplet boots with (lab
+        addresses and paths in the layout, loopback as the VPC, no app bundle: the lab runs
+        the repo's app/). The one change: nginx listens on the droplet's address."""
         droplet.dir.mkdir(parents=True, exist_ok=True)
-        env = render_app_env(
+        layout = DropletLayout(root=str(droplet.dir), env_file=str(droplet.dir / "app.env"),
+                               gunicorn_bind=droplet.bind)
+        user_data = yaml.safe_load(render_app_cloud_config(
             self.settings, database_url=urls.pool, replica_urls=urls.replicas,
-            secret_key=secret_key, migration_url=urls.primary, bind=droplet.bind,
-        )
+            migration_url=urls.primary, secret_key=secret_key, vpc_cidr=LAB_VPC, bundle=b"",
+            layout=layout,
+        ))
+        files = {f["path"]: f["content"] for f in user_data["write_files"]}
+        site, listened = re.subn(r"(?m)^(\s*listen) 80 default_server;$",
+                                 rf"\1 {droplet.site} default_server;", files[SITE_FILE])
+        if listened != 1:
+            raise RuntimeError(f"{SITE_FILE}: expected one `listen 80 default_server;`")
         env_file = droplet.dir / "app.env"
         env_file.touch(mode=0o600)
-        env_file.write_text(env)
-        layout = DropletLayout(root=str(droplet.dir), env_file=str(env_file),
-                               gunicorn_bind=droplet.bind)
-        (droplet.dir / "webstack-app.service").write_text(render_app_unit(self.settings, layout))
-        site = render_nginx_site(
-            self.settings, listen=droplet.site, upstream=droplet.bind,
-            static_dir=str(ROOT / "app" / "static"), metrics_allow=["127.0.0.0/8"],
-        )
+        env_file.write_text(files[layout.env_file])
+        (droplet.dir / "webstack-app.service").write_text(files[UNIT_FILE])
         (droplet.dir / "site.conf").write_text(site)
         (droplet.dir / "nginx.conf").write_text(
             nginx_main_conf(droplet.dir, droplet.dir / "site.conf"))
