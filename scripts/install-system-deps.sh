@@ -4,7 +4,8 @@
 # its own instances on loopback, in temp directories.
 set -euo pipefail
 
-PACKAGES=(nginx pgbouncer cloud-init haproxy graphviz postgresql-15 postgresql-client-15 wrk systemd)
+PACKAGES=(nginx pgbouncer cloud-init haproxy graphviz postgresql-15 postgresql-client-15 wrk systemd
+          openssl procps)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
