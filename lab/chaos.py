@@ -31,6 +31,7 @@ a table goes to stdout. Exit status 1 when a criterion fails.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
@@ -129,6 +130,12 @@ def _when(samples: list[Sample]) -> list[float]:
 # --------------------------------------------------------------------------- scenarios
 
 
+def settle(check: Callable[[], bool], timeout: float, what: str) -> None:
+    """`wait_until`, but giving up is no error: the scenario's criterion judges the outcome."""
+    with contextlib.suppress(TimeoutError):
+        wait_until(check, timeout, what)
+
+
 def kill_droplet(lab: Lab, result: Result) -> None:
     victim = lab.droplets[0]
     hc = lab.settings.frontend.health_check
@@ -222,11 +229,8 @@ def replica_down(lab: Lab, result: Result) -> None:
         t_start = load.mark("start")
         lab.pg.start_replica(0)
         bound = DB_REPLICA_RETRY_SECONDS + 10
-        try:
-            wait_until(lambda: any(s.served_by == "replica-0" and s.start > t_start
-                                   for s in list(load.samples)), bound, "reads on the replica")
-        except TimeoutError:
-            pass
+        settle(lambda: any(s.served_by == "replica-0" and s.start > t_start
+                           for s in list(load.samples)), bound, "reads on the replica")
         load.sleep(2)
     samples = load.samples
     result.count(samples)
@@ -254,11 +258,8 @@ def primary_restart(lab: Lab, result: Result) -> None:
         load.sleep(6)
         t_start = load.mark("start")
         lab.pg.start_primary()
-        try:
-            wait_until(lambda: any(s.tag == "write" and s.ok and s.start > t_start
-                                   for s in list(load.samples)), RECOVERY_SECONDS, "writes back")
-        except TimeoutError:
-            pass
+        settle(lambda: any(s.tag == "write" and s.ok and s.start > t_start
+                           for s in list(load.samples)), RECOVERY_SECONDS, "writes back")
         load.sleep(3)
     samples = load.samples
     result.count(samples)
