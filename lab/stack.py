@@ -318,7 +318,7 @@ class Lab:
         self.pg = pgcluster.PgCluster(
             self.state_dir / "pg", replicas=len(self.settings.database.replicas),
             database=self.settings.database.name, user=self.settings.database.name,
-            stop_at_exit=False,
+            pool_size=self.settings.database.pool.size, stop_at_exit=False,
         )
         self.upstreams = [d.site for d in self.droplets]
         """nginx mode: the droplets the LB currently sends to."""
@@ -346,7 +346,6 @@ class Lab:
         self._save_state()
         try:
             urls = self.pg.start()
-            set_pool_size(self.pg, self.settings.database.pool.size)
             secret_key = secrets.token_urlsafe(32)
             for droplet in self.droplets:
                 self._render_droplet(droplet, urls, secret_key)
@@ -591,19 +590,6 @@ def _start_nginx(directory: Path) -> None:
     _run([NGINX, "-p", directory, "-c", conf, "-e", log])
     wait_until(lambda: running(read_pid(directory / "nginx.pid")), START_TIMEOUT,
                f"nginx in {directory.name}")
-
-
-def set_pool_size(cluster, size: int) -> None:
-    """Give pgbouncer the stack's pool size (DigitalOcean's connection pool `size`): rewrite
-    `default_pool_size` in the ini pgcluster wrote, and reload (SIGHUP applies it online)."""
-    ini = cluster.base_dir / "pgbouncer" / "pgbouncer.ini"
-    text, found = re.subn(r"(?m)^default_pool_size = \d+$", f"default_pool_size = {size}",
-                          ini.read_text())
-    if found != 1:
-        raise RuntimeError(f"{ini}: no default_pool_size line to set")
-    ini.write_text(text)
-    os.kill(read_pid(cluster.base_dir / "pgbouncer" / "pgbouncer.pid"), signal.SIGHUP)
-    time.sleep(0.2)
 
 
 def lab_pid(pidfile: Path, state_dir: Path) -> int | None:

@@ -99,14 +99,19 @@ class PgCluster:
         *,
         database: str = "webstack",
         user: str = "webstack",
+        pool_size: int = 20,
         stop_at_exit: bool = True,
     ) -> None:
         if replicas < 0:
             raise ValueError(f"replicas must be >= 0, got {replicas}")
+        if pool_size < 1:
+            raise ValueError(f"pool_size must be >= 1, got {pool_size}")
         self.base_dir = Path(base_dir).resolve()
         self.replica_count = replicas
         self.database = database
         self.user = user
+        self.pool_size = pool_size
+        """pgbouncer's server connections (a DigitalOcean pool's `size`)."""
         self.stop_at_exit = stop_at_exit
         self._account = _run_as()
         self._state: dict | None = None
@@ -342,7 +347,7 @@ class PgCluster:
             "auth_type = scram-sha-256",
             f"auth_file = {home / 'userlist.txt'}",
             "pool_mode = transaction",
-            "default_pool_size = 20",
+            f"default_pool_size = {self.pool_size}",
             "max_client_conn = 500",
             # query_wait_timeout stays at its default (120 s), as on a managed pool: clients
             # must not rely on pgbouncer to fail fast. Retrying the server login every second
