@@ -7,7 +7,6 @@ from typing import Any
 
 import pulumi
 import pytest
-from pulumi.runtime import rpc
 from pulumi.runtime.sync_await import _sync_await
 
 from components.database import DatabaseCluster, DatabaseClusterArgs
@@ -33,10 +32,8 @@ def resolve(output: pulumi.Output) -> tuple[Any, bool]:
 
 
 def plain_strings(value: Any):
-    """Every string in a recorded input that is not wrapped as a secret."""
+    """Every string in a recorded input (the mocks record secrets unwrapped: skip those)."""
     if isinstance(value, dict):
-        if value.get(rpc._special_sig_key) == rpc._special_secret_sig:
-            return
         for item in value.values():
             yield from plain_strings(item)
     elif isinstance(value, list):
@@ -161,7 +158,8 @@ def test_the_grant_for_postgres_15_targets_the_app_database_and_its_admin_uri_is
 def test_no_uri_or_password_in_plain_inputs():
     run, _ = build(settings_for("prod"))
     for resource in run.resources:
-        for text in plain_strings(resource.inputs):
+        plain = {k: v for k, v in resource.inputs.items() if k not in resource.secret_inputs}
+        for text in plain_strings(plain):
             assert "postgresql://" not in text and "password" not in text, resource.name
 
 
