@@ -38,6 +38,14 @@ class DatabaseClusterArgs:
     """The VPC the cluster and its replicas join; only their private hosts are handed out."""
 
 
+def app_grants_sql(name: str) -> str:
+    """What doadmin runs once in the app database so the app user (same name) can create its
+    tables: PostgreSQL 15+ leaves CREATE on `public` to the database's owner, and a database
+    created through DigitalOcean's API is owned by doadmin. Idempotent."""
+    return (f'GRANT CONNECT ON DATABASE "{name}" TO "{name}";\n'
+            f'GRANT USAGE, CREATE ON SCHEMA public TO "{name}";\n')
+
+
 def _uri(user: str, password: str, host: str, port: int, database: str) -> str:
     return (f"postgresql://{quote(user, safe='')}:{quote(password, safe='')}@{host}:{port}/"
             f"{quote(database, safe='')}?sslmode=require")
@@ -139,9 +147,7 @@ class DatabaseCluster(pulumi.ComponentResource):
             *[app_uri(r.private_host, r.port) for r in replicas]))
         self.migration_uri = pulumi.Output.secret(app_uri(cluster.private_host, cluster.port))
         self.replica_ids = pulumi.Output.all(*[r.uuid for r in replicas])
-        self.app_grants_sql = (
-            f'GRANT CONNECT ON DATABASE "{db_settings.name}" TO "{db_settings.name}";\n'
-            f'GRANT USAGE, CREATE ON SCHEMA public TO "{db_settings.name}";\n')
+        self.app_grants_sql = app_grants_sql(db_settings.name)
         self.admin_uri = pulumi.Output.secret(pulumi.Output.all(
             cluster.user, cluster.password, cluster.private_host, cluster.port, database.name,
         ).apply(lambda a: _uri(*a)))
