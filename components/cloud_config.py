@@ -19,11 +19,13 @@ from pathlib import Path
 
 import yaml
 
-from components.render import render_template
 from components.runtime import (
+    APP_UNIT,
+    MIGRATE_UNIT,
     DropletLayout,
     render_app_env,
     render_app_unit,
+    render_migrate_unit,
     render_nginx_site,
 )
 from components.settings import Settings
@@ -82,11 +84,7 @@ def render_app_cloud_config(
         migration_url=migration_url,
         bind=layout.gunicorn_bind,
     )
-    unit_name, migrate_unit = "webstack-app.service", "webstack-migrate.service"
-    migrate = render_template(
-        f"{migrate_unit}.j2", app_unit=unit_name, user=layout.user, app_dir=layout.app_dir,
-        env_file=layout.env_file, venv=layout.venv,
-    )
+    unit_name, migrate_unit = APP_UNIT, MIGRATE_UNIT
     document = {
         "package_update": True,
         "packages": ["nginx", "python3-venv"],
@@ -103,7 +101,7 @@ def render_app_cloud_config(
             {"path": f"/etc/systemd/system/{unit_name}", "permissions": "0644",
              "content": render_app_unit(settings, layout), "defer": True},
             {"path": f"/etc/systemd/system/{migrate_unit}", "permissions": "0644",
-             "content": migrate, "defer": True},
+             "content": render_migrate_unit(layout), "defer": True},
             {"path": "/etc/nginx/sites-available/webstack", "permissions": "0644",
              "content": site, "defer": True},
         ],

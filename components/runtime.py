@@ -127,6 +127,18 @@ def render_nginx_site(
     )
 
 
+APP_UNIT = "webstack-app.service"
+MIGRATE_UNIT = "webstack-migrate.service"
+
+
+def render_migrate_unit(layout: DropletLayout) -> str:
+    """The one-shot unit running `python -m app.migrate` before the app, retried until it
+    succeeds, in the app unit's sandbox."""
+    return render_template(
+        f"{MIGRATE_UNIT}.j2", app_unit=APP_UNIT, user=layout.user, app_dir=layout.app_dir,
+        env_file=layout.env_file, venv=layout.venv)
+
+
 def render_app_unit(settings: Settings, layout: DropletLayout) -> str:
     """The systemd unit running gunicorn from `layout`, sandboxed (exposure below 2.5)."""
     return render_template(

@@ -12,6 +12,7 @@ import json
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,10 +25,13 @@ import pytest
 import app.config as app_config
 import app.migrate as app_migrate
 from components.runtime import (
+    APP_UNIT,
+    MIGRATE_UNIT,
     SECURITY_HEADERS,
     DropletLayout,
     render_app_env,
     render_app_unit,
+    render_migrate_unit,
     render_nginx_site,
 )
 from components.settings import Settings
@@ -82,11 +86,22 @@ def seconds(text: str, directive: str) -> int:
 
 
 def tool_layout(tmp: Path) -> DropletLayout:
-    """A layout under `tmp` whose venv has a real gunicorn, for systemd-analyze to find."""
+    """A layout under `tmp` whose venv has a real gunicorn and python, for systemd-analyze."""
     layout = DropletLayout(root=str(tmp))
     Path(layout.venv, "bin").mkdir(parents=True)
     Path(layout.venv, "bin", "gunicorn").symlink_to(GUNICORN)
+    Path(layout.venv, "bin", "python").symlink_to(sys.executable)
     return layout
+
+
+def units(tmp: Path) -> list[Path]:
+    """Both services of an app droplet, rendered into `tmp` with a `tool_layout`."""
+    layout = tool_layout(tmp)
+    rendered = {APP_UNIT: render_app_unit(make_settings(), layout),
+                MIGRATE_UNIT: render_migrate_unit(layout)}
+    for name, text in rendered.items():
+        (tmp / name).write_text(text)
+    return [tmp / name for name in rendered]
 
 
 # --------------------------------------------------------------------------- static checks
@@ -157,24 +172,21 @@ def test_gunicorn_refuses_to_listen_beyond_loopback(bind):
     assert "loopback" in result.stdout + result.stderr
 
 
-def test_unit_passes_systemd_analyze_verify(tmp_path):
-    layout = tool_layout(tmp_path)
-    unit = tmp_path / "webstack-app.service"
-    unit.write_text(render_app_unit(make_settings(), layout))
-    result = subprocess.run(["systemd-analyze", "verify", str(unit)],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert unit.name not in result.stdout + result.stderr  # no warning about our unit
+def test_units_pass_systemd_analyze_verify(tmp_path):
+    for unit in units(tmp_path):
+        result = subprocess.run(["systemd-analyze", "verify", str(unit)],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert unit.name not in result.stdout + result.stderr  # no warning about our unit
 
 
-def test_unit_sandbox_exposure_is_at_most_2_5(tmp_path):
-    unit = tmp_path / "webstack-app.service"
-    unit.write_text(render_app_unit(make_settings(), tool_layout(tmp_path)))
-    result = subprocess.run(["systemd-analyze", "security", "--offline=true", str(unit)],
-                            capture_output=True, text=True)
-    found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
-    assert found, result.stdout + result.stderr
-    assert float(found[1]) <= MAX_EXPOSURE, result.stdout
+def test_units_sandbox_exposure_is_at_most_2_5(tmp_path):
+    for unit in units(tmp_path):
+        result = subprocess.run(["systemd-analyze", "security", "--offline=true", str(unit)],
+                                capture_output=True, text=True)
+        found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
+        assert found, result.stdout + result.stderr
+        assert float(found[1]) <= MAX_EXPOSURE, result.stdout
 
 
 def test_env_file_sets_every_variable_the_app_documents(tmp_path):
