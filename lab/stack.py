@@ -144,11 +144,15 @@ http {{
 """
 
 
-def unit_environment(unit: str, runtime_dir: Path) -> dict[str, str]:
-    """The unit's own Environment= variables, with %t (systemd's /run) at `runtime_dir`'s
-    parent: what systemd adds to the EnvironmentFile when it starts the service."""
+def unit_environment(unit: str, run: Path) -> dict[str, str]:
+    """What systemd adds to the EnvironmentFile when it starts the unit: its own Environment=
+    variables, with `run` standing in for /run (%t), where its RuntimeDirectory= is made
+    afresh, empty, as systemd does at every start."""
+    for name in re.findall(r"^RuntimeDirectory=(.+)$", unit, re.MULTILINE):
+        shutil.rmtree(run / name, ignore_errors=True)
+        (run / name).mkdir(parents=True, mode=0o700)
     pairs = re.findall(r"^Environment=(\w+)=(.*)$", unit, re.MULTILINE)
-    return {name: value.replace("%t", str(runtime_dir.parent)) for name, value in pairs}
+    return {name: value.replace("%t", str(run)) for name, value in pairs}
 
 
 # --------------------------------------------------------------------------- processes
@@ -412,11 +416,8 @@ class Lab:
     def start_gunicorn(self, droplet: Droplet) -> None:
         """ExecStart of the unit: gunicorn with the EnvironmentFile and the unit's Environment=,
         its RuntimeDirectory emptied first."""
-        runtime = droplet.dir / "run" / "webstack"
-        shutil.rmtree(runtime, ignore_errors=True)
-        runtime.mkdir(parents=True, mode=0o700)
         unit = (droplet.dir / "webstack-app.service").read_text()
-        env = {**_base_env(), **unit_environment(unit, runtime)}
+        env = {**_base_env(), **unit_environment(unit, droplet.dir / "run")}
         (droplet.dir / "gunicorn.pid").unlink(missing_ok=True)
         with (droplet.dir / "gunicorn.log").open("ab") as log:
             proc = subprocess.Popen(

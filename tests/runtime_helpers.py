@@ -83,17 +83,6 @@ def env_file_values(path: Path) -> dict[str, str]:
     return dict(item.split("=", 1) for item in out.split("\0") if item)
 
 
-def unit_environment(unit: str, runtime: Path) -> dict[str, str]:
-    """The unit's own `Environment=` variables, with its `RuntimeDirectory=` under `runtime`.
-
-    What systemd adds to the EnvironmentFile when it starts the service (%t is /run).
-    """
-    for name in re.findall(r"^RuntimeDirectory=(.+)$", unit, re.MULTILINE):
-        (runtime / name).mkdir(parents=True, exist_ok=True)
-    pairs = re.findall(r"^Environment=(\w+)=(.*)$", unit, re.MULTILINE)
-    return {name: value.replace("%t", str(runtime)) for name, value in pairs}
-
-
 @contextmanager
 def running(cmd: list[str], *, port: int, log: Path, env: Mapping[str, str] | None = None,
             cwd: Path | None = None) -> Iterator[subprocess.Popen]:

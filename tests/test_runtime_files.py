@@ -35,6 +35,7 @@ from components.runtime import (
     render_nginx_site,
 )
 from components.settings import Settings
+from lab.stack import unit_environment
 from tests.factories import make_settings
 from tests.runtime_helpers import (
     GUNICORN,
@@ -46,7 +47,6 @@ from tests.runtime_helpers import (
     nginx_conf,
     request,
     running,
-    unit_environment,
 )
 
 UNREACHABLE_DB = "postgresql://u:p@127.0.0.1:1/x"
