@@ -8,8 +8,9 @@ offline plan, the cost model and the lab all take a `Settings`; none reads confi
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from functools import cache
@@ -588,42 +589,31 @@ def _check_replica_connections(settings: Settings) -> None:
             )
 
 
-def from_pulumi_config() -> Settings:
-    """Read the stack's `webstack:*` config through the Pulumi runtime: the program's only read."""
-    import json
-
-    import pulumi
-    from pulumi.runtime.config import get_config, is_config_secret
-
+def settings_from_config(
+    config: Mapping[str, str], *, stack: str, secret_keys: Collection[str] = ()
+) -> Settings:
+    """Settings from the engine's config map (`webstack:key` -> text, JSON for objects and
+    lists), as Pulumi hands it to the program; `secret_keys` are the map's secret keys.
+    Keys of other namespaces (`digitalocean:token`) are not ours; ours are all checked."""
     raw, secret = {}, set()
-    for key in _TOP_LEVEL_KEYS:
-        value = get_config(f"{NAMESPACE}:{key}")
-        if value is None:
+    for full_key, value in config.items():
+        namespace, _, key = full_key.partition(":")
+        if namespace != NAMESPACE:
             continue
         try:
             raw[key] = json.loads(value)
         except ValueError:
             raw[key] = value
-        if is_config_secret(f"{NAMESPACE}:{key}"):
+        if full_key in secret_keys:
             secret.add(key)
-    unknown = _unknown_config_keys()
-    if unknown:
-        raise ConfigError(unknown[0], "…", f"unknown key; known keys: {', '.join(_TOP_LEVEL_KEYS)}")
-    return load_settings(raw, stack=pulumi.get_stack(), secret_keys=frozenset(secret))
+    return load_settings(raw, stack=stack, secret_keys=frozenset(secret))
 
 
-_TOP_LEVEL_KEYS = (
-    "environment", "region", "domain", "hostname", "sshKeys", "sshPrivateKey", "adminCidrs",
-    "vpcIpRange",
-    "app", "frontend", "database", "alerts", "budget",
-)
+def from_pulumi_config() -> Settings:
+    """Read the stack's `webstack:*` config through the Pulumi runtime: the program's only read."""
+    import pulumi
+    from pulumi.runtime.config import CONFIG, is_config_secret
 
-
-def _unknown_config_keys() -> list[str]:
-    from pulumi.runtime.config import CONFIG
-
-    prefix = f"{NAMESPACE}:"
-    return sorted(
-        k[len(prefix):] for k in CONFIG.get() if k.startswith(prefix)
-        and k[len(prefix):] not in _TOP_LEVEL_KEYS
-    )
+    config = CONFIG.get()  # set by the language host before the program runs
+    return settings_from_config(
+        config, stack=pulumi.get_stack(), secret_keys=[k for k in config if is_config_secret(k)])

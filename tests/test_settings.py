@@ -119,3 +119,10 @@ def test_plan_cli_prints_one_line_error_without_traceback(tmp_path):
         "error: webstack:region: 'mars1' is not allowed; must be one of: "
         + "nyc1, nyc3, sfo2, sfo3, ams3, sgp1, lon1, fra1, tor1, blr1, syd1, atl1"]
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_program_refuses_an_unknown_top_level_key(tmp_path):
+    run = Run()
+    with pytest.raises(Exception, match=r"webstack:regoin: 'nyc3' is not allowed; unknown key"):
+        run_program(bad_stack_file(tmp_path, {"webstack:regoin": "nyc3"}), run=run)
+    assert run.resources == []

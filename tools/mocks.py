@@ -292,20 +292,10 @@ def stack_name(stack_file: Path) -> str:
 def settings_for_stack_file(stack_file: Path, *, stack: str | None = None):
     """The validated `Settings` of a stack file, as the program would load them (secrets are
     the offline placeholders of `stack_config`). Raises `ConfigError` on a bad value."""
-    from components.settings import load_settings
+    from components.settings import settings_from_config
 
     config, secret = stack_config(stack_file)
-    raw = {}
-    for key, value in config.items():
-        namespace, _, name = key.partition(":")
-        if namespace != PROJECT:
-            continue
-        try:
-            raw[name] = json.loads(value)
-        except ValueError:
-            raw[name] = value
-    secret_keys = frozenset(key.partition(":")[2] for key in secret)
-    return load_settings(raw, stack=stack or stack_name(stack_file), secret_keys=secret_keys)
+    return settings_from_config(config, stack=stack or stack_name(stack_file), secret_keys=secret)
 
 
 def _run(body: Callable[[], Any], *, stack: str, config: Mapping[str, str],
