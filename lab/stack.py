@@ -49,15 +49,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import jinja2
 import yaml
 
 from components.cloud_config import render_app_cloud_config
 from components.frontend import HTTP_IDLE_TIMEOUT
 from components.lb_nginx import render_lb_nginx_conf
+from components.render import template_environment
 from components.runtime import GUNICORN_GRACEFUL_TIMEOUT, DropletLayout
 from components.settings import Settings
-from tools.mocks import settings_for_stack_file
+from tools.mocks import find_stack_file, settings_for_stack_file
 
 ROOT = Path(__file__).resolve().parent.parent
 LABS_DIR = ROOT / ".lab"
@@ -90,26 +90,17 @@ def _load_pgcluster():
 
 
 def stack_file(stack: str) -> Path:
-    """`Pulumi.<stack>.yaml` in the repo, or `stack` itself when it is a path to a stack file."""
-    path = Path(stack)
-    if path.suffix == ".yaml" and path.is_file():
-        return path.resolve()
-    path = ROOT / f"Pulumi.{stack}.yaml"
-    if not path.is_file():
-        known = sorted(p.name[len("Pulumi."):-len(".yaml")] for p in ROOT.glob("Pulumi.*.yaml"))
-        raise SystemExit(f"no stack {stack!r}: known stacks are {', '.join(known)}")
-    return path
+    """`Pulumi.<stack>.yaml` in the repo, or a path to a stack file; exits naming the known
+    stacks when there is none (the lab's commands take it from the command line)."""
+    try:
+        return find_stack_file(stack)
+    except FileNotFoundError as error:
+        raise SystemExit(str(error)) from None
 
 
 # --------------------------------------------------------------------------- rendering
 
-_templates = jinja2.Environment(
-    loader=jinja2.FileSystemLoader(Path(__file__).parent),
-    undefined=jinja2.StrictUndefined,
-    keep_trailing_newline=True,
-    trim_blocks=True,
-    lstrip_blocks=True,
-)
+_templates = template_environment(Path(__file__).parent)
 
 
 def render_haproxy_cfg(settings: Settings, *, listen: str, servers: Iterable[tuple[str, str]],

@@ -284,6 +284,22 @@ def stack_config(path: Path) -> tuple[dict[str, str], set[str]]:
     return config, secret
 
 
+def find_stack_file(name: str) -> Path:
+    """`Pulumi.<name>.yaml` of the repository, or `name` itself when it is a path to a stack
+    file. FileNotFoundError names the known stacks."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise FileNotFoundError(f"no stack config file at {name}")
+        return path.resolve()
+    path = ROOT / f"Pulumi.{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.name[len("Pulumi."):-len(".yaml")] for p in ROOT.glob("Pulumi.*.yaml"))
+        raise FileNotFoundError(
+            f"unknown stack {name!r}; stacks: {', '.join(known)}, or a file path")
+    return path
+
+
 def stack_name(stack_file: Path) -> str:
     """The stack a `Pulumi.<stack>.yaml` file configures."""
     return stack_file.name.removeprefix("Pulumi.").removesuffix(".yaml")

@@ -25,31 +25,18 @@ if str(ROOT) not in sys.path:  # the program imports `components` as `pulumi up`
 
 from components import cost  # noqa: E402
 from components.settings import ConfigError  # noqa: E402
-from tools.mocks import Resource, Run, run_program  # noqa: E402
+from tools.mocks import Resource, Run, find_stack_file, run_program  # noqa: E402
 
 
 class PlanError(Exception):
     """The program refused the stack: bad config, or a budget it may not exceed."""
 
 
-def stack_file(name: str) -> Path:
-    path = Path(name)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise PlanError(f"no stack config file at {name}")
-        return path
-    path = ROOT / f"Pulumi.{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.name[len("Pulumi."):-len(".yaml")] for p in ROOT.glob("Pulumi.*.yaml"))
-        raise PlanError(f"unknown stack {name!r}; stacks: {', '.join(known)}, or a file path")
-    return path
-
-
 def plan(name: str) -> Run:
     """Run the program for a stack under the mocks; PlanError if the program refuses it."""
     try:
-        return run_program(stack_file(name))
-    except ConfigError as error:
+        return run_program(find_stack_file(name))
+    except (ConfigError, FileNotFoundError) as error:
         raise PlanError(str(error)) from None
     except Exception as error:  # the engine wraps what the program raised
         root = error
