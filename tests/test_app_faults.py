@@ -105,6 +105,24 @@ def test_bad_idempotency_keys_are_a_400(client, key):
     assert "Idempotency-Key" in response.get_json()["error"]
 
 
+def test_a_retry_after_a_lost_commit_reply_creates_no_duplicate(pg_cluster, proxies, make_app,
+                                                               run_sql):
+    """The issue's reproduction: the insert commits, its reply is lost, the client retries."""
+    proxy = proxies["pool"]
+    client = make_app(DATABASE_URL=_proxied(pg_cluster.urls.pool, proxy)).test_client()
+    key = str(uuid.uuid4())
+    text = f"lost reply {key}"
+    proxy.lose_commits = 1.0
+    lost = client.post("/api/notes", json={"text": text}, headers={"Idempotency-Key": key})
+    assert lost.status_code == 503 and lost.headers["Retry-After"]
+    assert run_sql("SELECT count(*) FROM notes WHERE text = %s", (text,)) == [(1,)]
+    proxy.lose_commits = 0.0
+    retried = client.post("/api/notes", json={"text": text}, headers={"Idempotency-Key": key})
+    assert retried.status_code == 201
+    assert retried.headers["Idempotent-Replayed"] == "true"
+    assert run_sql("SELECT count(*) FROM notes WHERE text = %s", (text,)) == [(1,)]
+
+
 def test_the_commit_is_the_write_s_last_round_trip(app):
     """Nothing runs on the connection after the commit (the WAL position is read before it),
     so an acknowledged commit cannot be followed by an error reply."""
