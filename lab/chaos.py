@@ -268,18 +268,33 @@ def replica_down(lab: Lab, result: Result) -> None:
                  "reads did not come back to the replica after its restart")
 
 
-def primary_restart(lab: Lab, result: Result) -> None:
-    with Load(lab.url, mixed, workers=16, rate=30, max_seconds=60) as load:
+def _outage(lab: Lab, begin: Callable[[], None], end: Callable[[], None],
+            workers: int) -> tuple[list[Sample], float, float]:
+    """Mixed load; `begin()` after 3 s, `end()` 6 s later, then until a write succeeds (at most
+    RECOVERY_SECONDS) and 3 s more. The samples and when the outage began and ended."""
+    with Load(lab.url, mixed, workers=workers, rate=30, max_seconds=60) as load:
         load.sleep(3)
-        t_stop = load.mark("stop")
-        lab.pg.stop_primary("fast")
+        began = load.mark("begin")
+        begin()
         load.sleep(6)
-        t_start = load.mark("start")
-        lab.pg.start_primary()
-        settle(lambda: any(s.tag == "write" and s.ok and s.start > t_start
+        ended = load.mark("end")
+        end()
+        settle(lambda: any(s.tag == "write" and s.ok and s.start > ended
                            for s in list(load.samples)), RECOVERY_SECONDS, "writes back")
         load.sleep(3)
-    samples = load.samples
+    return load.samples, began, ended
+
+
+def _acknowledged_missing(lab: Lab, ids: list[int]) -> list[int]:
+    with psycopg.connect(lab.pg.admin_dsn(dbname=lab.settings.database.name)) as conn:
+        found = {row[0] for row in conn.execute(
+            "SELECT id FROM notes WHERE id = ANY(%s)", (ids,))}
+    return sorted(set(ids) - found)
+
+
+def primary_restart(lab: Lab, result: Result) -> None:
+    samples, t_stop, t_start = _outage(lab, lambda: lab.pg.stop_primary("fast"),
+                                       lab.pg.start_primary, workers=16)
     result.count(samples)
     writes = [s for s in samples if s.tag == "write"]
     health = [s for s in samples if s.tag == "health"]
@@ -287,10 +302,7 @@ def primary_restart(lab: Lab, result: Result) -> None:
     recovered = [s.start - t_start for s in writes if s.ok and s.start > t_start]
     late = [s for s in writes if s.start > t_start + RECOVERY_SECONDS and not s.ok]
     slow = [s for s in _failed(samples) if s.status != 503 or s.elapsed > FAST_FAIL_SECONDS]
-    with psycopg.connect(lab.pg.admin_dsn(dbname=lab.settings.database.name)) as conn:
-        found = {row[0] for row in conn.execute(
-            "SELECT id FROM notes WHERE id = ANY(%s)", (acknowledged,))}
-    missing = sorted(set(acknowledged) - found)
+    missing = _acknowledged_missing(lab, acknowledged)
     result.details.update(
         outage_seconds=round(t_start - t_stop, 1),
         health=counts(health),
@@ -466,29 +478,17 @@ def db_brownout(lab: Lab, result: Result) -> None:
                  f"requests still failed {BROWNOUT_RECOVERY_SECONDS:.0f} s after the delay ended")
 
 
-def _acknowledged_missing(lab: Lab, ids: list[int]) -> list[int]:
-    with psycopg.connect(lab.pg.admin_dsn(dbname=lab.settings.database.name)) as conn:
-        found = {row[0] for row in conn.execute(
-            "SELECT id FROM notes WHERE id = ANY(%s)", (ids,))}
-    return sorted(set(ids) - found)
-
-
 def primary_read_only(lab: Lab, result: Result) -> None:
     pool = lab.proxies["pool"]
     home = pool.target
     standby = make_url(lab.pg.urls.replicas[-1])
-    with Load(lab.url, mixed, workers=8, rate=30, max_seconds=60) as load:
-        load.sleep(3)
-        t_ro = load.mark("read-only")
+
+    def read_only() -> None:
         pool.retarget((standby.host, standby.port))
         pool.drop()
-        load.sleep(6)
-        t_back = load.mark("back")
-        pool.retarget(home)  # the app's connections to the standby stay open: it must drop them
-        settle(lambda: any(s.tag == "write" and s.ok and s.start > t_back
-                           for s in list(load.samples)), RECOVERY_SECONDS, "writes back")
-        load.sleep(3)
-    samples = load.samples
+
+    # Back: the app's connections to the standby stay open; it must drop them itself.
+    samples, t_ro, t_back = _outage(lab, read_only, lambda: pool.retarget(home), workers=8)
     result.count(samples)
     writes = [s for s in samples if s.tag == "write"]
     refused = [s for s in writes if t_ro + 1 < s.start < t_back and not s.ok]
