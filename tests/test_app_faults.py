@@ -139,23 +139,26 @@ def test_the_commit_is_the_write_s_last_round_trip(app):
 
 def test_work_slots_queue_behind_busy_work_and_refuse_behind_stuck_work():
     slots = WorkSlots(1, patience=0.3)
-    release = threading.Event()
+    entered, release = threading.Event(), threading.Event()
 
     def hold():
         with slots.hold():
+            entered.set()
             release.wait()
 
     holder = threading.Thread(target=hold)
     holder.start()
-    time.sleep(0.05)
+    entered.wait()
     threading.Timer(0.1, release.set).start()
     with slots.hold():  # busy work ends within the patience: this waits, then gets the slot
-        assert slots.in_use == 1
+        assert release.is_set() and slots.in_use == 1
     holder.join()
 
+    entered.clear()
     release.clear()
     holder = threading.Thread(target=hold)
     holder.start()
+    entered.wait()
     time.sleep(0.4)  # now held past the patience: stuck
     with pytest.raises(Saturated):
         with slots.hold():
