@@ -138,7 +138,7 @@ def test_the_commit_is_the_write_s_last_round_trip(app):
 
 
 def test_work_slots_queue_behind_busy_work_and_refuse_behind_stuck_work():
-    slots = WorkSlots(1, patience=0.3)
+    slots = WorkSlots(1, patience=1.0)
     entered, release = threading.Event(), threading.Event()
 
     def hold():
@@ -159,7 +159,7 @@ def test_work_slots_queue_behind_busy_work_and_refuse_behind_stuck_work():
     holder = threading.Thread(target=hold)
     holder.start()
     entered.wait()
-    time.sleep(0.4)  # now held past the patience: stuck
+    time.sleep(1.1)  # now held past the patience: stuck
     with pytest.raises(Saturated):
         with slots.hold():
             pass
