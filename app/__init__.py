@@ -46,6 +46,7 @@ def create_app(config: Mapping[str, object] | None = None) -> Flask:
     # One proxy hop in front of gunicorn (nginx, which passes on the load balancer's
     # X-Forwarded-Proto): trust exactly one X-Forwarded-For/-Proto/-Host value.
     app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1)
+    app.url_map.converters["id"] = api.NoteIdConverter
 
     app_metrics = metrics.Metrics()
     database = Database(settings, on_fallback=app_metrics.count_fallback)

@@ -11,6 +11,9 @@ Environment variables, with defaults:
 - ``DB_STATEMENT_TIMEOUT_MS`` (3000): server-side limit per statement; the client gives up on a
   round trip one second later (see ``app.db``).
 - ``DB_REPLICA_RETRY_SECONDS`` (5): how long a replica that failed is skipped for reads.
+- ``DB_CONCURRENCY_LIMIT`` (pool size + overflow): threads per process that may do database
+  work at once; keep it below gunicorn's thread count, so a thread stays free for ``/healthz``
+  (see ``app.db``, "Bounded database work").
 
 URLs may use the ``postgres://`` or ``postgresql://`` schemes DigitalOcean hands out.
 """
@@ -47,6 +50,7 @@ class Settings:
     connect_timeout: int = 2
     statement_timeout_ms: int = 3000
     replica_retry_seconds: float = 5.0
+    concurrency_limit: int = 4
 
     @classmethod
     def from_mapping(cls, source: Mapping[str, object], *, testing: bool = False) -> Settings:
@@ -60,6 +64,8 @@ class Settings:
         if not database_url:
             raise ConfigError("DATABASE_URL is required (postgresql://user:pass@host:port/db)")
         replicas = str(source.get("DATABASE_REPLICA_URLS") or "")
+        pool_size = _number(source, "DB_POOL_SIZE", int, cls.pool_size, minimum=1)
+        max_overflow = _number(source, "DB_MAX_OVERFLOW", int, cls.max_overflow, minimum=0)
         return cls(
             database_url=sqlalchemy_url(str(database_url), "DATABASE_URL"),
             replica_urls=tuple(
@@ -68,8 +74,8 @@ class Settings:
                 if url.strip()
             ),
             secret_key=secret_key,
-            pool_size=_number(source, "DB_POOL_SIZE", int, cls.pool_size, minimum=1),
-            max_overflow=_number(source, "DB_MAX_OVERFLOW", int, cls.max_overflow, minimum=0),
+            pool_size=pool_size,
+            max_overflow=max_overflow,
             pool_timeout=_number(source, "DB_POOL_TIMEOUT", float, cls.pool_timeout, minimum=0.1),
             connect_timeout=_number(
                 source, "DB_CONNECT_TIMEOUT", int, cls.connect_timeout, minimum=1
@@ -79,6 +85,9 @@ class Settings:
             ),
             replica_retry_seconds=_number(
                 source, "DB_REPLICA_RETRY_SECONDS", float, cls.replica_retry_seconds, minimum=0
+            ),
+            concurrency_limit=_number(
+                source, "DB_CONCURRENCY_LIMIT", int, pool_size + max_overflow, minimum=1
             ),
         )
 

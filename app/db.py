@@ -1,20 +1,37 @@
 """Database access: the primary for writes, replicas for reads, and the routing between them.
 
 Routing and read-your-writes
-    Writes run on the primary (``DATABASE_URL``). After the commit, the primary's WAL insert
-    position (``pg_current_wal_insert_lsn()``: past the commit record even with asynchronous
-    commit) is returned to the caller, which keeps it in the client's signed session cookie.
-    A read takes the replicas in round-robin order and uses the first that answers and has
-    replayed at least that position (``pg_last_wal_replay_lsn()``); if none qualifies it runs on
-    the primary and ``on_fallback`` is told why ("lagging" or "unavailable"). A replica that
-    fails is skipped for ``replica_retry_seconds``. So a client always sees its own writes,
-    while other clients read from replicas that may lag.
+    Writes run on the primary (``DATABASE_URL``). The last statement of a write's own
+    transaction reads the primary's WAL insert position (``pg_current_wal_insert_lsn()``), so
+    the commit is the last round trip: once it is acknowledged nothing can fail any more. The
+    caller keeps that position in the client's signed session cookie. A read takes the replicas
+    in round-robin order and uses the first that answers and has replayed past that position
+    (``pg_last_wal_replay_lsn()``); if none qualifies it runs on the primary and
+    ``on_fallback`` is told why ("lagging" or "unavailable"). A replica that fails is skipped
+    for ``replica_retry_seconds``, except as a last resort: when the primary fails too, the
+    skipped replicas are tried before the read fails. So a client sees its own writes, while
+    other clients read from replicas that may lag.
+
+Fail-over
+    A write transaction that finds its server in recovery (a demoted primary after a
+    fail-over, a stale pool or DNS entry) raises ``NotPrimary`` before it changes anything,
+    and the connection is dropped from the pool, so the next attempt connects afresh (after a
+    DigitalOcean fail-over the same host name leads to the new primary).
+
+Bounded database work (why ``/healthz`` stays fast while the database is stuck)
+    gunicorn's threads serve both the database routes and ``/healthz``. At most
+    ``concurrency_limit`` threads of a process do database work at once; gunicorn runs one
+    more thread than that (``components/runtime.py``), so a thread is always free for
+    ``/healthz``. A thread that finds every slot taken waits for one, but only while the
+    oldest holder has held its slot less than ``SLOW_WORK_SECONDS``: while the database is
+    healthy, bursts queue briefly as before; while it is stuck, further work is refused at
+    once with ``Saturated`` (a 503 with ``Retry-After``) instead of tying up the spare thread.
 
 Every transaction starts with one statement that sets the statement timeout for the
 transaction only (``SET LOCAL`` semantics, the only kind PgBouncer's transaction mode keeps)
 and reports whether the server is in recovery and how far it has replayed. That same answer
 names the server in ``Result.served_by``: "primary" when the server is not in recovery, else
-the replica's name ("replica-0", ...).
+the replica's name ("replica-0", ...) or "primary-in-recovery".
 
 Fork safety: engines are created by ``create_app`` and must not cross a fork. Run gunicorn
 without ``preload_app``, or call ``Database.dispose()`` in gunicorn's ``post_fork`` hook.
@@ -24,8 +41,10 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -47,6 +66,17 @@ UNAVAILABLE = (OperationalError, PoolTimeoutError)
 
 ROUND_TRIP_MARGIN = 1.0
 """Seconds the client waits for a reply beyond the server's statement timeout."""
+
+SLOW_WORK_SECONDS = 0.5
+"""Database work held longer than this is stuck, not busy: nobody waits behind it."""
+
+
+class NotPrimary(Exception):
+    """``DATABASE_URL`` led to a server in recovery: no write is possible there."""
+
+
+class Saturated(Exception):
+    """Every database slot of this process is held by stuck work."""
 
 _START = text(
     "SELECT set_config('statement_timeout', :timeout, true),"
@@ -108,12 +138,14 @@ class Node:
 
 def make_engine(url: URL, settings: Settings) -> Engine:
     """An engine with pre-ping, bounded pool waits and a client-side deadline per round trip.
+    Errors never show statement parameters (they carry note text).
 
     Prepared statements are off (``prepare_threshold=None``): PgBouncer in transaction mode
     may run each transaction on a different server connection.
     """
     engine = create_engine(
         url,
+        hide_parameters=True,  # no note text or key in a logged error
         pool_pre_ping=True,
         pool_size=settings.pool_size,
         max_overflow=settings.max_overflow,
@@ -135,6 +167,41 @@ def make_engine(url: URL, settings: Settings) -> Engine:
     return engine
 
 
+class WorkSlots:
+    """At most ``limit`` threads in database work at once; waiting only behind work that moves.
+
+    ``hold()`` waits for a free slot while the oldest holder has held its slot for less than
+    ``patience`` seconds, and raises ``Saturated`` otherwise.
+    """
+
+    def __init__(self, limit: int, patience: float = SLOW_WORK_SECONDS) -> None:
+        self.limit = limit
+        self._patience = patience
+        self._held: dict[object, float] = {}
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        token = object()
+        with self._changed:
+            while len(self._held) >= self.limit:
+                wait = min(self._held.values()) + self._patience - time.monotonic()
+                if wait <= 0:
+                    raise Saturated(f"all {self.limit} database slots held by stuck work")
+                self._changed.wait(wait)
+            self._held[token] = time.monotonic()
+        try:
+            yield
+        finally:
+            with self._changed:
+                del self._held[token]
+                self._changed.notify()
+
+    @property
+    def in_use(self) -> int:
+        return len(self._held)
+
+
 class Database:
     """The primary and the replicas of one app, and the read/write routing between them."""
 
@@ -148,52 +215,70 @@ class Database:
         self._retry_seconds = settings.replica_retry_seconds
         self._on_fallback = on_fallback
         self._turn = itertools.count()
+        self.slots = WorkSlots(settings.concurrency_limit)
 
     @property
     def nodes(self) -> list[Node]:
         return [self.primary, *self.replicas]
 
     def write(self, work: Callable[[Connection], T]) -> Result[T]:
-        """Run ``work`` in a transaction on the primary; ``lsn`` is the WAL position after it."""
-        with self.primary.engine.connect() as conn:
+        """Run ``work`` in a transaction on the primary; ``lsn`` is the WAL position it reached.
+
+        Raises ``NotPrimary`` (and drops the connection) when the server is in recovery.
+        """
+        with self.slots.hold(), self.primary.engine.connect() as conn:
             with conn.begin():
-                served_by = self._start(conn, self.primary)[0]
+                self._require_primary(conn)
                 value = work(conn)
-            lsn = parse_lsn(conn.scalar(_WAL_POSITION))
-            conn.commit()
-        return Result(value, served_by, lsn)
+                lsn = parse_lsn(conn.scalar(_WAL_POSITION))
+        return Result(value, "primary", lsn)
 
     def read(self, work: Callable[[Connection], T], min_lsn: int = 0) -> Result[T]:
-        """Run ``work`` on a replica that has replayed ``min_lsn``, else on the primary."""
-        lagging = False
-        for node in self._replica_order():
-            if node.skip_until > time.monotonic():
-                continue
+        """Run ``work`` on a replica that has replayed past ``min_lsn``, else on the primary;
+        when the primary fails too, on a replica that was being skipped."""
+        lagging, skipped = False, []
+        with self.slots.hold():
+            for node in self._replica_order():
+                if node.skip_until > time.monotonic():
+                    skipped.append(node)
+                    continue
+                try:
+                    result = self._read_replica(node, work, min_lsn)
+                except UNAVAILABLE:
+                    continue
+                if result is not None:
+                    return result
+                lagging = True
+            if self.replicas:
+                self._on_fallback("lagging" if lagging else "unavailable")
             try:
-                with node.engine.begin() as conn:
-                    served_by, replayed = self._start(conn, node)
-                    if replayed < min_lsn:
-                        lagging = True
-                        continue
-                    return Result(work(conn), served_by)
-            except UNAVAILABLE as exc:
-                node.skip_until = time.monotonic() + self._retry_seconds
-                log.warning("%s failed, reading elsewhere: %s", node.name, _cause(exc))
-        if self.replicas:
-            self._on_fallback("lagging" if lagging else "unavailable")
-        return self.read_primary(work)
+                return self._read_primary(work)
+            except UNAVAILABLE:
+                for node in skipped:
+                    with suppress(*UNAVAILABLE):
+                        if (result := self._read_replica(node, work, min_lsn)) is not None:
+                            log.warning("primary unavailable, read served by %s", node.name)
+                            return result
+                raise
 
     def read_primary(self, work: Callable[[Connection], T]) -> Result[T]:
         """Run ``work`` in a transaction on the primary."""
-        with self.primary.engine.begin() as conn:
-            served_by = self._start(conn, self.primary)[0]
-            return Result(work(conn), served_by)
+        with self.slots.hold():
+            return self._read_primary(work)
 
     def probe(self, node: Node) -> dict[str, object]:
-        """Readiness of one server: reachable, and in recovery or not."""
+        """Readiness of one server: reachable, and in recovery or not. The primary's answer
+        names the reason when it cannot take writes."""
         try:
-            with node.engine.begin() as conn:
+            with self.slots.hold(), node.engine.begin() as conn:
+                if node is self.primary:
+                    self._require_primary(conn)
+                    return {"ok": True, "role": "primary"}
                 served_by = self._start(conn, node)[0]
+        except NotPrimary:
+            return {"ok": False, "role": "replica", "error": "in recovery: cannot take writes"}
+        except Saturated:
+            return {"ok": False, "error": "busy: every database slot is held by stuck work"}
         except UNAVAILABLE as exc:
             return {"ok": False, "error": type(_cause(exc)).__name__}
         return {"ok": True, "role": "primary" if served_by == "primary" else "replica"}
@@ -209,11 +294,43 @@ class Database:
         first = next(self._turn) % len(self.replicas)
         return self.replicas[first:] + self.replicas[:first]
 
+    def _read_replica(self, node: Node, work: Callable[[Connection], T],
+                      min_lsn: int) -> Result[T] | None:
+        """``work`` on ``node`` if it has replayed past ``min_lsn``; None if it lags. A failure
+        marks the replica skipped for the retry window and is raised."""
+        try:
+            with node.engine.begin() as conn:
+                served_by, replayed = self._start(conn, node)
+                if min_lsn and replayed <= min_lsn:
+                    return None
+                return Result(work(conn), served_by)
+        except UNAVAILABLE as exc:
+            node.skip_until = time.monotonic() + self._retry_seconds
+            log.warning("%s failed, reading elsewhere: %s", node.name, _cause(exc))
+            raise
+
+    def _read_primary(self, work: Callable[[Connection], T]) -> Result[T]:
+        with self.primary.engine.begin() as conn:
+            served_by = self._start(conn, self.primary)[0]
+            return Result(work(conn), served_by)
+
+    def _require_primary(self, conn: Connection) -> None:
+        """Begin a transaction on the primary's URL; if that server is in recovery, drop the
+        connection (the next checkout connects afresh) and raise ``NotPrimary``."""
+        if self._start(conn, self.primary)[0] != "primary":
+            conn.invalidate()
+            raise NotPrimary("DATABASE_URL leads to a server in recovery")
+
     def _start(self, conn: Connection, node: Node) -> tuple[str, int]:
-        """Begin a transaction: set its statement timeout; return (served_by, replayed LSN)."""
+        """Begin a transaction: set its statement timeout; return (served_by, replayed LSN).
+        served_by is "primary" for a server not in recovery, else the node's name, and
+        "primary-in-recovery" for the primary's URL leading to a server in recovery."""
         row = conn.execute(_START, {"timeout": self._statement_timeout}).one()
         in_recovery, replayed = row[1], row[2]
-        served_by = node.name if in_recovery else "primary"
+        if not in_recovery:
+            served_by = "primary"
+        else:
+            served_by = "primary-in-recovery" if node is self.primary else node.name
         return served_by, parse_lsn(replayed) if replayed else 0
 
 

@@ -3,15 +3,17 @@
 from flask import Flask, Response, current_app, jsonify
 from werkzeug.exceptions import HTTPException
 
-from app.db import UNAVAILABLE
+from app.db import UNAVAILABLE, NotPrimary, Saturated
 
 DATABASE_RETRY_AFTER = "5"
+BUSY_RETRY_AFTER = "1"
 
 
 def register(app: Flask) -> None:
     app.register_error_handler(HTTPException, _http_error)
-    for error in UNAVAILABLE:
+    for error in (*UNAVAILABLE, NotPrimary):
         app.register_error_handler(error, _database_unavailable)
+    app.register_error_handler(Saturated, _database_busy)
     app.register_error_handler(Exception, _unexpected)
 
 
@@ -26,6 +28,11 @@ def _http_error(error: HTTPException) -> Response:
 def _database_unavailable(error: Exception) -> tuple[Response, int, dict[str, str]]:
     current_app.logger.warning("database unavailable: %s", getattr(error, "orig", None) or error)
     return jsonify(error="database unavailable"), 503, {"Retry-After": DATABASE_RETRY_AFTER}
+
+
+def _database_busy(error: Saturated) -> tuple[Response, int, dict[str, str]]:
+    current_app.logger.warning("database busy: %s", error)
+    return jsonify(error="database busy"), 503, {"Retry-After": BUSY_RETRY_AFTER}
 
 
 def _unexpected(error: Exception) -> tuple[Response, int]:

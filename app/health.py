@@ -1,8 +1,10 @@
 """Liveness and readiness.
 
 ``/healthz`` is the load balancer's check: it answers from the process alone, so a database
-outage or failover cannot mark every droplet down at once. ``/readyz`` reports each database
-server for monitoring and deploy checks: 503 when the primary does not answer.
+outage or failover cannot mark every droplet down at once, and it gets a thread even while
+every database request is stuck (``app.db``, "Bounded database work"). It fails when gunicorn
+cannot serve. ``/readyz`` reports each database server for monitoring and deploy checks: 503
+when the primary does not answer or cannot take writes (in recovery), with the reason.
 """
 
 from flask import Blueprint, Response, current_app, jsonify

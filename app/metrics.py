@@ -31,6 +31,10 @@ from app.db import Database
 
 bp = Blueprint("metrics", __name__)
 
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+"""Methods counted under their own name; any other is counted as "other" (a client can send
+any token as a method, and each label value is a series kept for the process's life)."""
+
 
 class PoolCollector(Collector):
     """Connection pool usage of each engine, read at scrape time."""
@@ -104,7 +108,8 @@ class Metrics:
 
     def _observe(self, response: Response) -> Response:
         endpoint = request.url_rule.rule if request.url_rule else "unmatched"
-        labels = (endpoint, request.method, str(response.status_code))
+        method = request.method if request.method in METHODS else "other"
+        labels = (endpoint, method, str(response.status_code))
         self.requests.labels(*labels).inc()
         started = g.get("request_started")
         if started is not None:

@@ -183,6 +183,7 @@ def render_app_env(
         migration_url=migration_url and _quote("migration_url", migration_url),
         workers=settings.app.workers,
         threads=settings.app.gunicorn_threads,
+        gunicorn_threads=gunicorn_threads(settings.app.gunicorn_threads),
         timeout=GUNICORN_TIMEOUT,
         graceful_timeout=GUNICORN_GRACEFUL_TIMEOUT,
         keepalive=GUNICORN_KEEPALIVE,
@@ -191,6 +192,13 @@ def render_app_env(
         db_statement_timeout_ms=DB_STATEMENT_TIMEOUT_MS,
         db_replica_retry_seconds=DB_REPLICA_RETRY_SECONDS,
     )
+
+
+def gunicorn_threads(threads: int) -> int:
+    """gunicorn's threads per worker for `threads` request threads: one more, which database
+    work never takes (DB_CONCURRENCY_LIMIT, app/db.py), so /healthz is answered while the
+    database is stuck. 1 stays 1: sync workers, no spare thread (the bench's comparison)."""
+    return threads + 1 if threads > 1 else 1
 
 
 _ESCAPES = str.maketrans({c: "\\" + c for c in '\\"$`'})

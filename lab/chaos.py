@@ -26,6 +26,19 @@ a table goes to stdout. Exit status 1 when a criterion fails.
 7 pool-limit        mostly writes from 3 x pool-size concurrent clients: the primary never
                     holds more app connections than the pool size, each replica no more than
                     its plan allows, and every request ends in a bounded time (no hang).
+8 db-brownout       every packet between the droplets and the database 2 s late, under mixed
+                    load: no droplet leaves the load balancer (/healthz fast throughout),
+                    database routes fail fast (503s, half within 1 s, all within the app's
+                    deadlines), every request succeeds from 5 s after the delay ends.
+9 primary-read-only the write endpoint leads to a node in recovery (open connections cut),
+                    then back (open connections left where they are): no 500, no
+                    acknowledged write lost, writes succeed again without restarting the app.
+10 retry-after-commit 30% of the commit replies are lost on their way to the app (the note is
+                    committed, the client gets an error); clients retry with their
+                    Idempotency-Key: every acknowledged note exists exactly once, and no
+                    key made two notes.
+
+The droplets reach the database through one delay proxy per endpoint (`lab/proxy.py`).
 """
 
 from __future__ import annotations
@@ -37,6 +50,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -44,6 +58,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
+from sqlalchemy.engine import make_url
 
 from components.runtime import (
     DB_CONNECT_TIMEOUT,
@@ -53,7 +68,7 @@ from components.runtime import (
 )
 from components.settings import database_size, pool_connection_budget
 from lab.load import FAILURES, Client, Load, Request, Sample, counts
-from lab.stack import LABS_DIR, ROOT, Lab, stack_file, stop_lab, wait_until
+from lab.stack import LABS_DIR, ROOT, Lab, http_status, stack_file, stop_lab, wait_until
 
 FAST_FAIL_SECONDS = DB_POOL_TIMEOUT + DB_CONNECT_TIMEOUT + DB_STATEMENT_TIMEOUT_MS / 1000 + 1
 """The longest a request may take when the database is slow or away: the app's own waits
@@ -61,6 +76,12 @@ FAST_FAIL_SECONDS = DB_POOL_TIMEOUT + DB_CONNECT_TIMEOUT + DB_STATEMENT_TIMEOUT_
 RECOVERY_SECONDS = 15.0
 """Writes must succeed again this soon after the primary is back."""
 REPLICA_LAG_SECONDS = 1.5
+BROWNOUT_DELAY = 2.0
+"""Seconds added to every packet between the droplets and the database in db-brownout."""
+BROWNOUT_RECOVERY_SECONDS = 5.0
+BROWNOUT_FAIL_SECONDS = 2 * FAST_FAIL_SECONDS
+"""The longest a request may take in a brown-out: a read waits out a replica's deadlines, then
+the primary's. Most are refused far sooner (every database slot held: a 503 at once)."""
 
 
 def read(n: int) -> Request:
@@ -250,18 +271,33 @@ def replica_down(lab: Lab, result: Result) -> None:
                  "reads did not come back to the replica after its restart")
 
 
-def primary_restart(lab: Lab, result: Result) -> None:
-    with Load(lab.url, mixed, workers=16, rate=30, max_seconds=60) as load:
+def _outage(lab: Lab, begin: Callable[[], None], end: Callable[[], None],
+            workers: int) -> tuple[list[Sample], float, float]:
+    """Mixed load; `begin()` after 3 s, `end()` 6 s later, then until a write succeeds (at most
+    RECOVERY_SECONDS) and 3 s more. The samples and when the outage began and ended."""
+    with Load(lab.url, mixed, workers=workers, rate=30, max_seconds=60) as load:
         load.sleep(3)
-        t_stop = load.mark("stop")
-        lab.pg.stop_primary("fast")
+        began = load.mark("begin")
+        begin()
         load.sleep(6)
-        t_start = load.mark("start")
-        lab.pg.start_primary()
-        settle(lambda: any(s.tag == "write" and s.ok and s.start > t_start
+        ended = load.mark("end")
+        end()
+        settle(lambda: any(s.tag == "write" and s.ok and s.start > ended
                            for s in list(load.samples)), RECOVERY_SECONDS, "writes back")
         load.sleep(3)
-    samples = load.samples
+    return load.samples, began, ended
+
+
+def _acknowledged_missing(lab: Lab, ids: list[int]) -> list[int]:
+    with psycopg.connect(lab.pg.admin_dsn(dbname=lab.settings.database.name)) as conn:
+        found = {row[0] for row in conn.execute(
+            "SELECT id FROM notes WHERE id = ANY(%s)", (ids,))}
+    return sorted(set(ids) - found)
+
+
+def primary_restart(lab: Lab, result: Result) -> None:
+    samples, t_stop, t_start = _outage(lab, lambda: lab.pg.stop_primary("fast"),
+                                       lab.pg.start_primary, workers=16)
     result.count(samples)
     writes = [s for s in samples if s.tag == "write"]
     health = [s for s in samples if s.tag == "health"]
@@ -269,10 +305,7 @@ def primary_restart(lab: Lab, result: Result) -> None:
     recovered = [s.start - t_start for s in writes if s.ok and s.start > t_start]
     late = [s for s in writes if s.start > t_start + RECOVERY_SECONDS and not s.ok]
     slow = [s for s in _failed(samples) if s.status != 503 or s.elapsed > FAST_FAIL_SECONDS]
-    with psycopg.connect(lab.pg.admin_dsn(dbname=lab.settings.database.name)) as conn:
-        found = {row[0] for row in conn.execute(
-            "SELECT id FROM notes WHERE id = ANY(%s)", (acknowledged,))}
-    missing = sorted(set(acknowledged) - found)
+    missing = _acknowledged_missing(lab, acknowledged)
     result.details.update(
         outage_seconds=round(t_start - t_stop, 1),
         health=counts(health),
@@ -374,6 +407,181 @@ def pool_limit(lab: Lab, result: Result) -> None:
     result.check(not bad, f"{len(bad)} failures other than a fast 503")
 
 
+def _probe_droplets(lab: Lab, stop: threading.Event, seen: list[tuple[str, float, int | None]]):
+    """The load balancer's view, from outside: each droplet's /healthz every half second, with
+    the health check's timeout; (droplet, seconds, status or None)."""
+    timeout = lab.settings.frontend.health_check.timeout_seconds
+    while not stop.wait(0.5):
+        for droplet in lab.droplets:
+            started = time.monotonic()
+            status = http_status(droplet.site, timeout=timeout)
+            seen.append((droplet.name, time.monotonic() - started, status))
+
+
+def _lb_down(lab: Lab, stop: threading.Event, down: set[str]) -> None:
+    """Managed frontend: droplets HAProxy marked DOWN at any moment."""
+    while not stop.wait(0.2):
+        down |= {name for name, row in lab.backend_servers().items()
+                 if row["status"].startswith("DOWN")}
+
+
+def db_brownout(lab: Lab, result: Result) -> None:
+    probes: list[tuple[str, float, int | None]] = []
+    down: set[str] = set()
+    stop = threading.Event()
+    watchers = [threading.Thread(target=_probe_droplets, args=(lab, stop, probes), daemon=True)]
+    if lab.mode == "managed":
+        watchers.append(threading.Thread(target=_lb_down, args=(lab, stop, down), daemon=True))
+    for thread in watchers:
+        thread.start()
+    try:
+        with Load(lab.url, mixed, workers=16, rate=30, max_seconds=40,
+                  timeout=FAST_FAIL_SECONDS + 5) as load:
+            load.sleep(3)
+            t_slow = load.mark("slow")
+            for proxy in lab.proxies.values():
+                proxy.delay = BROWNOUT_DELAY
+            load.sleep(10)
+            t_end = load.mark("end")
+            for proxy in lab.proxies.values():
+                proxy.delay = 0
+            load.sleep(BROWNOUT_RECOVERY_SECONDS + 5)
+    finally:
+        stop.set()
+        for proxy in lab.proxies.values():
+            proxy.delay = 0
+        for thread in watchers:
+            thread.join()
+    samples = load.samples
+    result.count(samples)
+    during = [s for s in samples if t_slow < s.start < t_end]
+    late = [s for s in samples if s.start > t_end + BROWNOUT_RECOVERY_SECONDS]
+    slow_probes = [p for p in probes if p[2] != 200]
+    hc = lab.settings.frontend.health_check
+    result.details.update(
+        delay_seconds=BROWNOUT_DELAY, during=counts(during),
+        health_during=counts(s for s in during if s.tag == "health"),
+        db_route_max_seconds=round(max((s.elapsed for s in during if s.tag != "health"),
+                                       default=0), 2),
+        health_max_seconds=round(max((s.elapsed for s in samples if s.tag == "health"),
+                                     default=0), 2),
+        droplet_probes=len(probes), droplet_probe_failures=len(slow_probes),
+        droplet_probe_max_seconds=round(max((p[1] for p in probes), default=0), 2),
+        marked_down=sorted(down), after_recovery=counts(late),
+    )
+    result.check(bool(probes) and not slow_probes,
+                 f"{len(slow_probes)} droplet /healthz probes failed or took over "
+                 f"{hc.timeout_seconds} s")
+    result.check(not down, f"the load balancer marked {sorted(down)} down")
+    result.check(all(s.ok for s in samples if s.tag == "health"), "/healthz failed via the LB")
+    failed = sorted(s.elapsed for s in _failed(samples))
+    bad = [s for s in _failed(samples) if s.status != 503 or s.elapsed > BROWNOUT_FAIL_SECONDS]
+    result.details["failure_p50_seconds"] = round(failed[len(failed) // 2], 2) if failed else None
+    result.check(not bad, f"{len(bad)} failures were not a 503 within "
+                          f"{BROWNOUT_FAIL_SECONDS:.0f} s")
+    result.check(bool(failed) and failed[len(failed) // 2] < 1,
+                 "the median failure took 1 s or more: database routes did not fail fast")
+    result.check(bool(late) and all(s.ok for s in late),
+                 f"requests still failed {BROWNOUT_RECOVERY_SECONDS:.0f} s after the delay ended")
+
+
+def primary_read_only(lab: Lab, result: Result) -> None:
+    pool = lab.proxies["pool"]
+    home = pool.target
+    standby = make_url(lab.pg.urls.replicas[-1])
+
+    def read_only() -> None:
+        pool.retarget((standby.host, standby.port))
+        pool.drop()
+
+    # Back: the app's connections to the standby stay open; it must drop them itself.
+    samples, t_ro, t_back = _outage(lab, read_only, lambda: pool.retarget(home), workers=8)
+    result.count(samples)
+    writes = [s for s in samples if s.tag == "write"]
+    refused = [s for s in writes if t_ro + 1 < s.start < t_back and not s.ok]
+    recovered = [s.start - t_back for s in writes if s.ok and s.start > t_back]
+    late = [s for s in writes if s.start > t_back + RECOVERY_SECONDS and not s.ok]
+    acknowledged = [s.json()["id"] for s in writes if s.status == 201]
+    missing = _acknowledged_missing(lab, acknowledged)
+    result.details.update(
+        read_only_seconds=round(t_back - t_ro, 1), writes=counts(writes),
+        writes_refused_while_read_only=len(refused),
+        statuses=dict(Counter(s.status for s in samples)),
+        writes_recovered_after_seconds=round(min(recovered), 1) if recovered else None,
+        acknowledged_writes=len(acknowledged), missing_after=missing[:20],
+    )
+    result.check(not [s for s in samples if s.status == 500], "a request got a 500")
+    result.check(all(s.status == 503 for s in _failed(samples)), "failures other than 503")
+    result.check(bool(refused), "no write was refused: the endpoint never was in recovery")
+    result.check(bool(recovered) and not late,
+                 f"writes did not recover within {RECOVERY_SECONDS:.0f} s")
+    result.check(bool(acknowledged) and not missing,
+                 f"{len(missing)} acknowledged writes missing")
+
+
+def retry_after_commit(lab: Lab, result: Result, clients: int = 8, seconds: float = 8) -> None:
+    """Each client creates notes one after the other, retrying each (same key, same body) on
+    any failure until it gets an answer, as the README's retry contract says."""
+    run = uuid.uuid4().hex[:8]
+    outcomes: dict[str, list[Sample]] = {}
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def client(number: int) -> None:
+        web = Client(lab.url, cookies=False)
+        n = 0
+        while time.monotonic() < deadline:
+            key = f"{run}-{number}-{n}"
+            body = json.dumps({"text": f"retry {key}"}).encode()
+            attempts = []
+            for _ in range(20):
+                sample = web.send(Request("POST", "/api/notes", body, tag="write",
+                                          headers={"Idempotency-Key": key}))
+                attempts.append(sample)
+                if sample.status in (201, 422):
+                    break
+                time.sleep(0.2)
+            with lock:
+                outcomes[key] = attempts
+            n += 1
+
+    pool = lab.proxies["pool"]
+    pool.lose_commits = 0.3
+    try:
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        pool.lose_commits = 0.0
+    samples = [s for attempts in outcomes.values() for s in attempts]
+    result.count(samples)
+    acknowledged = {key: [s.json()["id"] for s in attempts if s.status == 201]
+                    for key, attempts in outcomes.items()}
+    with psycopg.connect(lab.pg.admin_dsn(dbname=lab.settings.database.name)) as conn:
+        rows = conn.execute("SELECT text, array_agg(id) FROM notes WHERE text LIKE %s"
+                            " GROUP BY text", (f"retry {run}-%",)).fetchall()
+    stored = {text.removeprefix("retry "): ids for text, ids in rows}
+    twice = sorted(key for key, ids in stored.items() if len(ids) > 1)
+    wrong = sorted(key for key, ids in acknowledged.items()
+                   if ids and (len(set(ids)) != 1 or stored.get(key) != ids[:1]))
+    unanswered = sorted(key for key, ids in acknowledged.items() if not ids)
+    replayed = sum(1 for attempts in outcomes.values()
+                   if len(attempts) > 1 and attempts[-1].status == 201
+                   and attempts[-1].header("Idempotent-Replayed") == "true")
+    result.details.update(
+        notes=len(outcomes), attempts=len(samples),
+        statuses=dict(Counter(s.status for s in samples)),
+        retried_and_replayed=replayed, never_acknowledged=unanswered[:20],
+        stored_twice=twice[:20], acknowledged_but_not_stored_once=wrong[:20],
+    )
+    result.check(not twice, f"{len(twice)} keys made more than one note")
+    result.check(not wrong, f"{len(wrong)} acknowledged notes not stored exactly once")
+    result.check(not unanswered, f"{len(unanswered)} notes never acknowledged after 20 tries")
+    result.check(replayed > 0, "no retry met a committed note: the fault was not injected")
+
+
 SCENARIOS: list[tuple[str, Callable[[Lab, Result], None], str]] = [
     ("kill-droplet", kill_droplet,
      "kill -9 one droplet's gunicorn+nginx under GET load: nginx frontend 0 failed requests; "
@@ -398,6 +606,20 @@ SCENARIOS: list[tuple[str, Callable[[Lab, Result], None], str]] = [
      "3 x pool size concurrent clients: app connections on the primary <= pool size, on a "
      f"replica <= its plan's budget; every request within {FAST_FAIL_SECONDS:.0f} s, "
      "failures only 503"),
+    ("db-brownout", db_brownout,
+     f"every database packet {BROWNOUT_DELAY:.0f} s late for 10 s under mixed load: every "
+     "droplet's /healthz 200 within the health check's timeout and none marked down; "
+     f"failures only 503s, half of them within 1 s, all within {BROWNOUT_FAIL_SECONDS:.0f} s "
+     "(a replica's deadlines, then the primary's); every request succeeds from "
+     f"{BROWNOUT_RECOVERY_SECONDS:.0f} s after the delay ends"),
+    ("primary-read-only", primary_read_only,
+     "the write endpoint leads to a node in recovery for 6 s, then back: no 500, failures only "
+     f"503, writes back within {RECOVERY_SECONDS:.0f} s without restarting the app, no "
+     "acknowledged write missing"),
+    ("retry-after-commit", retry_after_commit,
+     "30% of commit replies lost, clients retry with their Idempotency-Key: every acknowledged "
+     "note stored exactly once (same id on every answer), no key made two notes, some retries "
+     "met a committed note"),
 ]
 
 
@@ -407,8 +629,10 @@ SCENARIOS: list[tuple[str, Callable[[Lab, Result], None], str]] = [
 def ensure_healthy(lab: Lab) -> None:
     """Bring back whatever a scenario left down, so the next one starts from a healthy lab."""
     lab.pg.start_primary()
-    for index in range(len(lab.settings.database.replicas)):
+    for index in range(lab.standbys):
         lab.pg.start_replica(index)
+    for proxy in lab.proxies.values():
+        proxy.delay, proxy.lose_commits = 0.0, 0.0
     for droplet in lab.droplets:
         if lab.mode == "managed" and lab.backend_servers()[droplet.name]["status"] in (
                 "DRAIN", "MAINT"):
@@ -500,14 +724,14 @@ def main(argv: list[str] | None = None) -> int:
     _terminate_on_signal()
     started = time.monotonic()
     stop_lab(args.dir)  # a previous run that was killed
-    lab = Lab(stack_file(args.stack), state_dir=args.dir, net=args.net)
+    lab = Lab(stack_file(args.stack), state_dir=args.dir, net=args.net, db_proxies=True)
     try:
         print(f"chaos: starting a {lab.mode}-frontend lab of stack {lab.settings.stack}",
               flush=True)
         lab.start()
         results = run_scenarios(lab, numbers)
     finally:
-        stop_lab(args.dir)
+        lab.stop()
     data = report(lab, results, time.monotonic() - started)
     print()
     print(table(results))

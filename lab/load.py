@@ -45,6 +45,8 @@ class Request:
     """Sent as `application/json`."""
     tag: str = ""
     """Groups samples in a scenario's criteria ("read", "write", "health", ...)."""
+    headers: dict[str, str] = field(default_factory=dict)
+    """Sent besides Connection, Content-Type and Cookie (e.g. an Idempotency-Key)."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,11 @@ class Sample:
     served_by: str | None = None
     """The app's `X-Served-By` header: which database server answered."""
     body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    """The response's headers (names lower-cased)."""
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name.lower())
 
     @property
     def ok(self) -> bool:
@@ -100,7 +107,7 @@ class Client:
 
     def send(self, request: Request, *, t0: float | None = None) -> Sample:
         """Send `request`; never raises for what the server (or its absence) does."""
-        headers = {"Connection": "close"}
+        headers = {**request.headers, "Connection": "close"}
         if request.body is not None:
             headers["Content-Type"] = "application/json"
         if self.cookie:
@@ -108,12 +115,14 @@ class Client:
         started = time.monotonic()
         status = served_by = None
         body = b""
+        received: dict[str, str] = {}
         conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
         try:
             conn.request(request.method, request.path, body=request.body, headers=headers)
             response = conn.getresponse()
             body = response.read()
             status, served_by = response.status, response.getheader("X-Served-By")
+            received = {name.lower(): value for name, value in response.getheaders()}
             cookie = response.getheader("Set-Cookie")
             if cookie and self.cookies:
                 self.cookie = cookie.split(";", 1)[0]
@@ -127,7 +136,7 @@ class Client:
         elapsed = time.monotonic() - started
         return Sample(request.tag, request.method, request.path,
                       started - (started if t0 is None else t0), elapsed, outcome, status,
-                      served_by, body[:BODY_LIMIT])
+                      served_by, body[:BODY_LIMIT], received)
 
 
 @dataclass

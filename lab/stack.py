@@ -16,6 +16,15 @@ On loopback (`net` 127.0.0 by default):
     127.0.0.1:<free>      PostgreSQL primary, streaming replicas (the stack's count) and
                           pgbouncer in front of the primary (`scripts/pgcluster.py`)
 
+PostgreSQL's files live in a directory of their own under the system's temp dir, linked from
+`state_dir/pg`: run as root, the servers run as `postgres`, which must reach them wherever the
+clone is (a home directory or a `mktemp -d` one is private). `stop_lab` keeps their logs in
+`state_dir/pg-logs` and removes that directory.
+
+With `db_proxies` (the chaos scenarios) the droplets reach the database through a
+`lab.proxy.DelayProxy` per endpoint, living in the process that started the lab, and the
+cluster has at least one standby (a node in recovery to point the write endpoint at).
+
 The droplet's files are taken from the user data a droplet boots with
 (`components/cloud_config.py`, which renders them with `components/runtime.py`). What differs
 from the droplets, and only that: addresses and ports (8080 rather than 80, so no root is
@@ -32,6 +41,7 @@ started it; `stop_lab` (make lab-down) stops them all from the pid files under `
 from __future__ import annotations
 
 import csv
+import dataclasses
 import http.client
 import importlib.util
 import io
@@ -44,12 +54,14 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from sqlalchemy.engine import make_url
 
 from components.cloud_config import render_app_cloud_config
 from components.frontend import HTTP_IDLE_TIMEOUT
@@ -57,6 +69,7 @@ from components.lb_nginx import render_lb_nginx_conf
 from components.render import template_environment
 from components.runtime import GUNICORN_GRACEFUL_TIMEOUT, DropletLayout
 from components.settings import Settings
+from lab.proxy import DelayProxy
 from tools.mocks import find_stack_file, settings_for_stack_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -297,7 +310,8 @@ class Lab:
     """
 
     def __init__(self, stack_path: Path, *, state_dir: Path = LABS_DIR / "lab",
-                 net: str = "127.0.0", lb_conf_filter: Callable[[str], str] | None = None):
+                 net: str = "127.0.0", lb_conf_filter: Callable[[str], str] | None = None,
+                 db_proxies: bool = False):
         self.stack_path = Path(stack_path).resolve()
         self.settings = settings_for_stack_file(self.stack_path)
         self.state_dir = Path(state_dir).resolve()
@@ -309,14 +323,23 @@ class Lab:
             for i in range(1, self.settings.app.droplet_count + 1)
         ]
         self.lb_dir = self.state_dir / "lb"
-        pgcluster = _load_pgcluster()
-        self.pg = pgcluster.PgCluster(
-            self.state_dir / "pg", replicas=len(self.settings.database.replicas),
+        replicas = len(self.settings.database.replicas)
+        self.standbys = max(replicas, 1) if db_proxies else replicas
+        """Streaming replicas in the cluster: the stack's, or one unused by the app."""
+        self.db_proxies = db_proxies
+        self.proxies: dict[str, DelayProxy] = {}
+        """With db_proxies: "pool", "replica-0"... as the droplets reach them."""
+        self.pg = self._pg_cluster()
+        self.upstreams = [d.site for d in self.droplets]
+        """nginx mode: the droplets the LB currently sends to."""
+
+    def _pg_cluster(self):
+        """The cluster in `state_dir/pg` (a link to its directory once the lab has started)."""
+        return _load_pgcluster().PgCluster(
+            self.state_dir / "pg", replicas=self.standbys,
             database=self.settings.database.name, user=self.settings.database.name,
             pool_size=self.settings.database.pool.size, stop_at_exit=False,
         )
-        self.upstreams = [d.site for d in self.droplets]
-        """nginx mode: the droplets the LB currently sends to."""
 
     @property
     def mode(self) -> str:
@@ -334,13 +357,18 @@ class Lab:
             raise RuntimeError(f"a lab is already running in {self.state_dir}: stop it first "
                                "(make lab-down)")
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        for stale in (*self.state_dir.glob("droplet-*"), self.lb_dir, self.state_dir / "pg"):
+        for stale in (*self.state_dir.glob("droplet-*"), self.lb_dir, self.state_dir / "pg-logs"):
             shutil.rmtree(stale, ignore_errors=True)  # a fresh lab, whatever ran here before
-        # PostgreSQL runs as `postgres` when we are root: it must traverse to its directory.
-        os.chmod(self.state_dir, 0o755)
+        _remove_pg_dir(self.state_dir)
+        (self.state_dir / "pg").symlink_to(tempfile.mkdtemp(prefix="webstack-lab-pg-"))
+        self.pg = self._pg_cluster()
         self._save_state()
         try:
             urls = self.pg.start()
+            urls = dataclasses.replace(
+                urls, replicas=urls.replicas[:len(self.settings.database.replicas)])
+            if self.db_proxies:
+                urls = self._start_proxies(urls)
             secret_key = secrets.token_urlsafe(32)
             for droplet in self.droplets:
                 self._render_droplet(droplet, urls, secret_key)
@@ -359,6 +387,20 @@ class Lab:
 
     def stop(self) -> None:
         stop_lab(self.state_dir)
+        for proxy in self.proxies.values():
+            proxy.stop()
+
+    def _start_proxies(self, urls):
+        """A DelayProxy in front of the pool and each replica the app uses; `urls` through them
+        (migrations still go straight to the primary)."""
+        def through(name: str, url: str) -> str:
+            parsed = make_url(url)
+            self.proxies[name] = DelayProxy((parsed.host, parsed.port)).start()
+            return parsed.set(port=self.proxies[name].port).render_as_string(hide_password=False)
+
+        return dataclasses.replace(
+            urls, pool=through("pool", urls.pool),
+            replicas=tuple(through(f"replica-{i}", url) for i, url in enumerate(urls.replicas)))
 
     def _save_state(self) -> None:
         state = {"stack": self.settings.stack, "stack_file": str(self.stack_path),
@@ -599,10 +641,28 @@ def lab_pid(pidfile: Path, state_dir: Path) -> int | None:
 
 
 def _pidfile_pids(state_dir: Path) -> list[int]:
-    """Servers recorded under `state_dir`: frontend, droplets, then the database."""
-    files = [*state_dir.glob("lb/*.pid"), *state_dir.glob("droplet-*/*.pid"),
-             *state_dir.glob("pg/pgbouncer/pgbouncer.pid"), *state_dir.glob("pg/*/postmaster.pid")]
-    return [pid for pid in (lab_pid(f, state_dir) for f in files) if pid]
+    """Servers recorded under `state_dir`: frontend, droplets, then the database (whose
+    command lines name the directory `state_dir/pg` leads to)."""
+    files = [*state_dir.glob("lb/*.pid"), *state_dir.glob("droplet-*/*.pid")]
+    pids = [lab_pid(f, state_dir) for f in files]
+    pg = (state_dir / "pg").resolve()
+    pg_files = [*pg.glob("pgbouncer/pgbouncer.pid"), *pg.glob("*/postmaster.pid")]
+    return [pid for pid in (*pids, *(lab_pid(f, pg) for f in pg_files)) if pid]
+
+
+def _remove_pg_dir(state_dir: Path) -> None:
+    """Keep the database's logs in `state_dir/pg-logs`; remove its directory and the link."""
+    link = state_dir / "pg"
+    if not link.is_symlink():
+        shutil.rmtree(link, ignore_errors=True)  # a lab of an older version
+        return
+    target = link.resolve()
+    if (target / "logs").is_dir():
+        shutil.copytree(target / "logs", state_dir / "pg-logs", dirs_exist_ok=True)
+        if (target / "pgbouncer" / "pgbouncer.log").exists():
+            shutil.copy(target / "pgbouncer" / "pgbouncer.log", state_dir / "pg-logs")
+    shutil.rmtree(target, ignore_errors=True)
+    link.unlink()
 
 
 def stop_lab(state_dir: Path) -> None:
@@ -623,6 +683,7 @@ def stop_lab(state_dir: Path) -> None:
             print(f"lab: pg_ctl stop failed, killing the servers: {exc}", file=sys.stderr)
     for pid in _pidfile_pids(state_dir):
         terminate(pid, signal.SIGKILL)
+    _remove_pg_dir(state_dir)
     (state_dir / STATE_FILE).unlink(missing_ok=True)
 
 

@@ -361,7 +361,7 @@ class PgCluster:
         self._write(home / "userlist.txt", f'"{self.user}" "{self._state["password"]}"\n', 0o600)
         if self._pgbouncer_pid() is None:
             self._run(PGBOUNCER, "-d", home / "pgbouncer.ini")
-        self._wait_ready(self.urls.pool)
+        self.wait_ready(self.urls.pool)
 
     def _pgbouncer_pid(self) -> int | None:
         """pgbouncer's pid from its pidfile, if that process is alive and is pgbouncer."""
@@ -385,7 +385,8 @@ class PgCluster:
             time.sleep(0.05)
 
     @staticmethod
-    def _wait_ready(url: str) -> None:
+    def wait_ready(url: str) -> None:
+        """Wait until a query through `url` succeeds (pgbouncer included), for START_TIMEOUT."""
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             try:

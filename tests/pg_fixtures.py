@@ -65,6 +65,7 @@ def cluster(pg_cluster: pgcluster.PgCluster) -> Iterator[pgcluster.PgCluster]:
     pg_cluster.start_replica(0)
     pg_cluster.set_apply_delay(0, 0)
     pg_cluster.wait_for_replay(0)
+    pg_cluster.wait_ready(pg_cluster.urls.pool)  # pgbouncer past its login retry backoff
 
 
 @pytest.fixture

@@ -68,11 +68,11 @@ def test_concurrent_runs_migrate_once(pg_cluster, run_sql, fresh_database):
             time.sleep(0.1)
     outputs = [_finish(run) for run in runs]
     assert sum("Running upgrade  -> 0001" in output for output in outputs) == 1
-    assert _schema(run_sql, fresh_database) == {"version": [("0001",)], "notes": [(True,)]}
+    assert _schema(run_sql, fresh_database) == {"version": [("0002",)], "notes": [(True,)]}
 
     again = _finish(_migrate(DATABASE_MIGRATION_URL=url))
     assert "Running upgrade" not in again
-    assert _schema(run_sql, fresh_database) == {"version": [("0001",)], "notes": [(True,)]}
+    assert _schema(run_sql, fresh_database) == {"version": [("0002",)], "notes": [(True,)]}
 
 
 def test_a_run_waits_for_the_lock(pg_cluster, run_sql, fresh_database):
@@ -94,7 +94,7 @@ def test_database_url_is_used_when_no_migration_url(pg_cluster, run_sql, fresh_d
     runs = [_migrate(DATABASE_URL=pool) for _ in range(2)]
     for run in runs:
         _finish(run)
-    assert _schema(run_sql, fresh_database) == {"version": [("0001",)], "notes": [(True,)]}
+    assert _schema(run_sql, fresh_database) == {"version": [("0002",)], "notes": [(True,)]}
 
 
 @pytest.mark.parametrize(

@@ -9,9 +9,7 @@ import http.server
 import json
 import shutil
 import subprocess
-import tempfile
 import threading
-from pathlib import Path
 
 import pytest
 
@@ -21,8 +19,9 @@ from tools.mocks import ROOT, settings_for_stack_file
 
 
 def test_bench_measures_every_layer_and_writes_the_report(tmp_path, capsys):
-    # PostgreSQL (run as `postgres` under root) must reach the state directory: not tmp_path.
-    state = Path(tempfile.mkdtemp(prefix="webstack-bench-"))
+    # A private directory (pytest's tmp_path), like a clone in /root: PostgreSQL, run as
+    # `postgres` under root, keeps its files where it can reach them.
+    state = tmp_path / "bench-state"
     report_path = tmp_path / "bench-report.json"
     try:
         status = bench.main(["staging", "--duration", "1", "--repeats", "1", "--warmup", "0",

@@ -37,9 +37,9 @@ NEXT_UPSTREAM = "proxy_next_upstream error timeout http_502 http_503 http_504;"
 
 
 def lab_dir() -> Path:
-    """A state directory PostgreSQL (run as `postgres` under root) can reach: not pytest's
-    tmp_path, whose parent is private to the user running the tests."""
-    return Path(tempfile.mkdtemp(prefix="webstack-lab-"))
+    """A state directory in a directory only its owner can enter, like a clone in `mktemp -d`
+    or in /root: PostgreSQL (run as `postgres` under root) must still start."""
+    return Path(tempfile.mkdtemp(prefix="webstack-lab-")) / "clone" / ".lab"
 
 
 # --------------------------------------------------------------------------- load generator
@@ -146,6 +146,8 @@ def test_prod_lab_starts_serves_fails_closed_and_stops_without_a_trace():
         # The lab runs detached from the command that started it, under HAProxy (managed).
         lab = Lab(stack_file("prod"), state_dir=directory, net="127.0.2")
         pids = lab.pids()
+        pg_dir = (directory / "pg").resolve()
+        assert pg_dir != directory / "pg" and (pg_dir / "primary").is_dir()
         haproxy = int((directory / "lb" / "haproxy.pid").read_text().split()[0])
         assert haproxy in pids and len(lab.droplets) == 3
         assert all(group_members(d.gunicorn_pid) for d in lab.droplets)
@@ -160,11 +162,13 @@ def test_prod_lab_starts_serves_fails_closed_and_stops_without_a_trace():
         assert down.returncode == 0, down.stdout + down.stderr
         assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()
                     and group_members(pid)], "lab processes survived lab-down"
-        left = subprocess.run(["pgrep", "-f", str(directory)], capture_output=True, text=True)
-        assert left.returncode == 1, f"still running: {left.stdout}"
+        for place in (directory, pg_dir):
+            left = subprocess.run(["pgrep", "-f", str(place)], capture_output=True, text=True)
+            assert left.returncode == 1, f"still running: {left.stdout}"
+        assert not pg_dir.exists() and (directory / "pg-logs" / "primary.log").exists()
     finally:
         stop_lab(directory)
-        shutil.rmtree(directory, ignore_errors=True)
+        shutil.rmtree(directory.parents[1], ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- the scenarios fail
@@ -176,8 +180,8 @@ def nginx_lab() -> Iterator[Lab]:
     directory = lab_dir()
     config = yaml.safe_load((ROOT / "Pulumi.staging.yaml").read_text())
     config["config"]["webstack:frontend"]["mode"] = "nginx"
-    variant = directory.with_name(directory.name + "-stack") / "Pulumi.labnginx.yaml"
-    variant.parent.mkdir()
+    variant = directory.with_name("stack") / "Pulumi.labnginx.yaml"
+    variant.parent.mkdir(parents=True)
     variant.write_text(yaml.safe_dump(config))
     lab = Lab(variant, state_dir=directory, net="127.0.3")
     try:
@@ -185,8 +189,7 @@ def nginx_lab() -> Iterator[Lab]:
         yield lab
     finally:
         stop_lab(directory)
-        shutil.rmtree(directory, ignore_errors=True)
-        shutil.rmtree(variant.parent, ignore_errors=True)
+        shutil.rmtree(directory.parents[1], ignore_errors=True)
 
 
 def test_kill_scenario_passes_with_lb_retries_and_fails_without(nginx_lab):

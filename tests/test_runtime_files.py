@@ -116,7 +116,8 @@ def test_rendering_is_byte_identical_and_follows_settings(tmp_path):
 
     assert "client_max_body_size 7m;" in droplet_site(settings)
     env = env_file_values(tmp_path / "app.env")
-    assert (env["GUNICORN_WORKERS"], env["GUNICORN_THREADS"]) == ("5", "4")
+    assert (env["GUNICORN_WORKERS"], env["GUNICORN_THREADS"]) == ("5", "5")
+    assert env["DB_CONCURRENCY_LIMIT"] == env["DB_POOL_SIZE"] == "4"
 
 
 def test_droplet_site_passes_nginx_t(tmp_path):
@@ -137,7 +138,7 @@ def test_gunicorn_runs_with_the_rendered_environment(tmp_path):
     assert printed.returncode == 0, printed.stderr
     config = dict(re.findall(r"^(\w+)\s+= (.*)$", printed.stdout, re.MULTILINE))
     assert config["bind"] == "['127.0.0.1:8123']"
-    assert (config["workers"], config["threads"], config["worker_class"]) == ("5", "4", "gthread")
+    assert (config["workers"], config["threads"], config["worker_class"]) == ("5", "5", "gthread")
     assert int(config["max_requests"]) > 0 and int(config["max_requests_jitter"]) > 0
     assert (config["accesslog"], config["errorlog"]) == ("-", "-")
     assert config["forwarded_allow_ips"] == "['127.0.0.1', '::1']"
