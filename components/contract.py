@@ -6,8 +6,9 @@ contract does not list, or an input no rule covers, is a violation like any brok
 a silent pass (the same model as the cost model's pricer table).
 
     violations("digitalocean:index/uptimeAlert:UptimeAlert", "prod-alerts-uptime-ssl", inputs)
-    check(resources)      # ContractError on the first violation, as one line
-    allowed(TYPE, PATH)   # an input's enum, for settings to offer
+    check(resources)                # ContractError on the first violation, as one line
+    rules(TYPE, PATH), bounds(...)  # an input's rules, for settings to offer what they allow
+    when_enum(TYPE, PATH, engine="pg")  # the enum a cross-field rule puts on an input
 """
 
 from __future__ import annotations
