@@ -241,8 +241,10 @@ def violations(type_: str, name: str, inputs: Mapping[str, Any]) -> list[Violati
 
 def check(resources: Iterable[Any], secret: Collection[str] = ()) -> None:
     """ContractError (one line) for the first violation among `resources` (objects with
-    `type`, `name`, `inputs` and optionally `secret_inputs`); secret values are masked."""
-    for r in resources:
+    `type`, `name`, `inputs` and optionally `secret_inputs`), in name order so that the same
+    stack always names the same one (the engine registers in no fixed order); secret values
+    are masked."""
+    for r in sorted(resources, key=lambda r: (r.name, r.type)):
         found = violations(r.type, r.name, r.inputs)
         if found:
             v = found[0]
