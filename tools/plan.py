@@ -15,6 +15,7 @@ warnings, and the monthly cost.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 from collections.abc import Callable
@@ -203,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
         other = plan(args.diff) if args.diff else None
     except PlanError as error:
         print(f"error: {error}", file=sys.stderr)
+        # A program that raised leaves the engine's event loops open; collected at interpreter
+        # exit, after their selectors, they would print tracebacks under the one-line error.
+        gc.collect()
         return 2
     if args.json:
         print(json.dumps(as_json(run, args.stack), indent=2, default=str))
