@@ -253,6 +253,12 @@ class LoadBalancedFrontend(pulumi.ComponentResource):
                     opts=pulumi.ResourceOptions(parent=self, depends_on=[firewall]),
                 )
         self.lb_droplet_ids = pulumi.Output.all(*[d.id for d in droplets])
+        # The Projects API stores a reserved IP as do:floatingip:IP, not as the provider's
+        # `reserved_ip_urn` (do:reservedip:IP): listing that one would show a diff on every
+        # later `pulumi up` and try to move the assigned IP, which the API refuses with a 412
+        # (terraform-provider-digitalocean #1031; its floating IP resource rewrites the URN the
+        # same way, digitalocean/reservedip/resource_floating_ip.go).
         self.resource_urns = pulumi.Output.all(
-            *[d.droplet_urn for d in droplets], reserved.reserved_ip_urn)
+            *[d.droplet_urn for d in droplets],
+            pulumi.Output.concat("do:floatingip:", reserved.ip_address))
         return reserved.ip_address

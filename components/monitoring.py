@@ -29,6 +29,9 @@ LB_5XX_PERCENT = 5
 UPTIME_REGIONS = ("us_east", "eu_west", "se_asia")
 UPTIME_DOWN_PERIOD = "2m"
 SSL_EXPIRY_DAYS = 14
+SSL_EXPIRY_PERIOD = "1h"
+"""The API requires a period for every uptime alert, ssl_expiry included (the provider would send
+an empty one): an expiry days away can wait an hour of failing checks before it alerts."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -125,7 +128,7 @@ class MonitoringAlerts(pulumi.ComponentResource):
             ("latency", dict(type="latency", threshold=a.latency_ms, comparison="greater_than",
                              period=a.window)),
         ] + ([("ssl", dict(type="ssl_expiry", threshold=SSL_EXPIRY_DAYS,
-                           comparison="less_than"))] if https else [])
+                           comparison="less_than", period=SSL_EXPIRY_PERIOD))] if https else [])
         for suffix, fields in uptime_alerts:
             digitalocean.UptimeAlert(f"{name}-uptime-{suffix}", check_id=check.id,
                                      notifications=notifications, opts=child, **fields)

@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from components import contract
+
 CATALOG_PATH = Path(__file__).with_name("catalog.yaml")
 NAMESPACE = "webstack"
 
@@ -26,8 +28,19 @@ ENVIRONMENTS = ("staging", "production")
 FRONTEND_MODES = ("managed", "nginx")
 BACKUP_PLANS = ("off", "weekly", "daily")
 POOL_MODES = ("transaction", "session", "statement")
-PG_VERSIONS = ("14", "15", "16", "17")
-ALERT_WINDOWS = ("5m", "10m", "30m", "1h")
+# What the API contract (components/contract.yaml, with its sources) lets these keys be.
+LOAD_BALANCER = "digitalocean:index/loadBalancer:LoadBalancer"
+DATABASE_CLUSTER = "digitalocean:index/databaseCluster:DatabaseCluster"
+POOL = "digitalocean:index/databaseConnectionPool:DatabaseConnectionPool"
+PG_VERSIONS = tuple(contract.when_enum(DATABASE_CLUSTER, "version", engine="pg"))
+"""PostgreSQL versions DigitalOcean creates new clusters with today (14 reached end of life)."""
+ALERT_WINDOWS = tuple(
+    w for w in contract.rules("digitalocean:index/monitorAlert:MonitorAlert", "window")["enum"]
+    if w in contract.rules("digitalocean:index/uptimeAlert:UptimeAlert", "period")["enum"])
+"""Both the alert policies' window and the uptime latency alert's period take it."""
+NAME_LENGTH = (contract.rules(POOL, "name")["min_length"],
+               contract.rules(POOL, "name")["max_length"])
+"""database.name is also the pool's name: the API allows pool names of 3 to 60 characters."""
 WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 
 _EMAIL = re.compile(r"^[^@\s]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$")
@@ -319,16 +332,21 @@ def _cidr(key: str, value: Any) -> str:
     return str(net)
 
 
+def _lb_range(field: str) -> tuple[int, int]:
+    """The API contract's range for a load-balancer health-check field."""
+    return contract.bounds(LOAD_BALANCER, f"healthcheck.{field}")
+
+
 def _health_check(r: _Reader) -> HealthCheckSettings:
     path = r.str("path", "/healthz")
     if not path.startswith("/"):
         raise ConfigError(r.key("path"), path, "must be an absolute path such as /healthz")
     hc = HealthCheckSettings(
         path=path,
-        interval_seconds=r.int("intervalSeconds", 10, 3, 300),
-        timeout_seconds=r.int("timeoutSeconds", 5, 3, 300),
-        unhealthy_threshold=r.int("unhealthyThreshold", 3, 2, 10),
-        healthy_threshold=r.int("healthyThreshold", 5, 2, 10),
+        interval_seconds=r.int("intervalSeconds", 10, *_lb_range("checkIntervalSeconds")),
+        timeout_seconds=r.int("timeoutSeconds", 5, *_lb_range("responseTimeoutSeconds")),
+        unhealthy_threshold=r.int("unhealthyThreshold", 3, *_lb_range("unhealthyThreshold")),
+        healthy_threshold=r.int("healthyThreshold", 5, *_lb_range("healthyThreshold")),
     )
     if hc.timeout_seconds > hc.interval_seconds:
         raise ConfigError(
@@ -364,7 +382,7 @@ def _app(r: _Reader, production: bool) -> AppSettings:
 def _frontend(r: _Reader) -> FrontendSettings:
     frontend = FrontendSettings(
         mode=r.choice("mode", "managed", FRONTEND_MODES),
-        size_unit=r.int("sizeUnit", 1, 1, 200),
+        size_unit=r.int("sizeUnit", 1, *contract.bounds(LOAD_BALANCER, "sizeUnit")),
         health_check=_health_check(r.obj("healthCheck")),
         nginx_droplet_size=_size(r, "nginxDropletSize", "s-1vcpu-1gb", "droplet_sizes"),
         nginx_droplet_count=r.int("nginxDropletCount", 1, 1, 3),
@@ -377,11 +395,12 @@ def _database(r: _Reader, region: str, production: bool) -> DatabaseSettings:
     size_slug = _size(r, "size", "db-s-1vcpu-1gb", "database_sizes")
     size = database_size(size_slug)
     node_count = r.int("nodeCount", 2 if production else 1, 2 if production else 1, 3)
-    if node_count > 1 and size.memory_gib < 2:
+    ha_sizes = contract.when_enum(DATABASE_CLUSTER, "size", engine="pg", nodeCount=node_count)
+    if node_count > 1 and size_slug not in ha_sizes:  # one node: every catalog plan (a test)
         raise ConfigError(
             r.key("nodeCount"), node_count,
             f"standby nodes need a plan with at least 2 GiB; {size_slug} has {size.memory_gib} GiB"
-            " (use nodeCount 1 or a larger database.size)",
+            f" (use nodeCount 1, or database.size one of: {', '.join(ha_sizes)})",
         )
     replicas = []
     for i, item in enumerate(r.list("replicas")):
@@ -417,11 +436,13 @@ def _database(r: _Reader, region: str, production: bool) -> DatabaseSettings:
     if version not in PG_VERSIONS:
         raise ConfigError(r.key("version"), version, f"must be one of: {', '.join(PG_VERSIONS)}")
     name = r.str("name", "app")
-    if not re.fullmatch(r"[a-z_][a-z0-9_]{2,62}", name) or name in ("doadmin", "defaultdb"):
+    lo, hi = NAME_LENGTH
+    if not re.fullmatch(rf"[a-z_][a-z0-9_]{{{lo - 1},{hi - 1}}}", name) or \
+            name in ("doadmin", "defaultdb"):
         raise ConfigError(
             r.key("name"), name,
-            "must be a lowercase identifier of 3 to 63 characters (the pool shares it),"
-            " not doadmin",
+            f"must be a lowercase identifier of {lo} to {hi} characters (the connection pool"
+            " shares it, and the API allows pool names of 60 at most), not doadmin",
         )
     db = DatabaseSettings(
         version=version, size=size_slug, node_count=node_count, replicas=tuple(replicas),

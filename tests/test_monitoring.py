@@ -128,6 +128,16 @@ def test_https_site_gets_an_https_check_and_a_certificate_expiry_alert():
     assert all(a.inputs["checkId"] == check_id for a in alerts.values())
 
 
+def test_every_uptime_alert_has_a_period_the_api_accepts():
+    """The provider leaves `period` optional and sends an empty one; the API requires one of
+    its values for every alert type, ssl_expiry included (it refused prod's expiry alert)."""
+    run, _ = build(settings_for("prod"))
+    periods = {a.inputs["type"]: a.inputs.get("period") for a in run.of_type("UptimeAlert")}
+    assert set(periods) == {"down_global", "latency", "ssl_expiry"}
+    assert all(p in ("2m", "3m", "5m", "10m", "15m", "30m", "1h") for p in periods.values()), \
+        periods
+
+
 def test_plain_http_site_has_no_certificate_alert():
     run, _ = build(make_settings())
     check = run.one("UptimeCheck")

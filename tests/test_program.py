@@ -168,6 +168,25 @@ def test_nginx_mode_program(tmp_path: Path):
         "inboundRules"])
 
 
+def test_nginx_mode_project_holds_the_reserved_ip_as_the_projects_api_stores_it(tmp_path: Path):
+    """The Projects API lists reserved IPs as do:floatingip:IP; the provider's own URN for them
+    (godo ReservedIP.URN(), do:reservedip:IP, which the mocks return like the provider) would
+    give a diff on every later `pulumi up` and a 412 when it tries to move the assigned IP."""
+    data = yaml.safe_load((ROOT / "Pulumi.prod.yaml").read_text())
+    data["config"]["webstack:frontend"] = {"mode": "nginx", "nginxDropletCount": 2}
+    path = tmp_path / "Pulumi.prodnginx.yaml"
+    path.write_text(yaml.safe_dump(data))
+    run = run_program(path)
+    reserved = run.one("index/reservedIp:ReservedIp").outputs
+    assert reserved["reservedIpUrn"] == f"do:reservedip:{reserved['ipAddress']}"
+    resources = run.one("index/project:Project").inputs["resources"]
+    assert f"do:floatingip:{reserved['ipAddress']}" in resources
+    assert not [urn for urn in resources if urn.startswith("do:reservedip:")]
+    lb_droplets = [d for d in run.of_type("index/droplet:Droplet") if "-web-lb-" in d.name]
+    assert len(lb_droplets) == 2
+    assert {d.outputs["dropletUrn"] for d in lb_droplets} <= set(resources)
+
+
 def test_doadmin_uri_is_exported_only_for_the_manual_grant_and_secret():
     staging, prod = program("staging"), program("prod")  # staging has no deploy key
     assert "db_admin_uri" in staging.secret_outputs

@@ -96,3 +96,22 @@ def test_component_tables_match_args_and_outputs(module, name):
     assert section in README
     rows = table(section)
     assert rows == inputs + outputs
+
+
+def allowed_column(key: str) -> str:
+    """The 'allowed' cell of a key's row in the configuration table."""
+    row = next(line for line in README.splitlines() if line.startswith(f"| `{key}` |"))
+    return row.split(" | ")[2]
+
+
+def test_offered_values_are_the_ones_settings_allow():
+    """The versions, sizes and regions the README offers are those settings (and so the API
+    contract) accept."""
+    catalog = settings_module.catalog()
+    assert allowed_column("region") == ", ".join(catalog["regions"])
+    assert allowed_column("database.version") == ", ".join(settings_module.PG_VERSIONS)
+    assert allowed_column("database.size") == ", ".join(catalog["database_sizes"])
+    assert allowed_column("app.dropletSize").startswith(", ".join(catalog["droplet_sizes"]))
+    assert allowed_column("alerts.window") == ", ".join(settings_module.ALERT_WINDOWS)
+    lo, hi = settings_module.NAME_LENGTH
+    assert allowed_column("database.name").startswith(f"{lo}-{hi} ")

@@ -74,6 +74,16 @@ BAD = [
     ("staging", STAGING, {"app.dropletCout": 3}, "app.dropletCout", "unknown key"),
     ("prod", PROD, {"app.dropletCount": 4, "app.gunicornThreads": 8},
      "database.replicas[0].size", "allows 47 connections, but the app opens up to 96"),
+    # The connection pool shares database.name, and the API allows pool names of 3-60.
+    ("staging", STAGING, {"database.name": "a" * 61}, "database.name", "3 to 60 characters"),
+    # DigitalOcean no longer creates PostgreSQL 14 clusters (end of life 2026-11-12).
+    ("staging", STAGING, {"database.version": "14"}, "database.version",
+     "must be one of: 15, 16, 17"),
+    # Not in the API's PostgreSQL options any more.
+    ("staging", STAGING, {"database.size": "db-s-8vcpu-32gb"}, "database.size",
+     "db-s-6vcpu-16gb"),
+    # The provider takes 1-200; the API 1-100.
+    ("staging", STAGING, {"frontend.sizeUnit": 101}, "frontend.sizeUnit", "from 1 to 100"),
     ("staging", STAGING, {"alerts.slackUrl": "https://hooks.slack.com/x",
                           "alerts.slackChannel": "#ops"}, "alerts.slackUrl", "--secret"),
 ]
@@ -86,6 +96,10 @@ def test_bad_config_names_key_value_and_rule(stack, base, change, key, rule):
     message = str(caught.value)
     assert key in message and rule in message
     assert "\n" not in message
+
+
+def test_database_name_of_sixty_characters_is_the_longest_the_pool_takes():
+    assert load(STAGING, **{"database.name": "a" * 60}).database.name == "a" * 60
 
 
 def test_pool_budget_follows_plan_memory():

@@ -51,7 +51,9 @@ def mock_outputs(typ: str, name: str, inputs: Mapping[str, Any]) -> dict[str, An
                 "loadBalancerUrn": f"do:loadbalancer:{uid}"}
     if typ == "digitalocean:index/reservedIp:ReservedIp":
         ip = _fake_ip(name, False)
-        return {"ipAddress": ip, "reservedIpUrn": f"do:floatingip:{ip}"}
+        # As the provider computes it (godo ReservedIP.URN()); the Projects API stores the IP as
+        # do:floatingip:IP instead (terraform-provider-digitalocean #1031).
+        return {"ipAddress": ip, "reservedIpUrn": f"do:reservedip:{ip}"}
     if typ == "digitalocean:index/vpc:Vpc":
         return {"ipRange": inputs.get("ipRange") or "10.20.0.0/20", "urn": f"do:vpc:{uid}"}
     if typ == "digitalocean:index/databaseCluster:DatabaseCluster":

@@ -1,8 +1,10 @@
 """The offline plan: what `pulumi preview` would create for a stack, with no account at all.
 
-Runs the real `__main__.py` under the project's Pulumi mocks with a stack's config and prints
-the resource tree (type, name, parent) with the properties a reviewer cares about, the stack
-outputs (secrets as [secret]), warnings, and the monthly cost.
+Runs the real `__main__.py` under the project's Pulumi mocks with a stack's config, holds every
+registered resource against the API contract (`components/contract.yaml`: a violation stops the
+plan with one line, before anything is printed), and prints the resource tree (type, name,
+parent) with the properties a reviewer cares about, the stack outputs (secrets as [secret]),
+warnings, and the monthly cost.
 
     python -m tools.plan staging            # or prod, or a path to a Pulumi.<stack>.yaml
     python -m tools.plan prod --json
@@ -13,6 +15,7 @@ outputs (secrets as [secret]), warnings, and the monthly cost.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 from collections.abc import Callable
@@ -23,20 +26,24 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # the program imports `components` as `pulumi up` would
     sys.path.insert(0, str(ROOT))
 
-from components import cost  # noqa: E402
+from components import contract, cost  # noqa: E402
 from components.settings import ConfigError  # noqa: E402
 from tools.mocks import Resource, Run, find_stack_file, run_program  # noqa: E402
 
 
 class PlanError(Exception):
-    """The program refused the stack: bad config, or a budget it may not exceed."""
+    """The program refused the stack (bad config, or a budget it may not exceed), or a resource
+    it registers breaks the API contract."""
 
 
 def plan(name: str) -> Run:
-    """Run the program for a stack under the mocks; PlanError if the program refuses it."""
+    """Run the program for a stack under the mocks and check every resource against the API
+    contract; PlanError if the program refuses the stack or DigitalOcean would."""
     try:
-        return run_program(find_stack_file(name))
-    except (ConfigError, FileNotFoundError) as error:
+        run = run_program(find_stack_file(name))
+        contract.check(run.resources)
+        return run
+    except (ConfigError, FileNotFoundError, contract.ContractError) as error:
         raise PlanError(str(error)) from None
     except Exception as error:  # the engine wraps what the program raised
         root = error
@@ -197,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
         other = plan(args.diff) if args.diff else None
     except PlanError as error:
         print(f"error: {error}", file=sys.stderr)
+        # A program that raised leaves the engine's event loops open; collected at interpreter
+        # exit, after their selectors, they would print tracebacks under the one-line error.
+        gc.collect()
         return 2
     if args.json:
         print(json.dumps(as_json(run, args.stack), indent=2, default=str))
