@@ -25,14 +25,15 @@ With `db_proxies` (the chaos scenarios) the droplets reach the database through 
 `lab.proxy.DelayProxy` per endpoint, living in the process that started the lab, and the
 cluster has at least one standby (a node in recovery to point the write endpoint at).
 
-The droplet's files are taken from the user data a droplet boots with
-(`components/cloud_config.py`, which renders them with `components/runtime.py`). What differs
-from the droplets, and only that: addresses and ports (8080 rather than 80, so no root is
-needed; loopback stands for the VPC), paths (under `state_dir`, `.lab/` in the repo by default),
-plain HTTP at the frontend (the lab checks availability; TLS is checked by
-`tests/test_lb_nginx.py`), and processes started here rather than by systemd (the unit's
-ExecStart, ExecReload and Environment= are mirrored). When run as root, nginx workers run as
-root too: everything listens on loopback only, and the lab's files stay readable.
+The droplet's files are the list a droplet's user data writes (`components/runtime.py`'s
+`droplet_files`, which `components/cloud_config.py` turns into cloud-init's write_files), with
+the lab's `DropletLayout`. What differs from the droplets, and only that: addresses and ports
+(8080 rather than 80, so no root is needed; loopback stands for the VPC), paths (under
+`state_dir`, `.lab/` in the repo by default), plain HTTP at the frontend (the lab checks
+availability; TLS is checked by `tests/test_lb_nginx.py`), and processes started here rather
+than by systemd (the unit's ExecStart, ExecReload and Environment= are mirrored). When run as
+root, nginx workers run as root too: everything listens on loopback only, and the lab's files
+stay readable.
 
 Each server runs detached in its own process group, so the lab outlives the command that
 started it; `stop_lab` (make lab-down) stops them all from the pid files under `state_dir`.
@@ -47,7 +48,6 @@ import importlib.util
 import io
 import json
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -60,14 +60,18 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 from sqlalchemy.engine import make_url
 
-from components.cloud_config import render_app_cloud_config
 from components.frontend import HTTP_IDLE_TIMEOUT
 from components.lb_nginx import render_lb_nginx_conf
 from components.render import template_environment
-from components.runtime import GUNICORN_GRACEFUL_TIMEOUT, DropletLayout
+from components.runtime import (
+    GUNICORN_GRACEFUL_TIMEOUT,
+    RUNTIME_DIRECTORY,
+    UNIT_ENVIRONMENT,
+    DropletLayout,
+    droplet_files,
+)
 from components.settings import Settings
 from lab.proxy import DelayProxy
 from tools.mocks import find_stack_file, settings_for_stack_file
@@ -88,8 +92,6 @@ HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 START_TIMEOUT = 30.0
 LAB_VPC = "127.0.0.0/8"
 """The lab's "VPC": where the frontend connects to the droplets from."""
-SITE_FILE = "/etc/nginx/sites-available/webstack"
-UNIT_FILE = "/etc/systemd/system/webstack-app.service"
 
 
 def _load_pgcluster():
@@ -148,15 +150,13 @@ http {{
 """
 
 
-def unit_environment(unit: str, run: Path) -> dict[str, str]:
-    """What systemd adds to the EnvironmentFile when it starts the unit: its own Environment=
-    variables, with `run` standing in for /run (%t), where its RuntimeDirectory= is made
-    afresh, empty, as systemd does at every start."""
-    for name in re.findall(r"^RuntimeDirectory=(.+)$", unit, re.MULTILINE):
-        shutil.rmtree(run / name, ignore_errors=True)
-        (run / name).mkdir(parents=True, mode=0o700)
-    pairs = re.findall(r"^Environment=(\w+)=(.*)$", unit, re.MULTILINE)
-    return {name: value.replace("%t", str(run)) for name, value in pairs}
+def unit_environment(run: Path) -> dict[str, str]:
+    """What systemd adds to the EnvironmentFile when it starts the app unit: its Environment=
+    variables (`UNIT_ENVIRONMENT`), with `run` standing in for /run (%t), where its
+    RuntimeDirectory= is made afresh, empty, as systemd does at every start."""
+    shutil.rmtree(run / RUNTIME_DIRECTORY, ignore_errors=True)
+    (run / RUNTIME_DIRECTORY).mkdir(parents=True, mode=0o700)
+    return {name: value.replace("%t", str(run), 1) for name, value in UNIT_ENVIRONMENT.items()}
 
 
 # --------------------------------------------------------------------------- processes
@@ -279,6 +279,10 @@ class Droplet:
     index: int
     address: str
     dir: Path
+    site_port: int = SITE_PORT
+    gunicorn_port: int = GUNICORN_PORT
+    static_dir: str = ""
+    """Served at /static/; empty: the layout's default (under `dir`)."""
 
     @property
     def name(self) -> str:
@@ -287,11 +291,19 @@ class Droplet:
     @property
     def site(self) -> str:
         """Where the frontend sends traffic (the droplet's port 80 on DigitalOcean)."""
-        return f"{self.address}:{SITE_PORT}"
+        return f"{self.address}:{self.site_port}"
 
     @property
     def bind(self) -> str:
-        return f"{self.address}:{GUNICORN_PORT}"
+        return f"{self.address}:{self.gunicorn_port}"
+
+    @property
+    def layout(self) -> DropletLayout:
+        """The droplet's layout with the lab's addresses and every path under `dir`."""
+        return DropletLayout(root=str(self.dir), env_file=str(self.dir / "app.env"),
+                             gunicorn_bind=self.bind, nginx_listen=self.site,
+                             nginx_site=str(self.dir / "site.conf"), units_dir=str(self.dir),
+                             static_dir=self.static_dir)
 
     @property
     def gunicorn_pid(self) -> int | None:
@@ -332,6 +344,9 @@ class Lab:
         self.pg = self._pg_cluster()
         self.upstreams = [d.site for d in self.droplets]
         """nginx mode: the droplets the LB currently sends to."""
+        self.droplet_values: dict[str, object] = {}
+        """What `droplet_files` takes beyond settings and layout (database URLs, secret key),
+        once the database has started."""
 
     def _pg_cluster(self):
         """The cluster in `state_dir/pg` (a link to its directory once the lab has started)."""
@@ -369,9 +384,11 @@ class Lab:
                 urls, replicas=urls.replicas[:len(self.settings.database.replicas)])
             if self.db_proxies:
                 urls = self._start_proxies(urls)
-            secret_key = secrets.token_urlsafe(32)
+            self.droplet_values = {
+                "database_url": urls.pool, "replica_urls": urls.replicas,
+                "migration_url": urls.primary, "secret_key": secrets.token_urlsafe(32)}
             for droplet in self.droplets:
-                self._render_droplet(droplet, urls, secret_key)
+                self.write_droplet(droplet)
             self._migrate(self.droplets[0])
             for droplet in self.droplets:
                 self.start_gunicorn(droplet)
@@ -408,30 +425,22 @@ class Lab:
                  "droplets": [d.name for d in self.droplets]}
         (self.state_dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 
-    def _render_droplet(self, droplet: Droplet, urls, secret_key: str) -> None:
-        """The droplet's files, taken from the user data a real droplet boots with (lab
-        addresses and paths in the layout, loopback as the VPC, no app bundle: the lab runs
-        the repo's app/). The one change: nginx listens on the droplet's address."""
-        droplet.dir.mkdir(parents=True, exist_ok=True)
-        layout = DropletLayout(root=str(droplet.dir), env_file=str(droplet.dir / "app.env"),
-                               gunicorn_bind=droplet.bind)
-        user_data = yaml.safe_load(render_app_cloud_config(
-            self.settings, database_url=urls.pool, replica_urls=urls.replicas,
-            migration_url=urls.primary, secret_key=secret_key, vpc_cidr=LAB_VPC, bundle=b"",
-            layout=layout,
-        ))
-        files = {f["path"]: f["content"] for f in user_data["write_files"]}
-        site, listened = re.subn(r"(?m)^(\s*listen) 80 default_server;$",
-                                 rf"\1 {droplet.site} default_server;", files[SITE_FILE])
-        if listened != 1:
-            raise RuntimeError(f"{SITE_FILE}: expected one `listen 80 default_server;`")
-        env_file = droplet.dir / "app.env"
-        env_file.touch(mode=0o600)
-        env_file.write_text(files[layout.env_file])
-        (droplet.dir / "webstack-app.service").write_text(files[UNIT_FILE])
-        (droplet.dir / "site.conf").write_text(site)
+    def write_droplet(self, droplet: Droplet, *, settings: Settings | None = None,
+                      upstream_keepalive: bool = True) -> None:
+        """The droplet's files: the list cloud-init writes on a droplet (`droplet_files`), at
+        the lab's addresses and paths (`Droplet.layout`), loopback as the VPC, no app bundle
+        (the lab runs the repo's app/), and nginx's main config (Debian's, on a droplet)."""
+        layout = droplet.layout
+        for file in droplet_files(settings or self.settings, **self.droplet_values,
+                                  vpc_cidr=LAB_VPC, layout=layout,
+                                  upstream_keepalive=upstream_keepalive):
+            path = Path(file.path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch(mode=file.mode)
+            path.chmod(file.mode)
+            path.write_text(file.content)
         (droplet.dir / "nginx.conf").write_text(
-            nginx_main_conf(droplet.dir, droplet.dir / "site.conf"))
+            nginx_main_conf(droplet.dir, Path(layout.nginx_site)))
 
     def _migrate(self, droplet: Droplet) -> None:
         """`python -m app.migrate` once, with a droplet's environment, as cloud-init runs it."""
@@ -449,8 +458,7 @@ class Lab:
     def start_gunicorn(self, droplet: Droplet) -> None:
         """ExecStart of the unit: gunicorn with the EnvironmentFile and the unit's Environment=,
         its RuntimeDirectory emptied first."""
-        unit = (droplet.dir / "webstack-app.service").read_text()
-        env = {**_base_env(), **unit_environment(unit, droplet.dir / "run")}
+        env = {**_base_env(), **unit_environment(droplet.dir / "run")}
         (droplet.dir / "gunicorn.pid").unlink(missing_ok=True)
         with (droplet.dir / "gunicorn.log").open("ab") as log:
             proc = subprocess.Popen(
