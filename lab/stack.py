@@ -72,9 +72,8 @@ from components.runtime import (
     DropletLayout,
     droplet_files,
 )
-from components.settings import Settings
+from components.settings import Settings, find_stack_file, settings_for_stack_file
 from lab.proxy import DelayProxy
-from tools.mocks import find_stack_file, settings_for_stack_file
 
 ROOT = Path(__file__).resolve().parent.parent
 LABS_DIR = ROOT / ".lab"

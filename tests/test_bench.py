@@ -14,8 +14,9 @@ import threading
 import pytest
 
 from components.runtime import GUNICORN_KEEPALIVE, render_nginx_site
+from components.settings import settings_for_stack_file
 from lab import bench
-from tools.mocks import ROOT, settings_for_stack_file
+from tools.mocks import ROOT
 
 
 def test_bench_measures_every_layer_and_writes_the_report(tmp_path, capsys):

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from components.settings import settings_for_stack_file
 from lab.chaos import run_scenarios
 from lab.load import OUTCOMES, Load, Request
 from lab.stack import (
@@ -31,7 +32,7 @@ from lab.stack import (
     stop_lab,
     wait_until,
 )
-from tools.mocks import ROOT, settings_for_stack_file
+from tools.mocks import ROOT
 
 NEXT_UPSTREAM = "proxy_next_upstream error timeout http_502 http_503 http_504;"
 

@@ -27,8 +27,8 @@ if str(ROOT) not in sys.path:  # the program imports `components` as `pulumi up`
     sys.path.insert(0, str(ROOT))
 
 from components import contract, cost  # noqa: E402
-from components.settings import ConfigError  # noqa: E402
-from tools.mocks import Resource, Run, find_stack_file, run_program  # noqa: E402
+from components.settings import ConfigError, find_stack_file  # noqa: E402
+from tools.mocks import Resource, Run, run_program  # noqa: E402
 
 
 class PlanError(Exception):
