@@ -14,7 +14,7 @@ On loopback (`net` 127.0.0 by default):
     127.0.0.1i:8000       droplet i: gunicorn with `app/gunicorn.conf.py`, the droplet's
                           environment file and its systemd unit's Environment=
     127.0.0.1:<free>      PostgreSQL primary, streaming replicas (the stack's count) and
-                          pgbouncer in front of the primary (`scripts/pgcluster.py`)
+                          pgbouncer in front of the primary (`lab/pgcluster.py`)
 
 PostgreSQL's files live in a directory of their own under the system's temp dir, linked from
 `state_dir/pg`: run as root, the servers run as `postgres`, which must reach them wherever the
@@ -44,7 +44,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import http.client
-import importlib.util
 import io
 import json
 import os
@@ -73,6 +72,7 @@ from components.runtime import (
     droplet_files,
 )
 from components.settings import Settings, find_stack_file, settings_for_stack_file
+from lab import pgcluster
 from lab.proxy import DelayProxy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,16 +91,6 @@ HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 START_TIMEOUT = 30.0
 LAB_VPC = "127.0.0.0/8"
 """The lab's "VPC": where the frontend connects to the droplets from."""
-
-
-def _load_pgcluster():
-    """scripts/pgcluster.py (scripts/ is not a package), imported once per process."""
-    if "pgcluster" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("pgcluster", ROOT / "scripts/pgcluster.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return sys.modules["pgcluster"]
 
 
 def stack_file(stack: str) -> Path:
@@ -349,7 +339,7 @@ class Lab:
 
     def _pg_cluster(self):
         """The cluster in `state_dir/pg` (a link to its directory once the lab has started)."""
-        return _load_pgcluster().PgCluster(
+        return pgcluster.PgCluster(
             self.state_dir / "pg", replicas=self.standbys,
             database=self.settings.database.name, user=self.settings.database.name,
             pool_size=self.settings.database.pool.size, stop_at_exit=False,
@@ -683,7 +673,6 @@ def stop_lab(state_dir: Path) -> None:
         terminate(lab_pid(droplet_dir / "gunicorn.pid", state_dir), signal.SIGTERM,
                   timeout=GUNICORN_GRACEFUL_TIMEOUT + 5)
     if (state_dir / "pg" / "cluster.json").exists():
-        pgcluster = _load_pgcluster()
         try:
             pgcluster.PgCluster(state_dir / "pg", replicas=0, stop_at_exit=False).stop_all()
         except RuntimeError as exc:
