@@ -44,7 +44,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -55,6 +54,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from lab.load import Client, Load, Request
+from lab.process import terminate_on_signal
 from lab.stack import LABS_DIR, ROOT, Droplet, Lab, stack_file, stop_lab
 
 DURATION = 3
@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
             and 1 <= args.connections <= 256 and 0 <= args.warmup <= 10):
         parser.error("bounds: duration 1-30 s, repeats 1-9, connections 1-256, warmup 0-10 s")
 
-    _terminate_on_signal()
+    terminate_on_signal()
     stop_lab(args.dir)  # a previous run that was killed
     lab = Lab(stack_file(args.stack), state_dir=args.dir, net=args.net)
     try:
@@ -410,13 +410,6 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if any(m["errors"] for m in report["measurements"].values()) else 0
 
 
-def _terminate_on_signal() -> None:
-    """SIGTERM/SIGHUP end the run like Ctrl-C does, so `finally` stops the lab."""
-    def raise_interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, raise_interrupt)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import http.client
 import io
 import json
 import os
@@ -54,7 +53,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +71,23 @@ from components.runtime import (
 )
 from components.settings import Settings, find_stack_file, settings_for_stack_file
 from lab import pgcluster
+from lab.process import (
+    NGINX,
+    START_TIMEOUT,
+    group_members,
+    http_status,
+    lab_pid,
+    log_tail,
+    nginx_main_conf,
+    read_pid,
+    run_checked,
+    running,
+    signal_group,
+    start_nginx,
+    terminate,
+    wait_gone,
+    wait_until,
+)
 from lab.proxy import DelayProxy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,9 +101,7 @@ FRONTEND_HOST = 10
 FIRST_DROPLET_HOST = 11
 GUNICORN = Path(sys.executable).parent / "gunicorn"
 GUNICORN_CONF = ROOT / "app" / "gunicorn.conf.py"
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
-START_TIMEOUT = 30.0
 LAB_VPC = "127.0.0.0/8"
 """The lab's "VPC": where the frontend connects to the droplets from."""
 
@@ -118,27 +131,6 @@ def render_haproxy_cfg(settings: Settings, *, listen: str, servers: Iterable[tup
     )
 
 
-def nginx_main_conf(directory: Path, include: Path) -> str:
-    """The top of an nginx config whose every path is under `directory`; `include` holds the
-    rendered site (http context), as Debian's nginx.conf includes sites-enabled/."""
-    user = "user root root;\n" if os.geteuid() == 0 else ""
-    temp = "\n".join(f"    {kind}_temp_path {directory}/temp/{kind};"
-                     for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-    return f"""\
-{user}worker_processes 1;
-pid {directory}/nginx.pid;
-error_log {directory}/error.log;
-events {{ worker_connections 1024; }}
-http {{
-    include /etc/nginx/mime.types;
-    default_type application/octet-stream;
-    access_log {directory}/access.log;
-{temp}
-    include {include};
-}}
-"""
-
-
 def unit_environment(run: Path) -> dict[str, str]:
     """What systemd adds to the EnvironmentFile when it starts the app unit: its Environment=
     variables (`UNIT_ENVIRONMENT`), with `run` standing in for /run (%t), where its
@@ -146,116 +138,6 @@ def unit_environment(run: Path) -> dict[str, str]:
     shutil.rmtree(run / RUNTIME_DIRECTORY, ignore_errors=True)
     (run / RUNTIME_DIRECTORY).mkdir(parents=True, mode=0o700)
     return {name: value.replace("%t", str(run), 1) for name, value in UNIT_ENVIRONMENT.items()}
-
-
-# --------------------------------------------------------------------------- processes
-
-
-def read_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text().split()[0])
-    except (FileNotFoundError, IndexError, ValueError):
-        return None
-
-
-def _stat(pid: int) -> list[str] | None:
-    """Fields of /proc/PID/stat after the command name (state, ppid, pgrp, ...)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return None
-
-
-def running(pid: int | None) -> bool:
-    """True while `pid` is a live process (reaping it first if it is our exited child)."""
-    if not pid:
-        return False
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
-    fields = _stat(pid)
-    return fields is not None and fields[0] != "Z"
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live processes of process group `pgid` (a server and its workers)."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            fields = _stat(int(entry.name))
-            if fields and fields[0] != "Z" and int(fields[2]) == pgid:
-                members.append(int(entry.name))
-    return members
-
-
-def signal_group(pid: int | None, sig: int) -> None:
-    """Send `sig` to `pid`'s process group when it leads one, else to `pid` alone."""
-    if not running(pid):
-        return
-    try:
-        if os.getpgid(pid) == pid:
-            os.killpg(pid, sig)
-        else:
-            os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def wait_gone(pids: Iterable[int], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    pids = list(pids)
-    while any(running(pid) for pid in pids):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-def terminate(pid: int | None, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
-    """`sig` to the server `pid`; SIGKILL its whole group if anything is left after `timeout`."""
-    if not pid:
-        return
-    members = group_members(pid) or ([pid] if running(pid) else [])
-    if running(pid):
-        os.kill(pid, sig)
-    if not wait_gone(members, timeout):
-        signal_group(pid, signal.SIGKILL)
-        for member in members:
-            signal_group(member, signal.SIGKILL)
-        wait_gone(members, 5)
-
-
-def http_status(address: str, path: str = "/healthz", timeout: float = 2.0) -> int | None:
-    """The status of GET `path` at `address` (host:port), or None when nothing answers."""
-    host, port = address.rsplit(":", 1)
-    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
-    try:
-        conn.request("GET", path, headers={"Connection": "close"})
-        response = conn.getresponse()
-        response.read()
-        return response.status
-    except (OSError, http.client.HTTPException):
-        return None
-    finally:
-        conn.close()
-
-
-def wait_until(check: Callable[[], bool], timeout: float, what: str, interval=0.1) -> float:
-    """Poll `check` until true; return the seconds it took, or raise naming `what`."""
-    started = time.monotonic()
-    while not check():
-        if time.monotonic() - started > timeout:
-            raise TimeoutError(f"{what}: not within {timeout:.0f} s")
-        time.sleep(interval)
-    return time.monotonic() - started
-
-
-def _log_tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except FileNotFoundError:
-        return f"({path.name}: no log)"
 
 
 # --------------------------------------------------------------------------- the lab
@@ -461,7 +343,7 @@ class Lab:
                    START_TIMEOUT, f"{droplet.name}: gunicorn's pid file")
 
     def start_nginx(self, droplet: Droplet) -> None:
-        _start_nginx(droplet.dir)
+        start_nginx(droplet.dir)
 
     def wait_droplet_healthy(self, droplet: Droplet, timeout: float = START_TIMEOUT) -> None:
         try:
@@ -469,8 +351,8 @@ class Lab:
                        f"{droplet.name} /healthz")
         except TimeoutError:
             raise RuntimeError(f"{droplet.name} is not healthy:\n"
-                               f"{_log_tail(droplet.dir / 'gunicorn.log')}\n"
-                               f"{_log_tail(droplet.dir / 'error.log')}") from None
+                               f"{log_tail(droplet.dir / 'gunicorn.log')}\n"
+                               f"{log_tail(droplet.dir / 'error.log')}") from None
 
     def stop_droplet(self, droplet: Droplet) -> None:
         """A graceful stop: gunicorn drains its workers (TERM), nginx finishes its requests
@@ -518,13 +400,13 @@ class Lab:
                 socket_path=str(self.lb_dir / "haproxy.sock"),
                 pidfile=str(self.lb_dir / "haproxy.pid"),
             ))
-            _run([HAPROXY, "-c", "-q", "-f", cfg])
-            _run([HAPROXY, "-f", cfg])
+            run_checked([HAPROXY, "-c", "-q", "-f", cfg])
+            run_checked([HAPROXY, "-f", cfg])
         else:
             self._write_lb_conf()
             (self.lb_dir / "nginx.conf").write_text(
                 nginx_main_conf(self.lb_dir, self.lb_dir / "lb.conf"))
-            _start_nginx(self.lb_dir)
+            start_nginx(self.lb_dir)
 
     def _write_lb_conf(self) -> None:
         conf = render_lb_nginx_conf(
@@ -541,7 +423,8 @@ class Lab:
         self.upstreams = list(upstreams)
         self._write_lb_conf()
         conf = self.lb_dir / "nginx.conf"
-        _run([NGINX, "-t", "-q", "-p", self.lb_dir, "-c", conf, "-e", self.lb_dir / "error.log"])
+        run_checked([NGINX, "-t", "-q", "-p", self.lb_dir, "-c", conf,
+                     "-e", self.lb_dir / "error.log"])
         master = read_pid(self.lb_dir / "nginx.pid")
         old = {pid for pid in group_members(master) if pid != master}
         os.kill(master, signal.SIGHUP)
@@ -602,39 +485,8 @@ def _base_env() -> dict[str, str]:
 def _exited(proc: subprocess.Popen, droplet: Droplet) -> bool:
     if proc.poll() is not None:
         raise RuntimeError(f"{droplet.name}: gunicorn exited with {proc.returncode}:\n"
-                           f"{_log_tail(droplet.dir / 'gunicorn.log')}")
+                           f"{log_tail(droplet.dir / 'gunicorn.log')}")
     return False
-
-
-def _run(cmd: list) -> None:
-    result = subprocess.run([str(c) for c in cmd], stdin=subprocess.DEVNULL,
-                            capture_output=True, text=True, timeout=60)
-    if result.returncode != 0:
-        raise RuntimeError(f"{Path(str(cmd[0])).name} failed:\n{result.stdout}{result.stderr}")
-
-
-def _start_nginx(directory: Path) -> None:
-    """nginx with `directory/nginx.conf`, daemonized (its own session), after `nginx -t`."""
-    conf, log = directory / "nginx.conf", directory / "error.log"
-    (directory / "temp").mkdir(exist_ok=True)
-    _run([NGINX, "-t", "-q", "-p", directory, "-c", conf, "-e", log])
-    _run([NGINX, "-p", directory, "-c", conf, "-e", log])
-    wait_until(lambda: running(read_pid(directory / "nginx.pid")), START_TIMEOUT,
-               f"nginx in {directory.name}")
-
-
-def lab_pid(pidfile: Path, state_dir: Path) -> int | None:
-    """The pid in `pidfile` if that process is alive and is the lab's: every lab server has
-    its state directory on its command line (a pid file may outlive its process, and the
-    pid be reused by another)."""
-    pid = read_pid(pidfile)
-    if not running(pid):
-        return None
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-    except FileNotFoundError:
-        return None
-    return pid if str(Path(state_dir).resolve()).encode() in cmdline else None
 
 
 def _pidfile_pids(state_dir: Path) -> list[int]:

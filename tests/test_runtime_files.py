@@ -39,6 +39,7 @@ from components.runtime import (
     render_nginx_site,
 )
 from components.settings import Settings
+from lab.process import free_port
 from lab.stack import unit_environment
 from tests.factories import make_settings
 from tests.runtime_helpers import (
@@ -46,7 +47,6 @@ from tests.runtime_helpers import (
     GUNICORN_CONF,
     ROOT,
     env_file_values,
-    free_port,
     nginx_command,
     nginx_conf,
     request,
