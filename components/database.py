@@ -14,7 +14,8 @@ Creates, all children of one component:
 
 On PostgreSQL 15+ the app user may not create tables in the app database until doadmin grants
 it the public schema (the database is owned by doadmin): `app_grants_sql` and `admin_uri` are
-for that one grant, which must run inside the VPC and is wired where the droplets are known.
+for that one grant, which must run inside the VPC (`app_grants_script`, from an app droplet)
+and is wired where the droplets are known.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from urllib.parse import quote
 import pulumi
 import pulumi_digitalocean as digitalocean
 
+from components import ssh
+from components.runtime import MIGRATE_UNIT, DropletLayout
 from components.settings import Settings
 
 
@@ -44,6 +47,21 @@ def app_grants_sql(name: str) -> str:
     created through DigitalOcean's API is owned by doadmin. Idempotent."""
     return (f'GRANT CONNECT ON DATABASE "{name}" TO "{name}";\n'
             f'GRANT USAGE, CREATE ON SCHEMA public TO "{name}";\n')
+
+
+def app_grants_script(layout: DropletLayout) -> str:
+    """The shell script that applies `app_grants_sql` from an app droplet (inside the
+    database's tag firewall), with the app's venv of `layout`, then restarts the migrations.
+    doadmin's URI comes on the first line of stdin and the SQL after it, so the URI is never
+    on a command line or on disk."""
+    return "set -eu\n" + ssh.wait_for_cloud_init() + f"""{layout.venv}/bin/python -c '
+import sys, psycopg
+uri = sys.stdin.readline().strip()
+with psycopg.connect(uri, autocommit=True, connect_timeout=10) as conn:
+    conn.execute(sys.stdin.read())
+'
+systemctl restart --no-block {MIGRATE_UNIT}
+"""
 
 
 def _uri(user: str, password: str, host: str, port: int, database: str) -> str:

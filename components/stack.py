@@ -18,9 +18,10 @@ import pulumi_random as random
 from components import cost, ssh
 from components.app_tier import AppTier, AppTierArgs
 from components.cloud_config import render_app_cloud_config
-from components.database import DatabaseCluster, DatabaseClusterArgs
+from components.database import DatabaseCluster, DatabaseClusterArgs, app_grants_script
 from components.frontend import LoadBalancedFrontend, LoadBalancedFrontendArgs
 from components.monitoring import MonitoringAlerts, MonitoringAlertsArgs
+from components.runtime import DropletLayout
 from components.settings import Settings, is_ssh_fingerprint_or_id
 
 
@@ -30,18 +31,6 @@ def _ssh_keys(settings: Settings) -> list[pulumi.Input[str]]:
         key if is_ssh_fingerprint_or_id(key) else do.get_ssh_key_output(name=key).fingerprint
         for key in settings.ssh_keys
     ]
-
-
-# Runs on an app droplet (inside the database's tag firewall) with doadmin's URI on the first
-# line of stdin and the SQL after it, so the URI is never on a command line or on disk.
-_GRANT = "set -eu\n" + ssh.wait_for_cloud_init() + """/opt/webstack/venv/bin/python -c '
-import sys, psycopg
-uri = sys.stdin.readline().strip()
-with psycopg.connect(uri, autocommit=True, connect_timeout=10) as conn:
-    conn.execute(sys.stdin.read())
-'
-systemctl restart --no-block webstack-migrate.service
-"""
 
 
 def _grant_app_privileges(
@@ -59,7 +48,7 @@ def _grant_app_privileges(
     command.remote.Command(
         f"{settings.stack}-db-grants",
         connection=ssh.connection(first.ipv4_address, key),
-        create=_GRANT,
+        create=app_grants_script(DropletLayout()),
         stdin=pulumi.Output.secret(pulumi.Output.all(db.admin_uri).apply(
             lambda v: f"{v[0]}\n{db.app_grants_sql}\n")),
         triggers=[db.cluster_id, first.id],
