@@ -10,53 +10,12 @@ Creates:
   suffix), so a replacement can be created before the old droplet is deleted.
 - with `ssh_private_key`: one `command.remote.Command` health gate (`{name}-gate-{i}`) per droplet.
 
-Rolling replacement. `user_data` forces replacement, so a new app bundle (or any change to the
-rendered cloud-config) replaces every droplet. Gate i logs in as root on droplet i's public IPv4,
-waits for cloud-init (exit 1 on a cloud-init error or after 15 minutes), then asks the droplet's
-nginx for the LB's health path (`http://127.0.0.1/healthz`) until it answered 2xx
-`healthyThreshold` times in a row, `intervalSeconds` apart (what the LB needs before it sends
-traffic), and exits 1 after `health_gate_seconds`. `triggers=[droplet.id]`: a replaced droplet
-gets a new gate (a Command without `update` is replaced, so re-run, when its triggers change).
-Droplet i+1 `depends_on` gate i. How the engine orders that (pulumi 3.x, read in its source):
-- The SDK sends droplet i+1's registration only once gate i's URN has resolved
-  (`pulumi/runtime/rpc.py` `_add_dependency` awaits the URN of every `depends_on` resource), and
-  the engine answers a registration only after its step has completed ("After the action
-  completes, the engine returns the new state of the resource to the Pulumi program",
-  pulumi/pulumi developer-docs/architecture/resource-registration.md). So replacement i is
-  created, gate i succeeds, and only then is replacement i+1 created.
-- Replacement is create-before-delete by default
-  (https://www.pulumi.com/docs/iac/concepts/options/deletebeforereplace/): the engine "first
-  creates a new instance of the resource, then updates all dependent resources to point to the
-  new one, and finally after all of that, deletes the old resource"; the delete step "is
-  generated later on, after all creates/updates finish" (pkg/resource/deploy/step_generator.go).
-  Deletes run once the program has exited, in reverse dependency order (`ScheduleDeletes`); the
-  program exits only after the last gate has answered, so every old droplet goes after every
-  replacement has passed its gate.
-- A failing gate fails the update before droplet i+1 and before any delete: every old droplet
-  keeps serving beside the new droplets 0..i (tagged, so the LB uses those that pass its check).
-  The replaced old droplets stay in the state marked for deletion and are deleted with the deletes
-  of the next successful `pulumi up`, at its end (older engines deleted them at its start:
-  "completing deletion from previous update", pulumi/pulumi#9979).
-- The chain is a `depends_on` edge only: replacing gate i never replaces droplet i+1 (none of its
-  inputs come from the gate); a droplet is replaced only by a change of its own inputs. When only
-  some droplets are replaced (`pulumi up --target-replace`), only their gates run; the others are
-  still registered in order, each after the previous gate, but as same steps that change nothing.
-  `deleteBeforeReplace` must stay unset: it would delete droplet i before its replacement exists.
-- The first `pulumi up` and a scale-out go one droplet at a time as well (boot + gate each).
-- nginx frontend mode: the upstream list is delivered once the last droplet exists, not once it
-  has passed its gate; nginx's passive checks (`max_fails`) cover that droplet meanwhile.
-Without `ssh_private_key` (or without `adminCidrs`, which blocks SSH) there are no gates and a
-warning says so: all replacements are created in parallel and the old droplets are deleted at the
-end of the update, which can be before the new ones answer /healthz (a droplet counts as created
-once it is booted, minutes before cloud-init is done). The LB keeps unready droplets out of
-rotation (it selects by tag and sends traffic only to droplets passing its check), but with the
-old droplets gone and the new still booting it has nothing healthy and answers 503.
-
-In-place deploys are not offered: a deploy is a replacement. Immutable droplets mean every
-droplet runs exactly its user data, a deploy is the same path as a fresh scale-out or a
-replacement after failure, and cloud-init is proven on every deploy rather than on the day a
-droplet dies. A hotfix can be copied in place by hand (README, "In-place hotfix"); the next
-`pulumi up` replaces those droplets anyway.
+Rolling replacement: `user_data` forces replacement, so a deploy replaces every droplet; with
+`ssh_private_key`, gate i (cloud-init done, then the LB's health path answered 2xx
+`healthyThreshold` times in a row) must pass before droplet i+1 is created, and the old droplets
+are deleted only after the last gate. Without a key there are no gates (a warning says so).
+Why the engine orders it that way, and why there are no in-place deploys:
+docs/design.md, "AppTier: the health-gated rollout".
 """
 
 from __future__ import annotations

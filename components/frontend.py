@@ -22,29 +22,10 @@ nginx creates:
 - `digitalocean.Firewall` (`{name}-lb-fw`): 80/443 from anywhere, 22 from `adminCidrs` only;
 - with `ssh_private_key`: one `command.remote.Command` (`{name}-upstream-{i}`) per LB droplet.
 
-The upstream list (app IPs) is not in the LB droplets' user data: user data forces replacement,
-and replacing the LB on every app rollout would drop traffic. The droplets boot with a
-placeholder upstream that answers 503; the list is then written to `lb_nginx.UPSTREAM_PATH` over
-SSH by the Command (`nginx -t`, then `systemctl reload nginx`, the old file restored if the test
-fails), re-run whenever the list or the droplet changes. Pulumi deletes replaced app droplets
-only at the end of an update, so the new list is live before the old droplets go. The SSH
-connection comes from the machine running `pulumi up`, which must be inside `adminCidrs`.
-Without `ssh_private_key` nothing is delivered: after each change of app droplets, copy the
-`upstream_conf` output to every LB droplet by hand:
-
-    # with the program exporting `upstream_conf` as, say, lb_upstream_conf:
-    pulumi stack output lb_upstream_conf > upstream.conf
-    scp upstream.conf root@LB_DROPLET:/etc/nginx/conf.d/webstack-upstream.conf
-    ssh root@LB_DROPLET 'nginx -t && systemctl reload nginx'
-
-A single LB droplet is a single point of failure: if it dies the site is down until the reserved
-IP points at a healthy droplet. `nginxDropletCount: 2` keeps a warm spare (same config, same
-upstream list); fail over with
-`doctl compute reserved-ip-action assign RESERVED_IP SPARE_DROPLET_ID`, then (with a domain)
-`systemctl start webstack-certbot` on the spare or wait up to 15 minutes for its certificate.
-Fail-over is manual: nothing here watches the active droplet. Pulumi's state still assigns the
-IP to the first droplet, so `pulumi refresh` / `pulumi up --refresh` would move it back: repair
-or replace that droplet before refreshing.
+The upstream list (app IPs) is delivered over SSH after boot, never in the LB droplets' user
+data (which forces replacement); without `ssh_private_key`, copy the `upstream_conf` output by
+hand. A single LB droplet is a single point of failure; fail-over to a warm spare is manual.
+Both in docs/design.md, "LoadBalancedFrontend: the nginx upstream and fail-over".
 """
 
 from __future__ import annotations
