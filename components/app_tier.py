@@ -4,10 +4,10 @@ Creates:
 - one `digitalocean.Firewall` (`{name}-fw`) selecting the droplets by tag, so replacements are
   covered the moment they boot: port 80 only from the load balancer (managed LB uids or the nginx
   LB droplets' tag), SSH only from `adminCidrs` (no SSH rule when there are none), all outbound.
-- `settings.app.droplet_count` x `digitalocean.Droplet` (`{name}-{i}`): in the VPC, tagged
-  `settings.app_tag`, monitoring agent on, the caller's cloud-config as user data, IPv6 off,
-  backups only when `app.backups` is weekly or daily. Droplets are auto-named by Pulumi (a random
-  suffix), so a replacement can be created before the old droplet is deleted.
+- `app.droplet_count` x `digitalocean.Droplet` (`{name}-{i}`): in the VPC, tagged `tag`,
+  monitoring agent on, the caller's cloud-config as user data, IPv6 off, backups only when
+  `app.backups` is weekly or daily. Droplets are auto-named by Pulumi (a random suffix), so a
+  replacement can be created before the old droplet is deleted.
 - with `ssh_private_key`: one `command.remote.Command` health gate (`{name}-gate-{i}`) per droplet.
 
 Rolling replacement: `user_data` forces replacement, so a deploy replaces every droplet; with
@@ -29,7 +29,8 @@ import pulumi_command as command
 import pulumi_digitalocean as digitalocean
 
 from components import ssh
-from components.settings import HealthCheckSettings, Settings
+from components.frontend import WebSource
+from components.settings import AppSettings, HealthCheckSettings
 
 ANYWHERE = ["0.0.0.0/0", "::/0"]
 GATE_GRACE_SECONDS = 120
@@ -71,8 +72,18 @@ exit 1
 
 @dataclass(frozen=True, kw_only=True)
 class AppTierArgs:
-    settings: Settings
-    """The stack's validated settings (region, app sizes and counts, tags, admin CIDRs)."""
+    app: AppSettings
+    """The `app.*` settings: droplet count, size, image and backups."""
+    health_check: HealthCheckSettings
+    """The load balancer's health check, which each droplet's gate waits for."""
+    region: str
+    """The droplets' region."""
+    tag: str
+    """The tag on every app droplet: the firewall, the LB and the database select by it."""
+    admin_cidrs: Sequence[str]
+    """Where SSH is allowed from (none: no SSH rule, and no gates)."""
+    web_source: WebSource
+    """Who may reach port 80: the frontend's `web_source` (managed LB uid or LB droplets' tag)."""
     vpc_id: pulumi.Input[str]
     """The VPC the droplets join; the LB and the database reach them over it."""
     ssh_keys: Sequence[pulumi.Input[str]]
@@ -83,10 +94,6 @@ class AppTierArgs:
     """The private key (OpenSSH/PEM text, a secret) of one of `ssh_keys`, used from the machine
     running `pulumi up` (inside `adminCidrs`) to health-gate each droplet, so that replacements
     roll one at a time. None, or no `adminCidrs`: rollouts are not gated (a warning says so)."""
-    lb_uids: Sequence[pulumi.Input[str]] = ()
-    """Managed frontend: ids of the load balancers allowed to reach port 80."""
-    web_source_tags: Sequence[str] = ()
-    """nginx frontend: tags of the LB droplets allowed to reach port 80 (`settings.lb_tag`)."""
 
 
 class AppTier(pulumi.ComponentResource):
@@ -105,16 +112,11 @@ class AppTier(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: AppTierArgs,
                  opts: pulumi.ResourceOptions | None = None) -> None:
-        if not args.lb_uids and not args.web_source_tags:
-            raise ValueError(
-                "AppTier needs lb_uids (frontend.mode managed) or web_source_tags "
-                "(frontend.mode nginx): port 80 must be open to the load balancer only")
         super().__init__("webstack:index:AppTier", name, None, opts)
-        s = args.settings
 
         firewall = digitalocean.Firewall(
             f"{name}-fw",
-            tags=[s.app_tag],
+            tags=[args.tag],
             inbound_rules=self._inbound_rules(args),
             # Open outbound: the droplets fetch apt and pip packages, sync time (NTP), resolve
             # names (DNS), reach the managed database and Let's Encrypt; the firewall is
@@ -130,7 +132,7 @@ class AppTier(pulumi.ComponentResource):
             opts=pulumi.ResourceOptions(parent=self),
         )
 
-        gated = args.ssh_private_key is not None and bool(s.admin_cidrs)
+        gated = args.ssh_private_key is not None and bool(args.admin_cidrs)
         if not gated:
             pulumi.log.warn(
                 "app rollouts are not health-gated ("
@@ -140,7 +142,7 @@ class AppTier(pulumi.ComponentResource):
                 "before the new ones answer the health check", resource=self)
         self.droplets = []
         gate: command.remote.Command | None = None
-        for i in range(s.app.droplet_count):
+        for i in range(args.app.droplet_count):
             # The firewall first: no droplet is ever up without it.
             after = [firewall] if gate is None else [firewall, gate]
             droplet = self._droplet(name, i, args, after=after)
@@ -149,7 +151,7 @@ class AppTier(pulumi.ComponentResource):
                 gate = command.remote.Command(
                     f"{name}-gate-{i}",
                     connection=ssh.connection(droplet.ipv4_address, args.ssh_private_key),
-                    create=health_gate_script(s.frontend.health_check),
+                    create=health_gate_script(args.health_check),
                     triggers=[droplet.id],
                     opts=pulumi.ResourceOptions(parent=self, depends_on=[firewall]),
                 )
@@ -169,15 +171,15 @@ class AppTier(pulumi.ComponentResource):
                  after: list[pulumi.Resource]) -> digitalocean.Droplet:
         """App droplet number `i`, created only after the resources `after` (the firewall and
         the previous droplet's gate). No fixed `name`: Pulumi auto-names it."""
-        app = args.settings.app
+        app = args.app
         backups = app.backups in ("weekly", "daily")
         return digitalocean.Droplet(
             f"{name}-{i}",
             image=app.image,
             size=app.droplet_size,
-            region=args.settings.region,
+            region=args.region,
             vpc_uuid=args.vpc_id,
-            tags=[args.settings.app_tag],
+            tags=[args.tag],
             ssh_keys=list(args.ssh_keys),
             monitoring=True,
             ipv6=False,
@@ -192,14 +194,12 @@ class AppTier(pulumi.ComponentResource):
 
     @staticmethod
     def _inbound_rules(args: AppTierArgs) -> list[digitalocean.FirewallInboundRuleArgs]:
-        rules = []
-        if args.lb_uids:
+        web = args.web_source
+        rules = [digitalocean.FirewallInboundRuleArgs(
+            protocol="tcp", port_range="80",
+            source_load_balancer_uids=list(web.load_balancer_uids) or None,
+            source_tags=list(web.tags) or None)]
+        if args.admin_cidrs:
             rules.append(digitalocean.FirewallInboundRuleArgs(
-                protocol="tcp", port_range="80", source_load_balancer_uids=list(args.lb_uids)))
-        if args.web_source_tags:
-            rules.append(digitalocean.FirewallInboundRuleArgs(
-                protocol="tcp", port_range="80", source_tags=list(args.web_source_tags)))
-        if args.settings.admin_cidrs:
-            rules.append(digitalocean.FirewallInboundRuleArgs(
-                protocol="tcp", port_range="22", source_addresses=list(args.settings.admin_cidrs)))
+                protocol="tcp", port_range="22", source_addresses=list(args.admin_cidrs)))
         return rules

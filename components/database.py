@@ -28,15 +28,21 @@ import pulumi_digitalocean as digitalocean
 
 from components import ssh
 from components.runtime import MIGRATE_UNIT, DropletLayout
-from components.settings import Settings
+from components.settings import DatabaseSettings
 
 
 @dataclass(frozen=True, kw_only=True)
 class DatabaseClusterArgs:
     """What the database needs from the rest of the stack."""
 
-    settings: Settings
-    """Validated stack settings: `database.*`, `region`, `stack` and the app tag are used."""
+    database: DatabaseSettings
+    """The `database.*` settings: version, sizes, nodes, replicas, pool, maintenance, name."""
+    stack: str
+    """The stack's name (the cluster's tag `webstack-<stack>`)."""
+    region: str
+    """The primary's region (replicas name their own)."""
+    app_tag: str
+    """The tag of the app droplets: the only ones the database firewalls admit."""
     vpc_id: pulumi.Input[str]
     """The VPC the cluster and its replicas join; only their private hosts are handed out."""
 
@@ -97,19 +103,19 @@ class DatabaseCluster(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: DatabaseClusterArgs,
                  opts: pulumi.ResourceOptions | None = None):
-        s, db_settings = args.settings, args.settings.database
+        db_settings = args.database
         super().__init__("webstack:index:DatabaseCluster", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
         protected = pulumi.ResourceOptions(parent=self, protect=db_settings.protect)
-        stack_tag = f"webstack-{s.stack}"
-        firewall_rules = [digitalocean.DatabaseFirewallRuleArgs(type="tag", value=s.app_tag)]
+        stack_tag = f"webstack-{args.stack}"
+        firewall_rules = [digitalocean.DatabaseFirewallRuleArgs(type="tag", value=args.app_tag)]
 
         cluster = digitalocean.DatabaseCluster(
             f"{name}-cluster",
             engine="pg",
             version=db_settings.version,
             size=db_settings.size,
-            region=s.region,
+            region=args.region,
             node_count=db_settings.node_count,
             private_network_uuid=args.vpc_id,
             maintenance_windows=[digitalocean.DatabaseClusterMaintenanceWindowArgs(

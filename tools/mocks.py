@@ -276,6 +276,7 @@ def run_program(stack_file: Path, *, stack: str | None = None, run: Run | None =
 
 
 def run_function(fn: Callable[[], Any], *, stack: str = "test",
-                 config: Mapping[str, str] | None = None) -> Run:
-    """Runs `fn` (which registers resources, e.g. one component) under the mocks."""
-    return _run(fn, stack=stack, config=config or {})
+                 config: Mapping[str, str] | None = None, run: Run | None = None) -> Run:
+    """Runs `fn` (which registers resources, e.g. one component) under the mocks; pass `run`
+    to keep what was registered even when `fn` raises."""
+    return _run(fn, stack=stack, config=config or {}, run=run)
