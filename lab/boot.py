@@ -47,11 +47,14 @@ from pathlib import Path
 
 import yaml
 
+from components.app_tier import health_gate_script
 from lab.boot_net import Servers
-from lab.stack import LABS_DIR, ROOT, _load_pgcluster, running, stack_file, terminate
+from lab.stack import LABS_DIR, ROOT, _load_pgcluster, running, stack_file
 from tools.mocks import run_program, settings_for_stack_file
 
 BRIDGE = "wsboot0"
+BRIDGE_MAC = "02:77:73:62:6f:01"
+"""Locally administered (02:...), fixed."""
 STATE_DIR = LABS_DIR / "boot"
 REPORT = ROOT / "boot-report.json"
 PROXY_PORT = 3128
@@ -128,7 +131,8 @@ def registered(stack: str) -> tuple[object, str, list[dict]]:
     for resource in run.of_type("index/droplet:Droplet"):
         out = resource.outputs
         role = "app" if "webstack-app.service" in resource.inputs["userData"] else "lb"
-        droplets.append({"name": resource.name, "role": role, "id": out["dropletUrn"].rsplit(":", 1)[1],
+        droplet_id = out["dropletUrn"].rsplit(":", 1)[1]
+        droplets.append({"name": resource.name, "role": role, "id": droplet_id,
                          "private_ip": out["ipv4AddressPrivate"], "public_ip": out["ipv4Address"],
                          "image": resource.inputs["image"],
                          "user_data": resource.inputs["userData"]})
@@ -164,6 +168,7 @@ class Boot:
         self.run, self.vpc_range, found = registered(stack)
         settings = settings_for_stack_file(stack_file(stack))
         self.fqdn, self.pool_size = settings.fqdn, settings.database.pool.size
+        self.health_check = settings.frontend.health_check
         if limit is not None:
             found = [d for d in found if d["role"] == "app"][:limit]
         self.vpc = ipaddress.ip_network(self.vpc_range)
@@ -179,15 +184,13 @@ class Boot:
         self.servers: Servers | None = None
         self.cluster = None
         self.db_dir: Path | None = None
-        self.metadata_procs: list[subprocess.Popen] = []
         self.notes: dict = {}
 
     # -- state, for the next run to clean up after a crash --------------------------------
 
     def _save_state(self) -> None:
         state = {
-            "pids": [p for d in self.droplets for p in (d.proc and d.proc.pid, d.leader) if p]
-            + [p.pid for p in self.metadata_procs],
+            "pids": [p for d in self.droplets for p in (d.proc and d.proc.pid, d.leader) if p],
             "mounts": [str(d.root) for d in self.droplets],
             "db_dir": str(self.db_dir) if self.db_dir else None,
         }
@@ -219,7 +222,10 @@ class Boot:
         """The bridge with the host's and the database endpoints' addresses; returns the
         database host names -> their address."""
         prefix = self.vpc.prefixlen
-        sh("ip", "link", "add", BRIDGE, "type", "bridge")
+        # A fixed MAC: a bridge otherwise takes its ports' lowest, so the host's address
+        # changes MAC whenever a droplet joins, and droplets already up lose the host (proxy,
+        # database) until their ARP entry expires.
+        sh("ip", "link", "add", BRIDGE, "address", BRIDGE_MAC, "type", "bridge")
         sh("ip", "addr", "add", f"{self.host_ip}/{prefix}", "dev", BRIDGE)
         hosts: dict[str, str] = {}
         taken = {d.private_ip for d in self.droplets} | {self.host_ip}
@@ -231,6 +237,7 @@ class Boot:
                 if host not in hosts:
                     hosts[host] = next(candidates)
                     sh("ip", "addr", "add", f"{hosts[host]}/32", "dev", BRIDGE)
+        sh("ip", "addr", "add", f"{METADATA_IP}/32", "dev", BRIDGE)
         sh("ip", "link", "set", BRIDGE, "up")
         return hosts
 
@@ -317,8 +324,9 @@ class Boot:
         log = (droplet.dir / "nspawn.log").open("a")
         droplet.proc = subprocess.Popen(
             ["systemd-nspawn", "--quiet", "--boot", "--directory", str(droplet.root),
-             "--machine", droplet.machine, "--register=no", "--keep-unit", "--network-bridge", BRIDGE,
-             "--resolv-conf=off", "--timezone=off", "--link-journal=no", "--console=passive"],
+             "--machine", droplet.machine, "--register=no", "--keep-unit",
+             "--network-bridge", BRIDGE,
+             "--resolv-conf=off", "--timezone=off", "--link-journal=no", "--console=read-only"],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True)
         droplet.leader = None
@@ -387,7 +395,7 @@ class Boot:
         status = status.group(1) if status else "unknown"
         ok = self.check(droplet, "cloud-init", status == "done" and not errors,
                         f"status {status}" + (f"; errors: {'; '.join(errors)}" if errors else ""))
-        deadline = time.monotonic() + HEALTHY_AFTER_CLOUD_INIT
+        deadline = time.monotonic() + (HEALTHY_AFTER_CLOUD_INIT if ok else 20)
         while self._http(droplet.private_ip, "/healthz")[0] != 200:
             if time.monotonic() > deadline:
                 return self.check(droplet, "healthz", False, "no 200 from /healthz") and ok
@@ -446,14 +454,19 @@ class Boot:
         self.check(droplet, "notes", ok, f"note {note['id']} created and read back: {status}")
 
     def _commands(self, droplet: Droplet) -> None:
-        """The deploy steps the program registers for this droplet (health gate, upstream)."""
-        for resource in self.run.of_type("command:remote:Command"):
-            inputs = resource.inputs
-            if inputs["connection"]["host"] != droplet.public_ip or "grant" in resource.name:
-                continue
-            done = self.inside(droplet, inputs["create"], stdin=inputs.get("stdin"),
-                               timeout=300)
-            self.check(droplet, f"deploy step {resource.name}", done.returncode == 0,
+        """The deploy steps the program registers for this droplet (health gate, the LB's
+        upstream list), run as root inside it with their stdin. The database grant is left
+        out: the lab's app role owns its database. A stack without a deploy key registers no
+        gate: an app droplet then runs the gate's script as the rollout would."""
+        steps = [(r.name, r.inputs["create"], r.inputs.get("stdin"))
+                 for r in self.run.of_type("command:remote:Command")
+                 if r.inputs["connection"]["host"] == droplet.public_ip
+                 and "grant" not in r.name]
+        if droplet.role == "app" and not any("gate" in name for name, *_ in steps):
+            steps.append(("health gate (script)", health_gate_script(self.health_check), None))
+        for name, script, stdin in steps:
+            done = self.inside(droplet, script, stdin=stdin, timeout=300)
+            self.check(droplet, f"deploy step {name}", done.returncode == 0,
                        f"exit {done.returncode}: {(done.stdout + done.stderr).strip()[-200:]}")
 
     def _sigkill(self, droplet: Droplet) -> None:
@@ -507,28 +520,19 @@ class Boot:
                    f"{'not re-run' if before == after else 're-run'}; cloud-init {status}")
 
     def _metadata(self, droplet: Droplet) -> None:
-        """A stand-in metadata server on 169.254.169.254 in the droplet's namespace."""
-        docroot = droplet.dir / "metadata"
-        (docroot / "metadata/v1").mkdir(parents=True)
-        (docroot / "metadata/v1/index.html").write_text("id\nhostname\n")
-        sh("nsenter", "-t", str(droplet.leader), "-n", "ip", "addr", "add",
-           f"{METADATA_IP}/32", "dev", "lo")
-        proc = subprocess.Popen(
-            ["nsenter", "-t", str(droplet.leader), "-n", sys.executable, "-m", "http.server",
-             "--bind", METADATA_IP, "--directory", str(docroot), "80"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        self.metadata_procs.append(proc)
-        self._save_state()
-        curl = (f"curl -s -o /dev/null -m 3 --retry 10 --retry-connrefused --retry-delay 0 "
-                f"-w '%{{http_code}}' http://{METADATA_IP}/metadata/v1/")
+        """The metadata address from inside the droplet: a stand-in server on the bridge at
+        169.254.169.254 (off the droplet, as DigitalOcean's is), routed from the droplet."""
+        sh("nsenter", "-t", str(droplet.leader), "-n", "ip", "route", "replace",
+           f"{METADATA_IP}/32", "dev", "host0")
+        curl = (f"curl -s -o /dev/null -m 3 -w '%{{http_code}}' "
+                f"http://{METADATA_IP}/metadata/v1/hostname")
         as_root = self.inside(droplet, curl).stdout.strip()
         self.check(droplet, "metadata for root", as_root == "200", f"root gets {as_root}")
         as_app = self.inside(droplet, curl, user="webstack").stdout.strip()
-        blocked = as_app != "200"
+        blocked = as_app == "000"
         self.check(droplet, "metadata for the app user", True if blocked else None,
                    "blocked" if blocked else f"the app user gets {as_app}: not enforced yet "
                    "(the droplet firewall of issue 13 is not built)")
-        terminate(proc.pid, timeout=5)
 
     # -- the run ------------------------------------------------------------------------------
 
@@ -541,6 +545,7 @@ class Boot:
         hosts = self._network()
         self.servers = Servers()
         self.servers.proxy(self.host_ip, PROXY_PORT)
+        self.servers.metadata(METADATA_IP, 80)
         self._database(hosts)
         for droplet in self.droplets:
             self._prepare(droplet, image, hosts)
@@ -587,8 +592,6 @@ class Boot:
                     droplet.proc.wait(10)
             if droplet.leader and running(droplet.leader):
                 os.kill(droplet.leader, signal.SIGKILL)
-        for proc in self.metadata_procs:
-            terminate(proc.pid, timeout=5)
         if self.servers:
             self.servers.stop()
         if self.cluster:

@@ -96,6 +96,19 @@ async def _proxy_client(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
     await _splice((reader, writer), upstream)
 
 
+async def _metadata_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), IO_TIMEOUT)
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
+        writer.close()
+        return
+    body = head.split(b" ", 2)[1] + b"\n"
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    await writer.drain()
+    writer.close()
+
+
 def _postgres_tls(target: tuple[str, int], context: ssl.SSLContext):
     async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -137,6 +150,10 @@ class Servers:
 
     def proxy(self, host: str, port: int) -> None:
         self._start(_quiet_on_cancel(_proxy_client), host, port)
+
+    def metadata(self, host: str, port: int) -> None:
+        """A stand-in for DigitalOcean's metadata service: 200 with the path asked."""
+        self._start(_quiet_on_cancel(_metadata_client), host, port)
 
     def postgres_tls(self, host: str, port: int, target: tuple[str, int],
                      certificate: tuple[str, str]) -> None:
