@@ -577,6 +577,11 @@ class Boot:
         self._units(droplet)
         self._commands(droplet)  # the upstream list: the app droplets' addresses
         # HTTPS with the self-signed certificate the user data makes until Let's Encrypt's.
+        # nginx's reload is asynchronous: wait (bounded) for the new upstream to serve.
+        deadline = time.monotonic() + 30
+        while (self._http(droplet.private_ip, "/api/notes", tls=bool(self.fqdn),
+                          host=self.fqdn)[0] != 200 and time.monotonic() < deadline):
+            time.sleep(0.5)
         self._notes(droplet, droplet.private_ip, tls=bool(self.fqdn), host=self.fqdn)
 
     def stop(self) -> None:

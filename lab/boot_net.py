@@ -42,7 +42,17 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 
 
 async def _splice(a: tuple, b: tuple) -> None:
-    await asyncio.gather(_pipe(a[0], b[1]), _pipe(b[0], a[1]))
+    await asyncio.gather(_pipe(a[0], b[1]), _pipe(b[0], a[1]), return_exceptions=True)
+
+
+async def _request_head(reader: asyncio.StreamReader,
+                        writer: asyncio.StreamWriter) -> bytes | None:
+    """An HTTP request's head, or None (connection closed) when none arrives in time."""
+    try:
+        return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), IO_TIMEOUT)
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
+        writer.close()
+        return None
 
 
 def _quiet_on_cancel(handler):
@@ -60,10 +70,8 @@ def allowed(host: str, registries: Iterable[str] = REGISTRIES) -> bool:
 
 
 async def _proxy_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), IO_TIMEOUT)
-    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
-        writer.close()
+    head = await _request_head(reader, writer)
+    if head is None:
         return
     method, target, _ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
     if method == "CONNECT":
@@ -97,10 +105,8 @@ async def _proxy_client(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
 
 
 async def _metadata_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), IO_TIMEOUT)
-    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
-        writer.close()
+    head = await _request_head(reader, writer)
+    if head is None:
         return
     body = head.split(b" ", 2)[1] + b"\n"
     writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n"
@@ -165,9 +171,10 @@ class Servers:
         async def close():
             for server in self._servers:
                 server.close()
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         asyncio.run_coroutine_threadsafe(close(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
