@@ -30,6 +30,7 @@ run left, and always tears down: no container, bridge, veth, mount or process is
 from __future__ import annotations
 
 import argparse
+import fcntl
 import ipaddress
 import json
 import os
@@ -53,6 +54,7 @@ from lab.stack import LABS_DIR, ROOT, _load_pgcluster, running, stack_file
 from tools.mocks import run_program, settings_for_stack_file
 
 BRIDGE = "wsboot0"
+BOOT_LOCK = "/tmp/webstack-boot.lock"
 BRIDGE_MAC = "02:77:73:62:6f:01"
 """Locally administered (02:...), fixed."""
 STATE_DIR = LABS_DIR / "boot"
@@ -671,6 +673,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         raise SystemExit("make boot needs root (systemd-nspawn, a bridge, mounts)")
+    # One boot at a time on a machine: the bridge and the machine names are global.
+    lock = open(BOOT_LOCK, "w")  # noqa: SIM115 (held until the process exits)
+    fcntl.flock(lock, fcntl.LOCK_EX)
     boot = Boot(args.stack, broken=args.broken, limit=args.droplets)
     try:
         boot.start()
