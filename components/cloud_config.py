@@ -90,8 +90,12 @@ def render_app_cloud_config(
         "packages": ["nginx", "python3-venv"],
         "users": [
             "default",
+            # Home /nonexistent (Debian's for system users): libpq looks for a client
+            # certificate under $HOME/.postgresql with sslmode=require, and /home/<user> under
+            # the unit's ProtectHome=yes answers EACCES, which fails the connection (found by
+            # `make boot`); a missing home is "no certificate".
             {"name": layout.user, "system": True, "shell": "/usr/sbin/nologin",
-             "no_create_home": True, "lock_passwd": True},
+             "homedir": "/nonexistent", "no_create_home": True, "lock_passwd": True},
         ],
         # Deferred to the final stage: after packages and users exist.
         "write_files": [
