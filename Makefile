@@ -25,7 +25,7 @@ test: venv system-deps  ## the whole test suite
 lint: venv
 	$(VENV)/bin/ruff check .
 
-# --- The local HA lab (README, "The local HA lab") ---------------------------------------
+# --- The local HA lab (docs/lab.md) --------------------------------------------------------
 # make lab STACK=prod     the stack's data plane on loopback, in the background; prints its URL
 # make lab-down           stops every lab process (state and logs stay in .lab/)
 # make chaos STACK=prod   failure scenarios under load in a lab of their own; lab-report.json
@@ -40,7 +40,7 @@ lab-down: venv
 chaos: venv system-deps
 	$(PY) -m lab chaos $(STACK) $(CHAOS_ARGS)
 
-# --- Throughput and latency, layer by layer (README, "Benchmarks") ------------------------
+# --- Throughput and latency, layer by layer (docs/benchmarks.md) --------------------------
 # make bench STACK=prod   gunicorn, droplet nginx, frontend, static ceiling, upstream keepalive
 #                         on/off, sync/gthread, in a lab of its own; bench-report.json
 .PHONY: bench

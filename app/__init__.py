@@ -17,9 +17,6 @@ from app import api, errors, health, metrics
 from app.config import Settings
 from app.db import Database
 
-MAX_BODY_BYTES = 256 * 1024
-"""Largest request body: room for a note of MAX_NOTE_LENGTH characters, JSON-escaped."""
-
 
 @dataclass(frozen=True)
 class Services:
@@ -40,7 +37,7 @@ def create_app(config: Mapping[str, object] | None = None) -> Flask:
     app.config.update(
         TESTING=testing,
         SECRET_KEY=settings.secret_key,
-        MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
+        MAX_CONTENT_LENGTH=settings.max_body_mb * 1024 * 1024,  # >= a note, JSON-escaped
         SESSION_COOKIE_SAMESITE="Lax",
     )
     # One proxy hop in front of gunicorn (nginx, which passes on the load balancer's

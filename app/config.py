@@ -14,6 +14,9 @@ Environment variables, with defaults:
 - ``DB_CONCURRENCY_LIMIT`` (pool size + overflow): threads per process that may do database
   work at once; keep it below gunicorn's thread count, so a thread stays free for ``/healthz``
   (see ``app.db``, "Bounded database work").
+- ``MAX_BODY_MB`` (1): largest request body, in MiB; larger ones get 413. On a droplet it is
+  the stack's ``app.maxBodyMb``, nginx's ``client_max_body_size`` too, so a body nginx lets
+  through is never refused here for its size.
 
 URLs may use the ``postgres://`` or ``postgresql://`` schemes DigitalOcean hands out.
 """
@@ -51,6 +54,7 @@ class Settings:
     statement_timeout_ms: int = 3000
     replica_retry_seconds: float = 5.0
     concurrency_limit: int = 4
+    max_body_mb: int = 1
 
     @classmethod
     def from_mapping(cls, source: Mapping[str, object], *, testing: bool = False) -> Settings:
@@ -89,6 +93,7 @@ class Settings:
             concurrency_limit=_number(
                 source, "DB_CONCURRENCY_LIMIT", int, pool_size + max_overflow, minimum=1
             ),
+            max_body_mb=_number(source, "MAX_BODY_MB", int, cls.max_body_mb, minimum=1),
         )
 
 

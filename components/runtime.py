@@ -225,6 +225,7 @@ def render_app_env(
         db_connect_timeout=DB_CONNECT_TIMEOUT,
         db_statement_timeout_ms=DB_STATEMENT_TIMEOUT_MS,
         db_replica_retry_seconds=DB_REPLICA_RETRY_SECONDS,
+        max_body_mb=settings.app.max_body_mb,
     )
 
 

@@ -3,6 +3,10 @@
 `load_settings` turns the `webstack:*` config of a stack into frozen dataclasses, or raises
 `ConfigError` naming the key, the bad value and what is allowed. Components, renderers, the
 offline plan, the cost model and the lab all take a `Settings`; none reads config on its own.
+
+Every key is declared once, in `KEYS`: default, allowed values, one line of doc. The reader
+takes them from there, and Pulumi.yaml's typed keys and docs/configuration.md's table are
+printed from them (`pulumi_config`, `config_table`); the dataclasses carry no defaults.
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ NAME_LENGTH = (contract.rules(POOL, "name")["min_length"],
                contract.rules(POOL, "name")["max_length"])
 """database.name is also the pool's name: the API allows pool names of 3 to 60 characters."""
 WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+HEALTH_PATH = "/healthz"
+"""What the load balancer checks: the app's liveness endpoint (app/health.py), which the policy
+pack requires too (policy/rules.py). Not a config key: no other path would be served."""
 
 _EMAIL = re.compile(r"^[^@\s]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$")
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
@@ -101,11 +108,12 @@ def pool_connection_budget(size: Size) -> int:
 class HealthCheckSettings:
     """The load balancer's active check of every app droplet."""
 
-    path: str = "/healthz"
-    interval_seconds: int = 10
-    timeout_seconds: int = 5
-    unhealthy_threshold: int = 3
-    healthy_threshold: int = 5
+    path: str = field(default=HEALTH_PATH, init=False)
+    """Not a config key: the app answers health checks on HEALTH_PATH only."""
+    interval_seconds: int
+    timeout_seconds: int
+    unhealthy_threshold: int
+    healthy_threshold: int
 
     @property
     def detection_seconds(self) -> int:
@@ -113,20 +121,24 @@ class HealthCheckSettings:
         return self.unhealthy_threshold * self.interval_seconds + self.timeout_seconds
 
 
+# The section dataclasses carry no defaults: every value comes from the key's declaration
+# (KEYS, below) through `load_settings`.
+
+
 @dataclass(frozen=True, kw_only=True)
 class AppSettings:
     """The app droplets and what runs on them."""
 
-    droplet_count: int = 2
-    droplet_size: str = "s-1vcpu-1gb"
-    image: str = "ubuntu-24-04-x64"
-    gunicorn_workers: int = 0
+    droplet_count: int
+    droplet_size: str
+    image: str
+    gunicorn_workers: int
     """0 means `2 x cores + 1` of the droplet size."""
-    gunicorn_threads: int = 2
-    backups: str = "off"
-    """Droplet backup plan: off, weekly or daily. Off by default: app droplets are stateless."""
-    max_body_mb: int = 1
-    """Largest request body nginx accepts (client_max_body_size)."""
+    gunicorn_threads: int
+    backups: str
+    """Droplet backup plan: off, weekly or daily."""
+    max_body_mb: int
+    """Largest request body: nginx's client_max_body_size and the app's MAX_BODY_MB."""
 
     @property
     def size(self) -> Size:
@@ -141,11 +153,11 @@ class AppSettings:
 class FrontendSettings:
     """How traffic reaches the app droplets."""
 
-    mode: str = "managed"
-    size_unit: int = 1
-    health_check: HealthCheckSettings = field(default_factory=HealthCheckSettings)
-    nginx_droplet_size: str = "s-1vcpu-1gb"
-    nginx_droplet_count: int = 1
+    mode: str
+    size_unit: int
+    health_check: HealthCheckSettings
+    nginx_droplet_size: str
+    nginx_droplet_count: int
     """nginx mode: LB droplets; the reserved IP points at the first, the others are warm spares."""
 
 
@@ -157,14 +169,14 @@ class ReplicaSettings:
 
 @dataclass(frozen=True, kw_only=True)
 class PoolSettings:
-    mode: str = "transaction"
-    size: int = 10
+    mode: str
+    size: int
 
 
 @dataclass(frozen=True, kw_only=True)
 class MaintenanceSettings:
-    day: str = "sunday"
-    hour: int = 3
+    day: str
+    hour: int
     """UTC hour at which the maintenance window starts."""
 
 
@@ -172,14 +184,14 @@ class MaintenanceSettings:
 class DatabaseSettings:
     """The managed PostgreSQL cluster, its standbys, replicas and pool."""
 
-    version: str = "15"
-    size: str = "db-s-1vcpu-1gb"
-    node_count: int = 1
-    replicas: tuple[ReplicaSettings, ...] = ()
-    pool: PoolSettings = field(default_factory=PoolSettings)
-    maintenance: MaintenanceSettings = field(default_factory=MaintenanceSettings)
-    protect: bool = False
-    name: str = "app"
+    version: str
+    size: str
+    node_count: int
+    replicas: tuple[ReplicaSettings, ...]
+    pool: PoolSettings
+    maintenance: MaintenanceSettings
+    protect: bool
+    name: str
     """The app's database, its user and its pool share this name (never doadmin)."""
 
 
@@ -187,23 +199,23 @@ class DatabaseSettings:
 class AlertSettings:
     """Who is told, and when."""
 
-    emails: tuple[str, ...] = ()
-    slack_channel: str | None = None
-    slack_url: Secret | None = None
-    cpu_percent: int = 80
-    memory_percent: int = 85
-    disk_percent: int = 85
-    window: str = "5m"
-    latency_ms: int = 1000
+    emails: tuple[str, ...]
+    slack_channel: str | None
+    slack_url: Secret | None
+    cpu_percent: int
+    memory_percent: int
+    disk_percent: int
+    window: str
+    latency_ms: int
     """Threshold for the LB p95 latency and uptime latency alerts."""
-    uptime_check: bool = True
+    uptime_check: bool
     """An uptime check on the site's /healthz from several regions ($1 a month)."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class BudgetSettings:
-    monthly_usd: Decimal | None = None
-    enforce: bool = False
+    monthly_usd: Decimal | None
+    enforce: bool
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -216,16 +228,16 @@ class Settings:
     domain: str | None
     hostname: str
     ssh_keys: tuple[str, ...]
-    ssh_private_key: Secret | None = None
+    ssh_private_key: Secret | None
     """Private half of one of `ssh_keys`, for the deploy steps run over SSH from the machine
     running `pulumi up` (health-gated rollout, nginx upstream updates, database grants)."""
-    admin_cidrs: tuple[str, ...] = ()
-    vpc_ip_range: str | None = None
-    app: AppSettings = field(default_factory=AppSettings)
-    frontend: FrontendSettings = field(default_factory=FrontendSettings)
-    database: DatabaseSettings = field(default_factory=DatabaseSettings)
-    alerts: AlertSettings = field(default_factory=AlertSettings)
-    budget: BudgetSettings = field(default_factory=BudgetSettings)
+    admin_cidrs: tuple[str, ...]
+    vpc_ip_range: str | None
+    app: AppSettings
+    frontend: FrontendSettings
+    database: DatabaseSettings
+    alerts: AlertSettings
+    budget: BudgetSettings
 
     @property
     def production(self) -> bool:
@@ -249,28 +261,244 @@ class Settings:
         return f"webstack-{self.stack}-lb"
 
 
+# --------------------------------------------------------------------------- the keys
+
+
+@dataclass(frozen=True)
+class PerEnvironment:
+    """A default or lower bound that differs between staging and production."""
+
+    staging: Any
+    production: Any
+
+    def pick(self, production: bool) -> Any:
+        return self.production if production else self.staging
+
+
+@dataclass(frozen=True)
+class Key:
+    """One `webstack:` config key, declared once: its default, what it allows, one line of doc.
+
+    The reader takes its default, bounds and choices from here; Pulumi.yaml's typed keys and
+    docs/configuration.md's table are `pulumi_config()` and `config_table()` of these, kept in
+    step by tests/test_readme.py. A default or bound computed from other keys is passed by the
+    reader and described by `default_text` / `allowed_text`.
+    """
+
+    name: str
+    kind: str
+    """int, number, bool, choice, str, list, secret or object-list (Pulumi.yaml's type)."""
+    doc: str
+    default: Any = None
+    """None: unset unless given (see `required`)."""
+    choices: tuple[str, ...] = ()
+    bounds: tuple[int | PerEnvironment, int] | None = None
+    required: bool = False
+    default_text: str | None = None
+    allowed_text: str | None = None
+
+    def default_for(self, production: bool) -> Any:
+        if isinstance(self.default, PerEnvironment):
+            return self.default.pick(production)
+        return self.default
+
+    def default_cell(self) -> str:
+        if self.default_text:
+            return self.default_text
+        if self.required:
+            return "required"
+        if isinstance(self.default, PerEnvironment):
+            return (f"{_text(self.default.staging)} (staging), "
+                    f"{_text(self.default.production)} (production)")
+        return "none" if self.default is None else _text(self.default)
+
+    def allowed_cell(self) -> str:
+        if self.allowed_text:
+            return self.allowed_text
+        if self.choices:
+            return ", ".join(self.choices)
+        if self.kind == "bool":
+            return "true, false"
+        lo, hi = self.bounds
+        if isinstance(lo, PerEnvironment):
+            return f"{lo.staging}-{hi} (production {lo.production}-{hi})"
+        return f"{lo}-{hi}"
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "[]" if value == () else str(value)
+
+
+def _lb_range(field: str) -> tuple[int, int]:
+    """The API contract's range for a load-balancer health-check field."""
+    return contract.bounds(LOAD_BALANCER, f"healthcheck.{field}")
+
+
+_PRODUCTION = PerEnvironment(False, True)
+_DROPLET_SIZES = tuple(catalog()["droplet_sizes"])
+_HC = "frontend.healthCheck."
+
+KEYS: dict[str, Key] = {key.name: key for key in [
+    Key("environment", "choice", "production requires a domain, ≥2 app droplets, a standby, a"
+        " replica; turns on protection and budget enforcement", choices=ENVIRONMENTS,
+        default_text="from the stack name (`prod*` is production)"),
+    Key("region", "choice", "every resource's region", "nyc3",
+        choices=tuple(catalog()["regions"])),
+    Key("domain", "str", "HTTPS site; without it (staging only) the LB serves plain HTTP on its"
+        " IP, with a warning", allowed_text="a DNS domain on DigitalOcean"),
+    Key("hostname", "str", "the site is `hostname.domain`", "www",
+        allowed_text="a DNS label, or `@` for the apex"),
+    Key("sshKeys", "list", "keys on every droplet; names are looked up in the account",
+        required=True, allowed_text="≥1 key name, id or fingerprint"),
+    Key("sshPrivateKey", "secret", "deploy steps over SSH: health gates, database grants,"
+        " nginx-LB upstreams", allowed_text="a secret OpenSSH/PEM private key; needs `adminCidrs`"),
+    Key("adminCidrs", "list", "SSH sources; empty means no SSH rule at all", (),
+        allowed_text="CIDRs, never `/0`"),
+    Key("vpcIpRange", "str", "the VPC's range", default_text="chosen by DigitalOcean",
+        allowed_text="private, /16 to /24"),
+    Key("app.dropletCount", "int", "app droplets", PerEnvironment(1, 3),
+        bounds=(PerEnvironment(1, 2), 50)),
+    Key("app.dropletSize", "choice", "app droplet size", "s-1vcpu-1gb", choices=_DROPLET_SIZES,
+        allowed_text=f"{', '.join(_DROPLET_SIZES)} (`components/catalog.yaml`)"),
+    Key("app.image", "choice", "app droplet image", "ubuntu-24-04-x64",
+        choices=tuple(catalog()["droplet_images"])),
+    Key("app.gunicornWorkers", "int", "gunicorn worker processes", 0, bounds=(0, 64),
+        default_text="0 (= 2 x cores + 1)"),
+    Key("app.gunicornThreads", "int", "threads per worker (gthread) that may do database work;"
+        " gunicorn runs one more, kept for `/healthz` ([app.md](app.md))", 2, bounds=(1, 32)),
+    Key("app.backups", "choice", "droplet backups (the droplets are stateless)", "off",
+        choices=BACKUP_PLANS),
+    Key("app.maxBodyMb", "int", "largest request body, for nginx (`client_max_body_size`) and"
+        " the app (`MAX_BODY_MB`)", 1, bounds=(1, 1024)),
+    Key("frontend.mode", "choice", "DigitalOcean LB, or nginx LB droplets + reserved IP",
+        "managed", choices=FRONTEND_MODES),
+    Key("frontend.sizeUnit", "int", "managed LB nodes (~10,000 req/s each; the API allows 100,"
+        " the provider 200)", 1, bounds=contract.bounds(LOAD_BALANCER, "sizeUnit")),
+    Key(_HC + "intervalSeconds", "int", f"seconds between checks of `{HEALTH_PATH}` (the only"
+        " path the app answers checks on; must answer 2xx, never a redirect)", 10,
+        bounds=_lb_range("checkIntervalSeconds")),
+    Key(_HC + "timeoutSeconds", "int", "seconds a check may take", 5,
+        bounds=_lb_range("responseTimeoutSeconds"),
+        allowed_text="{}-{}, ≤ interval".format(*_lb_range("responseTimeoutSeconds"))),
+    Key(_HC + "unhealthyThreshold", "int", "a dead droplet leaves after threshold x interval",
+        3, bounds=_lb_range("unhealthyThreshold")),
+    Key(_HC + "healthyThreshold", "int", "consecutive passed checks before a droplet gets"
+        " traffic (and before a health-gated rollout moves on)", 5,
+        bounds=_lb_range("healthyThreshold")),
+    Key("frontend.nginxDropletSize", "choice", "nginx mode", "s-1vcpu-1gb",
+        choices=_DROPLET_SIZES, allowed_text="as `app.dropletSize`"),
+    Key("frontend.nginxDropletCount", "int", "nginx mode: the reserved IP's droplet plus warm"
+        " spares", 1, bounds=(1, 3)),
+    Key("database.version", "choice", "PostgreSQL major version (15 matches the local tests);"
+        " 14 reached end of life on 2026-11-12 and new clusters can no longer use it", "15",
+        choices=PG_VERSIONS),
+    Key("database.size", "choice", "primary (and standby) plan", "db-s-1vcpu-1gb",
+        choices=tuple(catalog()["database_sizes"])),
+    Key("database.nodeCount", "int", "primary + standbys", PerEnvironment(1, 2),
+        bounds=(PerEnvironment(1, 2), 3),
+        allowed_text="1-3 (production 2-3); >1 needs ≥2 GiB"),
+    Key("database.replicas", "object-list", "read replicas (the app reads them directly,"
+        " without a pool)", (), default_text="[] (production needs ≥1)",
+        allowed_text="list of `{size, region}`; size ≥ the primary's and with room for"
+        " dropletCount x workers x threads connections; region = `region`"),
+    Key("database.pool.mode", "choice", "PgBouncer mode", "transaction", choices=POOL_MODES),
+    Key("database.pool.size", "int", "pool connections", default_text="min(10, budget)",
+        allowed_text="1 to 25 x GiB - 3 of the plan"),
+    Key("database.maintenance.day", "choice", "maintenance window's day", "sunday",
+        choices=WEEKDAYS, allowed_text="monday to sunday"),
+    Key("database.maintenance.hour", "int", "maintenance window's start", 3, bounds=(0, 23),
+        allowed_text="0-23 (UTC)"),
+    Key("database.protect", "bool", "Pulumi deletion protection on the cluster and database",
+        _PRODUCTION),
+    Key("database.name", "str", "the app's database, user and pool (the API allows pool names"
+        " of 60 characters at most)", "app",
+        allowed_text=f"{NAME_LENGTH[0]}-{NAME_LENGTH[1]} lowercase characters, not doadmin"),
+    Key("alerts.emails", "list", "alert recipients", required=True, allowed_text="≥1 email"),
+    Key("alerts.slackChannel", "str", "Slack notifications",
+        allowed_text="a channel, with `slackUrl`"),
+    Key("alerts.slackUrl", "secret", "Slack notifications",
+        allowed_text="a Slack webhook URL, set as a secret, with `slackChannel`"),
+    Key("alerts.cpuPercent", "int", "droplet and database CPU threshold", 80, bounds=(1, 100)),
+    Key("alerts.memoryPercent", "int", "droplet and database memory threshold", 85,
+        bounds=(1, 100)),
+    Key("alerts.diskPercent", "int", "droplet and database disk threshold", 85,
+        bounds=(1, 100)),
+    Key("alerts.window", "choice", "alert evaluation window", "5m", choices=ALERT_WINDOWS),
+    Key("alerts.latencyMs", "int", "LB p95 and uptime latency alerts", 1000, bounds=(1, 60000)),
+    Key("alerts.uptimeCheck", "bool", f"an uptime check on `{HEALTH_PATH}` (1.00 a month)",
+        True),
+    Key("budget.monthlyUsd", "number", "the stack's monthly budget", allowed_text="> 0"),
+    Key("budget.enforce", "bool", "over budget: an error that stops the preview, else a"
+        " warning", _PRODUCTION),
+]}
+
+_PULUMI_TYPES = {"str": "string", "choice": "string", "list": "array"}
+
+
+def pulumi_config() -> dict[str, dict[str, Any]]:
+    """Pulumi.yaml's `config:` block: the top-level text and list keys, typed, with their
+    default (empty where it is computed or unset). Secrets and objects are not declared."""
+    block = {}
+    for key in KEYS.values():
+        if "." in key.name or key.kind not in _PULUMI_TYPES:
+            continue
+        entry: dict[str, Any] = {"type": _PULUMI_TYPES[key.kind]}
+        if key.kind == "list":
+            entry["items"] = {"type": "string"}
+        entry["description"] = key.doc
+        if not key.required:
+            entry["default"] = [] if key.kind == "list" else (key.default or "")
+        block[key.name] = entry
+    return block
+
+
+def config_table() -> str:
+    """docs/configuration.md's table of every key."""
+    rows = ["| key | default | allowed | meaning |", "| --- | --- | --- | --- |"]
+    rows += [f"| `{k.name}` | {k.default_cell()} | {k.allowed_cell()} | {k.doc} |"
+             for k in KEYS.values()]
+    return "\n".join(rows) + "\n"
+
+
 # --------------------------------------------------------------------------- loading
 
 
-class _Reader:
-    """Reads one config object, checking types and ranges, and refusing unknown keys."""
+_DECLARED = object()
+"""The reader's default for a default: the key's declaration in KEYS."""
 
-    def __init__(self, raw: Any, prefix: str):
+
+class _Reader:
+    """Reads one config object, checking types and ranges, and refusing unknown keys.
+
+    Defaults, bounds and choices come from the key's declaration (KEYS) unless the caller
+    passes them: for values computed from other keys, and for the items of a list."""
+
+    def __init__(self, raw: Any, prefix: str, production: bool):
         if raw is None:
             raw = {}
         if not isinstance(raw, Mapping):
             raise ConfigError(prefix.rstrip("."), raw, "must be an object")
-        self.raw, self.prefix, self.used = raw, prefix, set()
+        self.raw, self.prefix, self.production, self.used = raw, prefix, production, set()
 
     def key(self, name: str) -> str:
         return f"{self.prefix}{name}"
 
-    def get(self, name: str, default: Any = None) -> Any:
+    def declared(self, name: str) -> Key:
+        return KEYS[self.key(name)]
+
+    def get(self, name: str, default: Any = _DECLARED) -> Any:
+        if default is _DECLARED:
+            default = self.declared(name).default_for(self.production)
         self.used.add(name)
         value = self.raw.get(name)
         return default if value is None or value == "" else value
 
-    def int(self, name: str, default: int, lo: int, hi: int) -> int:
+    def int(self, name: str, default: Any = _DECLARED, bounds: tuple | None = None) -> int:
+        lo, hi = bounds or self.declared(name).bounds
+        if isinstance(lo, PerEnvironment):
+            lo = lo.pick(self.production)
         value = self.get(name, default)
         if isinstance(value, str) and value.strip().lstrip("-").isdigit():
             value = int(value)
@@ -278,21 +506,23 @@ class _Reader:
             raise ConfigError(self.key(name), value, f"must be an integer from {lo} to {hi}")
         return value
 
-    def bool(self, name: str, default: bool) -> bool:
-        value = self.get(name, default)
+    def bool(self, name: str) -> bool:
+        value = self.get(name)
         if isinstance(value, str) and value.lower() in ("true", "false"):
             value = value.lower() == "true"
         if not isinstance(value, bool):
             raise ConfigError(self.key(name), value, "must be true or false")
         return value
 
-    def str(self, name: str, default: str | None = None) -> str | None:
-        value = self.get(name, default)
+    def str(self, name: str) -> str | None:
+        value = self.get(name)
         if value is not None and (not isinstance(value, str) or not value.strip()):
             raise ConfigError(self.key(name), value, "must be a non-empty string")
         return value.strip() if value is not None else None
 
-    def choice(self, name: str, default: str, allowed: tuple[str, ...] | list[str]) -> str:
+    def choice(self, name: str, default: Any = _DECLARED,
+               allowed: Collection[str] | None = None) -> str:
+        allowed = allowed or self.declared(name).choices
         value = self.get(name, default)
         if value not in allowed:
             raise ConfigError(self.key(name), value, f"must be one of: {', '.join(allowed)}")
@@ -307,7 +537,11 @@ class _Reader:
         return value
 
     def obj(self, name: str) -> _Reader:
-        return _Reader(self.get(name), self.key(name) + ".")
+        return _Reader(self.get(name, None), self.key(name) + ".", self.production)
+
+    def item(self, name: str, index: int, raw: Any) -> _Reader:
+        """A reader for item `index` of the list `name` (its keys are not declared)."""
+        return _Reader(raw, self.key(f"{name}[{index}]."), self.production)
 
     def done(self) -> None:
         unknown = sorted(set(self.raw) - self.used)
@@ -316,10 +550,6 @@ class _Reader:
                 self.key(unknown[0]), self.raw[unknown[0]],
                 f"unknown key; known keys here: {', '.join(sorted(self.used))}",
             )
-
-
-def _size(r: _Reader, name: str, default: str, table: str) -> str:
-    return r.choice(name, default, list(catalog()[table]))
 
 
 def _cidr(key: str, value: Any) -> str:
@@ -332,21 +562,12 @@ def _cidr(key: str, value: Any) -> str:
     return str(net)
 
 
-def _lb_range(field: str) -> tuple[int, int]:
-    """The API contract's range for a load-balancer health-check field."""
-    return contract.bounds(LOAD_BALANCER, f"healthcheck.{field}")
-
-
 def _health_check(r: _Reader) -> HealthCheckSettings:
-    path = r.str("path", "/healthz")
-    if not path.startswith("/"):
-        raise ConfigError(r.key("path"), path, "must be an absolute path such as /healthz")
     hc = HealthCheckSettings(
-        path=path,
-        interval_seconds=r.int("intervalSeconds", 10, *_lb_range("checkIntervalSeconds")),
-        timeout_seconds=r.int("timeoutSeconds", 5, *_lb_range("responseTimeoutSeconds")),
-        unhealthy_threshold=r.int("unhealthyThreshold", 3, *_lb_range("unhealthyThreshold")),
-        healthy_threshold=r.int("healthyThreshold", 5, *_lb_range("healthyThreshold")),
+        interval_seconds=r.int("intervalSeconds"),
+        timeout_seconds=r.int("timeoutSeconds"),
+        unhealthy_threshold=r.int("unhealthyThreshold"),
+        healthy_threshold=r.int("healthyThreshold"),
     )
     if hc.timeout_seconds > hc.interval_seconds:
         raise ConfigError(
@@ -357,9 +578,8 @@ def _health_check(r: _Reader) -> HealthCheckSettings:
     return hc
 
 
-def _app(r: _Reader, production: bool) -> AppSettings:
-    lo = 2 if production else 1
-    backups = r.get("backups", "off")
+def _app(r: _Reader) -> AppSettings:
+    backups = r.get("backups")
     if backups is True:
         backups = "weekly"
     elif backups is False:
@@ -367,13 +587,13 @@ def _app(r: _Reader, production: bool) -> AppSettings:
     if backups not in BACKUP_PLANS:
         raise ConfigError(r.key("backups"), backups, f"must be one of: {', '.join(BACKUP_PLANS)}")
     app = AppSettings(
-        droplet_count=r.int("dropletCount", 3 if production else 1, lo, 50),
-        droplet_size=_size(r, "dropletSize", "s-1vcpu-1gb", "droplet_sizes"),
-        image=r.choice("image", "ubuntu-24-04-x64", catalog()["droplet_images"]),
-        gunicorn_workers=r.int("gunicornWorkers", 0, 0, 64),
-        gunicorn_threads=r.int("gunicornThreads", 2, 1, 32),
+        droplet_count=r.int("dropletCount"),
+        droplet_size=r.choice("dropletSize"),
+        image=r.choice("image"),
+        gunicorn_workers=r.int("gunicornWorkers"),
+        gunicorn_threads=r.int("gunicornThreads"),
         backups=backups,
-        max_body_mb=r.int("maxBodyMb", 1, 1, 1024),
+        max_body_mb=r.int("maxBodyMb"),
     )
     r.done()
     return app
@@ -381,20 +601,20 @@ def _app(r: _Reader, production: bool) -> AppSettings:
 
 def _frontend(r: _Reader) -> FrontendSettings:
     frontend = FrontendSettings(
-        mode=r.choice("mode", "managed", FRONTEND_MODES),
-        size_unit=r.int("sizeUnit", 1, *contract.bounds(LOAD_BALANCER, "sizeUnit")),
+        mode=r.choice("mode"),
+        size_unit=r.int("sizeUnit"),
         health_check=_health_check(r.obj("healthCheck")),
-        nginx_droplet_size=_size(r, "nginxDropletSize", "s-1vcpu-1gb", "droplet_sizes"),
-        nginx_droplet_count=r.int("nginxDropletCount", 1, 1, 3),
+        nginx_droplet_size=r.choice("nginxDropletSize"),
+        nginx_droplet_count=r.int("nginxDropletCount"),
     )
     r.done()
     return frontend
 
 
-def _database(r: _Reader, region: str, production: bool) -> DatabaseSettings:
-    size_slug = _size(r, "size", "db-s-1vcpu-1gb", "database_sizes")
+def _database(r: _Reader, region: str) -> DatabaseSettings:
+    size_slug = r.choice("size")
     size = database_size(size_slug)
-    node_count = r.int("nodeCount", 2 if production else 1, 2 if production else 1, 3)
+    node_count = r.int("nodeCount")
     ha_sizes = contract.when_enum(DATABASE_CLUSTER, "size", engine="pg", nodeCount=node_count)
     if node_count > 1 and size_slug not in ha_sizes:  # one node: every catalog plan (a test)
         raise ConfigError(
@@ -404,9 +624,9 @@ def _database(r: _Reader, region: str, production: bool) -> DatabaseSettings:
         )
     replicas = []
     for i, item in enumerate(r.list("replicas")):
-        rr = _Reader(item, r.key(f"replicas[{i}]."))
+        rr = r.item("replicas", i, item)
         replica = ReplicaSettings(
-            size=_size(rr, "size", size_slug, "database_sizes"),
+            size=rr.choice("size", size_slug, KEYS["database.size"].choices),
             region=rr.choice("region", region, [region]),  # the VPC is regional
         )
         rs = database_size(replica.size)
@@ -417,25 +637,18 @@ def _database(r: _Reader, region: str, production: bool) -> DatabaseSettings:
             )
         rr.done()
         replicas.append(replica)
-    if production and not replicas:
+    if r.production and not replicas:
         raise ConfigError(r.key("replicas"), [], "production needs at least one read replica")
 
     pr = r.obj("pool")
     budget = pool_connection_budget(size)
-    pool = PoolSettings(
-        mode=pr.choice("mode", "transaction", POOL_MODES),
-        size=pr.int("size", min(10, budget), 1, budget),
-    )
+    pool = PoolSettings(mode=pr.choice("mode"), size=pr.int("size", min(10, budget), (1, budget)))
     pr.done()
     mr = r.obj("maintenance")
-    maintenance = MaintenanceSettings(
-        day=mr.choice("day", "sunday", WEEKDAYS), hour=mr.int("hour", 3, 0, 23)
-    )
+    maintenance = MaintenanceSettings(day=mr.choice("day"), hour=mr.int("hour"))
     mr.done()
-    version = str(r.get("version", "15"))
-    if version not in PG_VERSIONS:
-        raise ConfigError(r.key("version"), version, f"must be one of: {', '.join(PG_VERSIONS)}")
-    name = r.str("name", "app")
+    version = r.choice("version", str(r.get("version")))  # YAML may give 15 as a number
+    name = r.str("name")
     lo, hi = NAME_LENGTH
     if not re.fullmatch(rf"[a-z_][a-z0-9_]{{{lo - 1},{hi - 1}}}", name) or \
             name in ("doadmin", "defaultdb"):
@@ -446,7 +659,7 @@ def _database(r: _Reader, region: str, production: bool) -> DatabaseSettings:
         )
     db = DatabaseSettings(
         version=version, size=size_slug, node_count=node_count, replicas=tuple(replicas),
-        pool=pool, maintenance=maintenance, protect=r.bool("protect", production), name=name,
+        pool=pool, maintenance=maintenance, protect=r.bool("protect"), name=name,
     )
     r.done()
     return db
@@ -476,18 +689,18 @@ def _alerts(r: _Reader, secret: bool) -> AlertSettings:
         emails=tuple(emails),
         slack_channel=channel,
         slack_url=Secret(url) if url else None,
-        cpu_percent=r.int("cpuPercent", 80, 1, 100),
-        memory_percent=r.int("memoryPercent", 85, 1, 100),
-        disk_percent=r.int("diskPercent", 85, 1, 100),
-        window=r.choice("window", "5m", ALERT_WINDOWS),
-        latency_ms=r.int("latencyMs", 1000, 1, 60000),
-        uptime_check=r.bool("uptimeCheck", True),
+        cpu_percent=r.int("cpuPercent"),
+        memory_percent=r.int("memoryPercent"),
+        disk_percent=r.int("diskPercent"),
+        window=r.choice("window"),
+        latency_ms=r.int("latencyMs"),
+        uptime_check=r.bool("uptimeCheck"),
     )
     r.done()
     return alerts
 
 
-def _budget(r: _Reader, production: bool) -> BudgetSettings:
+def _budget(r: _Reader) -> BudgetSettings:
     value = r.get("monthlyUsd")
     if value is not None:
         try:
@@ -496,7 +709,7 @@ def _budget(r: _Reader, production: bool) -> BudgetSettings:
             raise ConfigError(r.key("monthlyUsd"), value, "must be a number") from None
         if value <= 0:
             raise ConfigError(r.key("monthlyUsd"), r.raw["monthlyUsd"], "must be above 0")
-    budget = BudgetSettings(monthly_usd=value, enforce=r.bool("enforce", production))
+    budget = BudgetSettings(monthly_usd=value, enforce=r.bool("enforce"))
     r.done()
     return budget
 
@@ -547,11 +760,11 @@ def load_settings(
             "(stack name)", stack,
             "stack names must be lowercase letters, digits and hyphens: they become droplet tags",
         )
-    r = _Reader(raw, "")
+    r = _Reader(raw, "", production=False)
     default_env = "production" if stack.startswith("prod") else "staging"
-    environment = r.choice("environment", default_env, ENVIRONMENTS)
-    production = environment == "production"
-    region = r.choice("region", "nyc3", catalog()["regions"])
+    environment = r.choice("environment", default_env)
+    production = r.production = environment == "production"  # for every default after this
+    region = r.choice("region")
 
     domain = r.str("domain")
     if domain is not None:
@@ -561,7 +774,7 @@ def load_settings(
             raise ConfigError("domain", domain, "must be a DNS domain such as example.com")
     elif production:
         raise ConfigError("domain", None, "production needs a domain (HTTPS); set webstack:domain")
-    hostname = r.str("hostname", "www").lower()
+    hostname = r.str("hostname").lower()
     if hostname != "@" and not all(_LABEL.match(label) for label in hostname.split(".")):
         raise ConfigError("hostname", hostname, "must be a DNS label such as www, or @ for apex")
 
@@ -582,11 +795,11 @@ def load_settings(
         ssh_private_key=_ssh_private_key(r, "sshPrivateKey" in secret_keys, admin_cidrs),
         admin_cidrs=admin_cidrs,
         vpc_ip_range=vpc_ip_range,
-        app=_app(r.obj("app"), production),
+        app=_app(r.obj("app")),
         frontend=_frontend(r.obj("frontend")),
-        database=_database(r.obj("database"), region, production),
+        database=_database(r.obj("database"), region),
         alerts=_alerts(r.obj("alerts"), "alerts" in secret_keys),
-        budget=_budget(r.obj("budget"), production),
+        budget=_budget(r.obj("budget")),
     )
     r.done()
     _check_replica_connections(settings)

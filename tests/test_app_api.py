@@ -60,7 +60,7 @@ BAD_POSTS = {
     "text too long": (dict(json={"text": "a" * 10_001}), 400),
     "NUL in text": (dict(json={"text": "a\x00b"}), 400),
     "lone surrogate": (dict(data='{"text": "\\ud800"}', content_type="application/json"), 400),
-    "body too large": (dict(json={"text": "a" * 300_000}), 413),
+    "body too large": (dict(json={"text": "a" * 1024 * 1024}), 413),  # MAX_BODY_MB 1
 }
 
 

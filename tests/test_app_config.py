@@ -77,7 +77,7 @@ def test_defaults_and_overrides():
 @pytest.mark.parametrize(
     ("key", "value"),
     [("DB_POOL_SIZE", "many"), ("DB_POOL_SIZE", "0"), ("DB_MAX_OVERFLOW", "-1"),
-     ("DB_POOL_TIMEOUT", "soon"), ("DB_STATEMENT_TIMEOUT_MS", "10")],
+     ("DB_POOL_TIMEOUT", "soon"), ("DB_STATEMENT_TIMEOUT_MS", "10"), ("MAX_BODY_MB", "0")],
 )
 def test_bad_numbers_are_rejected_naming_the_key(key, value):
     with pytest.raises(ConfigError, match=key):
@@ -101,3 +101,13 @@ def test_app_starts_and_is_live_without_a_database():
     response = app.test_client().get("/healthz")
     assert response.status_code == 200
     assert app.extensions["webstack"].database.primary.engine.pool.checkedin() == 0
+
+
+def test_body_limit_is_max_body_mb():
+    """MAX_BODY_MB (the stack's app.maxBodyMb, nginx's limit too) is the app's limit: a body of
+    exactly that size is read (and refused for what it holds), one byte more is 413."""
+    client = create_app({"TESTING": True, "DATABASE_URL": URL, "MAX_BODY_MB": "2"}).test_client()
+    limit = 2 * 1024 * 1024
+    for size, status in [(limit, 400), (limit + 1, 413)]:
+        resp = client.post("/api/notes", data=b"x" * size, content_type="application/json")
+        assert resp.status_code == status, (size, resp.get_json())

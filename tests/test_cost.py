@@ -38,7 +38,8 @@ def tracked(register, budget: BudgetSettings | None = None) -> tuple[Run, dict[s
     def program() -> None:
         tracker = cost.CostTracker.install()
         register()
-        outputs.update(cost.finish(tracker, budget or BudgetSettings()))
+        no_budget = BudgetSettings(monthly_usd=None, enforce=False)
+        outputs.update(cost.finish(tracker, budget or no_budget))
 
     return run_function(program, stack="t"), outputs
 
@@ -170,7 +171,8 @@ def test_over_an_enforced_budget_fails_naming_the_budget_and_the_total():
 
 
 def test_over_a_budget_not_enforced_warns_and_goes_on():
-    run, outputs = tracked(reference_resources, BudgetSettings(monthly_usd=Decimal("59.99")))
+    budget = BudgetSettings(monthly_usd=Decimal("59.99"), enforce=False)
+    run, outputs = tracked(reference_resources, budget)
     assert outputs["monthly_cost_usd"] == "60.00"
     [warning] = [w for w in run.warnings if "budget" in w]
     assert "webstack:budget.monthlyUsd is $59.99" in warning and "$60.00" in warning

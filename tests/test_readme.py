@@ -1,4 +1,5 @@
-"""The README stays true: first commands, config, outputs and component tables match the code."""
+"""The README and the docs it links stay true: the first commands, the configuration table
+(docs/configuration.md), the outputs and component tables (docs/components.md) match the code."""
 
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ from components import settings as settings_module
 from tools.mocks import ROOT, run_program
 
 README = (ROOT / "README.md").read_text()
+COMPONENTS_DOC = (ROOT / "docs" / "components.md").read_text()
 
 
-def table(heading: str) -> list[str]:
-    """First-column names (in backticks) of the table under a heading."""
-    section = README.split(f"\n{heading}\n", 1)[1]
+def table(text: str, heading: str) -> list[str]:
+    """First-column names (in backticks) of the table under a heading of `text`."""
+    section = ("\n" + text).split(f"\n{heading}\n", 1)[1]
     rows = []
     for line in section.splitlines():
         if line.startswith("#"):
@@ -29,6 +31,15 @@ def table(heading: str) -> list[str]:
     return rows
 
 
+def test_readme_is_a_front_door_linking_every_doc():
+    """At most 250 lines; the references it moved out (docs/*.md) are each linked from it."""
+    assert len(README.splitlines()) <= 250
+    for doc in sorted((ROOT / "docs").glob("*.md")):
+        assert f"](docs/{doc.name})" in README, doc.name
+    for target in re.findall(r"\]\((docs/[^)#]+)", README):
+        assert (ROOT / target).exists(), target
+
+
 def test_readme_begins_with_the_two_commands_and_ci_runs_the_test_one():
     first_block = README.split("```sh\n", 1)[1].split("```", 1)[0]
     commands = [line.split("#")[0].strip() for line in first_block.strip().splitlines()]
@@ -37,8 +48,7 @@ def test_readme_begins_with_the_two_commands_and_ci_runs_the_test_one():
     assert "make test" in (ROOT / ".ci" / "run").read_text()
 
 
-def documented_config_keys() -> set[str]:
-    return set(table("## Configuration"))
+CONFIGURATION = (ROOT / "docs" / "configuration.md").read_text()
 
 
 def read_config_keys() -> set[str]:
@@ -47,9 +57,9 @@ def read_config_keys() -> set[str]:
     reader = settings_module._Reader
     original = reader.get
 
-    def get(self, name, default=None):
+    def get(self, name, *default):
         seen.add(self.key(name))
-        return original(self, name, default)
+        return original(self, name, *default)
 
     reader.get = get
     try:
@@ -62,13 +72,19 @@ def read_config_keys() -> set[str]:
     return {key for key in keys if not any(k.startswith(f"{key}.") for k in keys)}  # leaves
 
 
-def test_config_table_lists_exactly_the_keys_settings_read():
-    assert documented_config_keys() == read_config_keys()
+def test_every_key_read_is_declared_and_every_declared_key_is_read():
+    assert set(settings_module.KEYS) == read_config_keys()
 
 
-def test_every_key_declared_in_pulumi_yaml_is_read():
-    declared = set(yaml.safe_load((ROOT / "Pulumi.yaml").read_text())["config"])
-    assert declared <= read_config_keys()
+def test_configuration_table_is_the_declarations():
+    """docs/configuration.md's table is `config_table()` (regenerate it with the command there)."""
+    assert settings_module.config_table() in CONFIGURATION
+    assert table(CONFIGURATION, "# Configuration") == list(settings_module.KEYS)
+
+
+def test_pulumi_yaml_declares_the_keys_as_settings_do():
+    declared = yaml.safe_load((ROOT / "Pulumi.yaml").read_text())["config"]
+    assert declared == settings_module.pulumi_config()
 
 
 def test_outputs_table_matches_the_program(tmp_path: Path):
@@ -79,7 +95,7 @@ def test_outputs_table_matches_the_program(tmp_path: Path):
     for path in (ROOT / "Pulumi.staging.yaml", ROOT / "Pulumi.prod.yaml",
                  tmp_path / "Pulumi.nginx.yaml"):
         produced |= set(run_program(path).outputs)
-    assert set(table("## Stack outputs")) == produced
+    assert set(table(COMPONENTS_DOC, "## Stack outputs")) == produced
 
 
 COMPONENTS = [("components.app_tier", "AppTier"), ("components.frontend", "LoadBalancedFrontend"),
@@ -93,14 +109,14 @@ def test_component_tables_match_args_and_outputs(module, name):
     inputs = [f.name for f in dataclasses.fields(getattr(mod, f"{name}Args"))]
     outputs = list(getattr(mod, name).__annotations__)
     section = f"### `{name}` (`{module.replace('.', '/')}.py`)"
-    assert section in README
-    rows = table(section)
+    assert section in COMPONENTS_DOC
+    rows = table(COMPONENTS_DOC, section)
     assert rows == inputs + outputs
 
 
 def allowed_column(key: str) -> str:
-    """The 'allowed' cell of a key's row in the configuration table."""
-    row = next(line for line in README.splitlines() if line.startswith(f"| `{key}` |"))
+    """The 'allowed' cell of a key's row in docs/configuration.md."""
+    row = next(line for line in CONFIGURATION.splitlines() if line.startswith(f"| `{key}` |"))
     return row.split(" | ")[2]
 
 

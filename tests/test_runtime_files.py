@@ -338,6 +338,15 @@ def test_body_over_the_limit_is_refused_by_nginx(web):
     assert "oversized" not in web.gunicorn_log.read_text()  # the app never saw it
 
 
+def test_body_at_the_limit_is_not_refused_by_the_app_for_its_size(web):
+    """app.maxBodyMb is the app's limit too (MAX_BODY_MB in the env file): a body nginx lets
+    through reaches the app, which refuses it for what it holds (400), never its size (413)."""
+    limit = web.settings.app.max_body_mb * 1024 * 1024
+    resp = request(web.port, "/api/notes", method="POST", body=b"x" * limit,
+                   headers={"Content-Type": "application/json"})
+    assert resp.status == 400, resp.body
+
+
 def test_metrics_only_for_allowed_addresses(web):
     refused = request(web.port, "/metrics", source="127.0.0.1")
     assert refused.status == 403

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +12,20 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.settings import ConfigError, load_settings, pool_connection_budget
+from components.settings import (
+    KEYS,
+    AlertSettings,
+    AppSettings,
+    BudgetSettings,
+    ConfigError,
+    DatabaseSettings,
+    FrontendSettings,
+    HealthCheckSettings,
+    MaintenanceSettings,
+    PoolSettings,
+    load_settings,
+    pool_connection_budget,
+)
 from tools.mocks import ROOT, Run, run_program
 
 STAGING = {"sshKeys": ["deploy"], "alerts": {"emails": ["ops@example.com"]}}
@@ -54,8 +69,9 @@ BAD = [
      "frontend.healthCheck.unhealthyThreshold", "from 2 to 10"),
     ("staging", STAGING, {"frontend.healthCheck.healthyThreshold": 11},
      "frontend.healthCheck.healthyThreshold", "from 2 to 10"),
-    ("staging", STAGING, {"frontend.healthCheck.path": "healthz"},
-     "frontend.healthCheck.path", "absolute path"),
+    # Not a key: the app answers checks on /healthz only, and the policy pack requires it.
+    ("staging", STAGING, {"frontend.healthCheck.path": "/status"},
+     "frontend.healthCheck.path", "unknown key"),
     ("staging", STAGING, {"adminCidrs": ["0.0.0.0/0"]}, "adminCidrs[0]", "whole internet"),
     ("staging", STAGING, {"adminCidrs": ["10.0.0.0/8", "::/0"]}, "adminCidrs[1]",
      "whole internet"),
@@ -140,3 +156,42 @@ def test_program_refuses_an_unknown_top_level_key(tmp_path):
     with pytest.raises(Exception, match=r"webstack:regoin: 'nyc3' is not allowed; unknown key"):
         run_program(bad_stack_file(tmp_path, {"webstack:regoin": "nyc3"}), run=run)
     assert run.resources == []
+
+
+def snake(key: str) -> str:
+    """The settings attribute path of a config key: app.dropletCount -> app.droplet_count."""
+    return re.sub(r"[A-Z]", lambda m: "_" + m.group().lower(), key)
+
+
+def is_set(raw: dict, key: str) -> bool:
+    *parents, leaf = key.split(".")
+    for part in parents:
+        raw = raw.get(part, {})
+    return leaf in raw
+
+
+@pytest.mark.parametrize("stack,base", [("staging", STAGING), ("prod", PROD)])
+def test_unset_keys_take_their_declared_default(stack, base):
+    """Every key the config leaves unset reads as its declaration's default for the stack's
+    environment (the declarations are the only defaults: dataclasses carry none)."""
+    settings = load(base, stack)
+    checked = []
+    for name, key in KEYS.items():
+        default = key.default_for(settings.production)
+        if default is None or is_set(base, name):
+            continue
+        value = settings
+        for part in snake(name).split("."):
+            value = getattr(value, part)
+        assert value == default, name
+        checked.append(name)
+    assert "app.dropletCount" in checked and "budget.enforce" in checked
+
+
+def test_no_section_dataclass_has_a_default_of_its_own():
+    for cls in (AppSettings, FrontendSettings, HealthCheckSettings, DatabaseSettings,
+                PoolSettings, MaintenanceSettings, AlertSettings, BudgetSettings):
+        for f in dataclasses.fields(cls):
+            if f.init:
+                assert f.default is dataclasses.MISSING, (cls.__name__, f.name)
+                assert f.default_factory is dataclasses.MISSING, (cls.__name__, f.name)
