@@ -1,11 +1,12 @@
 """The app droplet's user data: one pure function from settings and resolved values.
 
 `render_app_cloud_config` returns the `#cloud-config` document every app droplet boots with:
-nginx and a Python venv, an unprivileged service user, the `app/` package (bundled, so the
-droplet runs exactly the reviewed commit), the gunicorn config, the hardened systemd unit, the
-nginx site and the environment file with the database URLs; then migrations (once, under an
-advisory lock) and the services. Built as data and dumped with `yaml.safe_dump`, so identical
-inputs give byte-identical output and droplets are replaced only when something changed.
+nginx and a Python venv, an unprivileged service user, the files of `runtime.droplet_files`
+(the `app/` package, bundled so the droplet runs exactly the reviewed commit, the hardened
+systemd units, the nginx site and the environment file with the database URLs; the lab
+writes the same list), then migrations (once, under an advisory lock) and the services.
+Built as data and dumped with `yaml.safe_dump`, so identical inputs give byte-identical output
+and droplets are replaced only when something changed.
 """
 
 from __future__ import annotations
@@ -19,15 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from components.runtime import (
-    APP_UNIT,
-    MIGRATE_UNIT,
-    DropletLayout,
-    render_app_env,
-    render_app_unit,
-    render_migrate_unit,
-    render_nginx_site,
-)
+from components.runtime import APP_UNIT, MIGRATE_UNIT, DropletFile, DropletLayout, droplet_files
 from components.settings import Settings
 
 APP_DIR = Path(__file__).resolve().parent.parent / "app"
@@ -54,6 +47,19 @@ def app_bundle(app_dir: Path = APP_DIR) -> bytes:
     return buf.getvalue()
 
 
+def _write_file(file: DropletFile) -> dict[str, object]:
+    """A `write_files` entry (owner root:root, cloud-init's default, left implicit)."""
+    entry: dict[str, object] = {"path": file.path}
+    if isinstance(file.content, bytes):
+        entry["encoding"] = "b64"
+    entry["permissions"] = f"{file.mode:04o}"
+    entry["content"] = (base64.b64encode(file.content).decode()
+                        if isinstance(file.content, bytes) else file.content)
+    if file.owner != "root:root":
+        entry["owner"] = file.owner
+    return {**entry, "defer": True}
+
+
 def render_app_cloud_config(
     settings: Settings,
     *,
@@ -68,23 +74,10 @@ def render_app_cloud_config(
     """The user data of an app droplet. Raises ValueError if it exceeds DigitalOcean's limit."""
     bundle = app_bundle() if bundle is None else bundle
     layout = layout or DropletLayout()
-    site = render_nginx_site(
-        settings,
-        listen="80",
-        upstream=layout.gunicorn_bind,
-        static_dir=layout.static_dir,
-        metrics_allow=[vpc_cidr, "127.0.0.1"],
-        trusted_proxies=[vpc_cidr],
-    )
-    env = render_app_env(
-        settings,
-        database_url=database_url,
-        replica_urls=replica_urls,
-        secret_key=secret_key,
-        migration_url=migration_url,
-        bind=layout.gunicorn_bind,
-    )
-    unit_name, migrate_unit = APP_UNIT, MIGRATE_UNIT
+    files = droplet_files(
+        settings, database_url=database_url, replica_urls=replica_urls,
+        migration_url=migration_url, secret_key=secret_key, vpc_cidr=vpc_cidr, layout=layout,
+        bundle=bundle)
     document = {
         "package_update": True,
         "packages": ["nginx", "python3-venv"],
@@ -98,31 +91,20 @@ def render_app_cloud_config(
              "homedir": "/nonexistent", "no_create_home": True, "lock_passwd": True},
         ],
         # Deferred to the final stage: after packages and users exist.
-        "write_files": [
-            {"path": f"{layout.root}/app.tar.gz", "encoding": "b64", "permissions": "0644",
-             "content": base64.b64encode(bundle).decode(), "defer": True},
-            {"path": layout.env_file, "permissions": "0600", "content": env, "defer": True},
-            {"path": f"/etc/systemd/system/{unit_name}", "permissions": "0644",
-             "content": render_app_unit(settings, layout), "defer": True},
-            {"path": f"/etc/systemd/system/{migrate_unit}", "permissions": "0644",
-             "content": render_migrate_unit(layout), "defer": True},
-            {"path": "/etc/nginx/sites-available/webstack", "permissions": "0644",
-             "content": site, "defer": True},
-        ],
+        "write_files": [_write_file(f) for f in files],
         "runcmd": [
             ["mkdir", "-p", layout.app_dir],
-            ["tar", "-xzf", f"{layout.root}/app.tar.gz", "-C", layout.app_dir,
+            ["tar", "-xzf", layout.bundle, "-C", layout.app_dir,
              "--no-same-owner"],
             ["python3", "-m", "venv", layout.venv],
             [f"{layout.venv}/bin/pip", "install", "--no-cache-dir",
              "--disable-pip-version-check", "-r", f"{layout.app_dir}/app/requirements.txt"],
             ["systemctl", "daemon-reload"],
             # Migrations first, without blocking boot: the unit retries until they succeed.
-            ["systemctl", "enable", "--now", "--no-block", migrate_unit],
-            ["systemctl", "enable", "--now", unit_name],
+            ["systemctl", "enable", "--now", "--no-block", MIGRATE_UNIT],
+            ["systemctl", "enable", "--now", APP_UNIT],
             ["rm", "-f", "/etc/nginx/sites-enabled/default"],
-            ["ln", "-sf", "/etc/nginx/sites-available/webstack",
-             "/etc/nginx/sites-enabled/webstack"],
+            ["ln", "-sf", layout.nginx_site, "/etc/nginx/sites-enabled/webstack"],
             ["sh", "-c", "nginx -t && systemctl reload nginx"],
         ],
     }

@@ -240,10 +240,10 @@ def price(records: Iterable[Registered], stack: str = "") -> Breakdown:
                 f"{_label(r)}: {r.type} is neither priced nor listed in no_charge_types"
                 " in components/catalog.yaml"
             )
-    return Breakdown(tuple(sorted(lines, key=lambda line: _natural(line.resource))), stack)
+    return Breakdown(tuple(sorted(lines, key=lambda line: natural_key(line.resource))), stack)
 
 
-def _natural(name: str) -> list[Any]:
+def natural_key(name: str) -> list[Any]:
     """Sort key for names in natural order: app-2 before app-10."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
@@ -351,56 +351,3 @@ def app_platform_equivalent(breakdown: Breakdown, app_instances: int) -> Breakdo
                    Decimal(container["monthly_usd"]), container["source"])
     databases = tuple(line for line in breakdown.lines if line.kind in DATABASE_KINDS)
     return Breakdown((app, *databases), breakdown.stack)
-
-
-# --------------------------------------------------------------------------- text
-
-
-def _table(rows: list[tuple[str, ...]], right: set[int]) -> str:
-    """Rows as aligned text columns; the columns in `right` right-aligned."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(cell.rjust(w) if i in right else cell.ljust(w)
-                  for i, (cell, w) in enumerate(zip(row, widths, strict=True))).rstrip()
-        for row in rows
-    )
-
-
-def format_table(breakdown: Breakdown) -> str:
-    """The breakdown as a text table, one row per line item, and the total."""
-    rows = [("resource", "item", "qty", "unit", "monthly")]
-    rows += [(line.resource, f"{line.kind}: {line.detail}", str(line.quantity),
-              str(line.unit_usd), str(line.monthly_usd)) for line in breakdown.lines]
-    rows.append(("total", "", "", "", str(breakdown.total)))
-    return _table(rows, right={2, 3, 4})
-
-
-def _key(line: LineItem, stack: str) -> tuple[str, str]:
-    return (line.resource.removeprefix(f"{stack}-") if stack else line.resource), line.kind
-
-
-def diff(a: Breakdown, b: Breakdown) -> str:
-    """The lines that differ from `a` to `b` (such as staging to prod), and the total change.
-
-    Lines pair by resource name less the stack prefix, and kind: a resize is one changed line.
-    """
-    old = {_key(line, a.stack): line for line in a.lines}
-    new = {_key(line, b.stack): line for line in b.lines}
-
-    def side(line: LineItem | None) -> str:
-        return "-" if line is None else f"{line.quantity} x {line.detail}: {line.monthly_usd}"
-
-    def monthly(line: LineItem | None) -> Decimal:
-        return Decimal("0.00") if line is None else line.monthly_usd
-
-    rows = [("resource", "item", a.stack or "before", b.stack or "after", "change")]
-    unchanged = 0
-    for key in sorted({*old, *new}, key=lambda key: (_natural(key[0]), key[1])):
-        before, after = old.get(key), new.get(key)
-        if side(before) == side(after):
-            unchanged += 1
-            continue
-        rows.append((*key, side(before), side(after), f"{monthly(after) - monthly(before):+}"))
-    rows.append(("total", "", str(a.total), str(b.total), f"{b.total - a.total:+}"))
-    note = f"\n({unchanged} unchanged lines not shown)" if unchanged else ""
-    return _table(rows, right={4}) + note

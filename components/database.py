@@ -14,7 +14,8 @@ Creates, all children of one component:
 
 On PostgreSQL 15+ the app user may not create tables in the app database until doadmin grants
 it the public schema (the database is owned by doadmin): `app_grants_sql` and `admin_uri` are
-for that one grant, which must run inside the VPC and is wired where the droplets are known.
+for that one grant, which must run inside the VPC (`app_grants_script`, from an app droplet)
+and is wired where the droplets are known.
 """
 
 from __future__ import annotations
@@ -25,15 +26,23 @@ from urllib.parse import quote
 import pulumi
 import pulumi_digitalocean as digitalocean
 
-from components.settings import Settings
+from components import ssh
+from components.runtime import MIGRATE_UNIT, DropletLayout
+from components.settings import DatabaseSettings
 
 
 @dataclass(frozen=True, kw_only=True)
 class DatabaseClusterArgs:
     """What the database needs from the rest of the stack."""
 
-    settings: Settings
-    """Validated stack settings: `database.*`, `region`, `stack` and the app tag are used."""
+    database: DatabaseSettings
+    """The `database.*` settings: version, sizes, nodes, replicas, pool, maintenance, name."""
+    stack: str
+    """The stack's name (the cluster's tag `webstack-<stack>`)."""
+    region: str
+    """The primary's region (replicas name their own)."""
+    app_tag: str
+    """The tag of the app droplets: the only ones the database firewalls admit."""
     vpc_id: pulumi.Input[str]
     """The VPC the cluster and its replicas join; only their private hosts are handed out."""
 
@@ -44,6 +53,21 @@ def app_grants_sql(name: str) -> str:
     created through DigitalOcean's API is owned by doadmin. Idempotent."""
     return (f'GRANT CONNECT ON DATABASE "{name}" TO "{name}";\n'
             f'GRANT USAGE, CREATE ON SCHEMA public TO "{name}";\n')
+
+
+def app_grants_script(layout: DropletLayout) -> str:
+    """The shell script that applies `app_grants_sql` from an app droplet (inside the
+    database's tag firewall), with the app's venv of `layout`, then restarts the migrations.
+    doadmin's URI comes on the first line of stdin and the SQL after it, so the URI is never
+    on a command line or on disk."""
+    return "set -eu\n" + ssh.wait_for_cloud_init() + f"""{layout.venv}/bin/python -c '
+import sys, psycopg
+uri = sys.stdin.readline().strip()
+with psycopg.connect(uri, autocommit=True, connect_timeout=10) as conn:
+    conn.execute(sys.stdin.read())
+'
+systemctl restart --no-block {MIGRATE_UNIT}
+"""
 
 
 def _uri(user: str, password: str, host: str, port: int, database: str) -> str:
@@ -79,19 +103,19 @@ class DatabaseCluster(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: DatabaseClusterArgs,
                  opts: pulumi.ResourceOptions | None = None):
-        s, db_settings = args.settings, args.settings.database
+        db_settings = args.database
         super().__init__("webstack:index:DatabaseCluster", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
         protected = pulumi.ResourceOptions(parent=self, protect=db_settings.protect)
-        stack_tag = f"webstack-{s.stack}"
-        firewall_rules = [digitalocean.DatabaseFirewallRuleArgs(type="tag", value=s.app_tag)]
+        stack_tag = f"webstack-{args.stack}"
+        firewall_rules = [digitalocean.DatabaseFirewallRuleArgs(type="tag", value=args.app_tag)]
 
         cluster = digitalocean.DatabaseCluster(
             f"{name}-cluster",
             engine="pg",
             version=db_settings.version,
             size=db_settings.size,
-            region=s.region,
+            region=args.region,
             node_count=db_settings.node_count,
             private_network_uuid=args.vpc_id,
             maintenance_windows=[digitalocean.DatabaseClusterMaintenanceWindowArgs(

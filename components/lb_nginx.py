@@ -8,7 +8,8 @@
   droplet's user data never contains app IPs: user data forces replacement, and a new LB
   droplet on every app rollout would drop traffic.
 - `render_lb_cloud_config`: the LB droplet's user data (`#cloud-config`, built as data and
-  dumped with `yaml.safe_dump`): nginx (+ certbot and a retrying first-certificate timer when the
+  dumped with `yaml.safe_dump`): nginx (+ certbot, a retrying first-certificate timer and
+  its TLS hook, from `cloud-init/webstack-certbot.*.j2` and `webstack-tls-link.j2`, when the
   stack has a domain), the site config and a placeholder upstream that answers 503.
 
 Functions of settings and plain values only, no Pulumi types: same input, same bytes.
@@ -118,44 +119,9 @@ def render_lb_nginx_conf(
 
 # --------------------------------------------------------------------------- cloud-config
 
-_TLS_LINK = """\
-#!/bin/sh
-# certbot deploy hook: point nginx at the site's Let's Encrypt certificate, then reload.
-set -eu
-live=/etc/letsencrypt/live/{fqdn}
-ln -sfn "$live/fullchain.pem" {cert}
-ln -sfn "$live/privkey.pem" {key}
-nginx -t -q && systemctl reload nginx
-"""
-
-_CERTBOT_SERVICE = """\
-[Unit]
-Description=webstack: obtain the site's first Let's Encrypt certificate (HTTP-01, webroot)
-Wants=network-online.target
-After=network-online.target nginx.service
-ConditionPathExists=!/etc/letsencrypt/live/{fqdn}/fullchain.pem
-
-[Service]
-Type=oneshot
-# Only the droplet holding the reserved IP receives the challenge: spares wait their turn.
-ExecCondition=/bin/sh -c 'curl -fsS -m 5 {metadata}/reserved_ip/ipv4/active | grep -qx true'
-ExecStart=/usr/bin/certbot certonly --non-interactive --agree-tos --email {email} \
---webroot -w {webroot} --cert-name {fqdn} -d {fqdn} --deploy-hook /usr/local/sbin/webstack-tls-link
-"""
-
-# Every 15 minutes: under Let's Encrypt's limit of 5 failed validations per hour while DNS or
-# the reserved IP is not in place yet. Renewals are certbot's own timer (Debian package).
-_CERTBOT_TIMER = """\
-[Unit]
-Description=webstack: retry the site's first certificate until it exists
-
-[Timer]
-OnBootSec=1min
-OnCalendar=*:0/15
-
-[Install]
-WantedBy=timers.target
-"""
+TLS_HOOK = "/usr/local/sbin/webstack-tls-link"
+CERTBOT_UNIT = "webstack-certbot"
+METADATA = "http://169.254.169.254/metadata/v1"
 
 
 class _Dumper(yaml.SafeDumper):
@@ -183,14 +149,14 @@ def render_lb_cloud_config(settings: Settings) -> str:
     if fqdn:
         packages.append("certbot")
         values = {"fqdn": fqdn, "cert": TLS_CERT, "key": TLS_KEY, "webroot": ACME_WEBROOT,
-                  "email": settings.alerts.emails[0],
-                  "metadata": "http://169.254.169.254/metadata/v1"}
+                  "email": settings.alerts.emails[0], "metadata": METADATA, "hook": TLS_HOOK}
         files += [
-            {"path": "/usr/local/sbin/webstack-tls-link", "permissions": "0755",
-             "content": _TLS_LINK.format(**values)},
-            {"path": "/etc/systemd/system/webstack-certbot.service",
-             "content": _CERTBOT_SERVICE.format(**values)},
-            {"path": "/etc/systemd/system/webstack-certbot.timer", "content": _CERTBOT_TIMER},
+            {"path": TLS_HOOK, "permissions": "0755",
+             "content": render_template("webstack-tls-link.j2", **values)},
+            {"path": f"/etc/systemd/system/{CERTBOT_UNIT}.service",
+             "content": render_template(f"{CERTBOT_UNIT}.service.j2", **values)},
+            {"path": f"/etc/systemd/system/{CERTBOT_UNIT}.timer",
+             "content": render_template(f"{CERTBOT_UNIT}.timer.j2")},
         ]
         # nginx needs a certificate to start: a self-signed one until Let's Encrypt's arrives.
         runcmd += [
@@ -203,8 +169,8 @@ def render_lb_cloud_config(settings: Settings) -> str:
         ]
     runcmd += ["systemctl enable nginx", "nginx -t && systemctl restart nginx"]
     if fqdn:
-        runcmd += ["systemctl daemon-reload", "systemctl enable --now webstack-certbot.timer",
-                   "systemctl start --no-block webstack-certbot.service"]
+        runcmd += ["systemctl daemon-reload", f"systemctl enable --now {CERTBOT_UNIT}.timer",
+                   f"systemctl start --no-block {CERTBOT_UNIT}.service"]
     config = {
         "package_update": True,
         "packages": packages,

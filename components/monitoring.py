@@ -22,7 +22,8 @@ from typing import Any
 import pulumi
 import pulumi_digitalocean as digitalocean
 
-from components.settings import Settings
+from components.frontend import AlertTargets
+from components.settings import AlertSettings
 
 LB_5XX_PERCENT = 5
 """Alert when 5xx responses rise by more than this many percent (no setting for it yet)."""
@@ -38,15 +39,16 @@ an empty one): an expiry days away can wait an hour of failing checks before it 
 class MonitoringAlertsArgs:
     """What the alerts watch."""
 
-    settings: Settings
-    """Validated stack settings: `alerts.*`, the app and LB tags, `frontend.mode`, `domain`."""
+    alerts: AlertSettings
+    """The `alerts.*` settings: who is told, thresholds, window, uptime check on or off."""
+    stack: str
+    """The stack's name (in every policy's description)."""
+    app_tag: str
+    """The tag of the app droplets."""
+    frontend: AlertTargets
+    """The frontend's `alert_targets`: its health URL, load balancers or LB droplets."""
     db_cluster_id: pulumi.Input[str]
     """The database cluster's id."""
-    lb_id: pulumi.Input[str] | None
-    """The managed load balancer's id; None in nginx mode (no managed load balancer)."""
-    health_url: pulumi.Input[str]
-    """What the uptime check fetches: https://FQDN/healthz, or http://IP/healthz without a
-    domain. Its scheme must match whether the stack has a domain."""
 
 
 class MonitoringAlerts(pulumi.ComponentResource):
@@ -59,10 +61,7 @@ class MonitoringAlerts(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: MonitoringAlertsArgs,
                  opts: pulumi.ResourceOptions | None = None):
-        s, a = args.settings, args.settings.alerts
-        managed = s.frontend.mode == "managed"
-        https = s.fqdn is not None
-        _check(args, managed, https)
+        a, fe = args.alerts, args.frontend
         super().__init__("webstack:index:MonitoringAlerts", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
         slack_url = pulumi.Output.secret(str(a.slack_url)) if a.slack_url else None
@@ -76,19 +75,19 @@ class MonitoringAlerts(pulumi.ComponentResource):
         def alert(suffix: str, type_: str, value: float, what: str, **scope: Any) -> None:
             policies.append(digitalocean.MonitorAlert(
                 f"{name}-{suffix}", type=type_, compare="GreaterThan", value=value, window=a.window,
-                description=f"webstack {s.stack}: {what}", enabled=True, alerts=notify,
+                description=f"webstack {args.stack}: {what}", enabled=True, alerts=notify,
                 opts=child, **scope))
 
         droplet_metrics = (("cpu", "cpu", a.cpu_percent),
                            ("memory", "memory_utilization_percent", a.memory_percent),
                            ("disk", "disk_utilization_percent", a.disk_percent))
-        groups = [("app", s.app_tag)] + ([] if managed else [("nginx", s.lb_tag)])
+        groups = [("app", args.app_tag)] + [("nginx", tag) for tag in fe.droplet_tags]
         for group, tag in groups:
             for short, metric, percent in droplet_metrics:
                 alert(f"{group}-{short}", f"v1/insights/droplet/{metric}", percent,
                       f"{group} droplets {short} above {percent}%", tags=[tag])
-        if managed:
-            lb = {"entities": [args.lb_id]}
+        for lb_id in fe.load_balancer_ids:
+            lb = {"entities": [lb_id]}
             alert("lb-5xx", "v1/insights/lbaas/increase_in_http_error_rate_percentage_5xx",
                   LB_5XX_PERCENT, f"load balancer 5xx rate up more than {LB_5XX_PERCENT}%", **lb)
             # Unverified: the API documents neither this value's unit (ms assumed; the metrics
@@ -104,19 +103,18 @@ class MonitoringAlerts(pulumi.ComponentResource):
             alert(f"db-{short}", f"v1/dbaas/alerts/{metric}", percent,
                   f"database {short} above {percent}%", entities=[args.db_cluster_id])
 
-        self.uptime_check_id = self._uptime(name, args, https, slack_url) if a.uptime_check \
-            else None
+        self.uptime_check_id = self._uptime(name, args, slack_url) if a.uptime_check else None
         self.alert_policy_ids = pulumi.Output.all(*[p.uuid for p in policies])
         self.register_outputs({
             "alert_policy_ids": self.alert_policy_ids, "uptime_check_id": self.uptime_check_id,
         })
 
-    def _uptime(self, name: str, args: MonitoringAlertsArgs, https: bool,
+    def _uptime(self, name: str, args: MonitoringAlertsArgs,
                 slack_url: pulumi.Input[str] | None) -> pulumi.Output[str]:
         """The uptime check on the health URL and its alerts; returns the check's id."""
-        a, child = args.settings.alerts, pulumi.ResourceOptions(parent=self)
+        a, https, child = args.alerts, args.frontend.https, pulumi.ResourceOptions(parent=self)
         check = digitalocean.UptimeCheck(
-            f"{name}-uptime", target=args.health_url, type="https" if https else "http",
+            f"{name}-uptime", target=args.frontend.health_url, type="https" if https else "http",
             regions=list(UPTIME_REGIONS), enabled=True, opts=child)
         notifications = [digitalocean.UptimeAlertNotificationArgs(
             emails=list(a.emails),
@@ -134,13 +132,3 @@ class MonitoringAlerts(pulumi.ComponentResource):
                                      notifications=notifications, opts=child, **fields)
         return check.id
 
-
-def _check(args: MonitoringAlertsArgs, managed: bool, https: bool) -> None:
-    """Args that disagree with the settings would leave an alert without a target."""
-    if managed and args.lb_id is None:
-        raise ValueError("webstack:frontend.mode: 'managed' needs the load balancer's id "
-                         "(lb_id) for its alerts; got None")
-    scheme = "https://" if https else "http://"
-    if isinstance(args.health_url, str) and not args.health_url.startswith(scheme):
-        raise ValueError(f"webstack:domain: {args.settings.domain!r} means the health URL "
-                         f"starts with {scheme}; got {args.health_url!r}")

@@ -58,7 +58,8 @@ SECURITY_HEADERS = (
 
 @dataclass(frozen=True, kw_only=True)
 class DropletLayout:
-    """Where things live on an app droplet. Defaults are the droplet's; tests move `root`."""
+    """Where things live on an app droplet and where its servers listen. Defaults are the
+    droplet's; the lab, the bench and the tests move the directories and addresses."""
 
     root: str = "/opt/webstack"
     """Holds the app (`app_dir`) and its virtualenv (`venv`)."""
@@ -68,11 +69,26 @@ class DropletLayout:
     """The service's EnvironmentFile (`render_app_env`): secrets, root-owned, mode 0600."""
     gunicorn_bind: str = "127.0.0.1:8000"
     """Where gunicorn listens and nginx proxies to: loopback only."""
+    nginx_listen: str = "80"
+    """The nginx site's listen address (`80`, `127.0.0.11:8080`)."""
+    nginx_site: str = "/etc/nginx/sites-available/webstack"
+    units_dir: str = "/etc/systemd/system"
+    static_dir: str = ""
+    """Flask's static folder, served by nginx at /static/; empty: `app_dir`/app/static."""
+
+    def __post_init__(self):
+        if not self.static_dir:
+            object.__setattr__(self, "static_dir", f"{self.app_dir}/app/static")
 
     @property
     def app_dir(self) -> str:
         """Gunicorn's working directory: holds the `app` package."""
         return f"{self.root}/app"
+
+    @property
+    def bundle(self) -> str:
+        """The `app/` package as shipped (`app_bundle`), unpacked into `app_dir` at boot."""
+        return f"{self.root}/app.tar.gz"
 
     @property
     def venv(self) -> str:
@@ -82,10 +98,18 @@ class DropletLayout:
     def gunicorn_conf(self) -> str:
         return f"{self.app_dir}/app/gunicorn.conf.py"
 
-    @property
-    def static_dir(self) -> str:
-        """Flask's static folder, served by nginx at /static/."""
-        return f"{self.app_dir}/app/static"
+    def unit(self, name: str) -> str:
+        return f"{self.units_dir}/{name}"
+
+
+@dataclass(frozen=True)
+class DropletFile:
+    """One file an app droplet gets: cloud-init writes it, the lab writes it under its dirs."""
+
+    path: str
+    mode: int
+    content: str | bytes
+    owner: str = "root:root"
 
 
 def render_nginx_site(
@@ -96,6 +120,7 @@ def render_nginx_site(
     static_dir: str,
     metrics_allow: Sequence[str],
     trusted_proxies: Sequence[str] = (),
+    upstream_keepalive: bool = True,
 ) -> str:
     """The nginx site (a `server` and its `upstream`, included inside `http {}`).
 
@@ -103,7 +128,8 @@ def render_nginx_site(
     (`127.0.0.1:8000`). `metrics_allow` lists the addresses or CIDRs that may read /metrics
     directly (the VPC, loopback); everyone else gets 403. `trusted_proxies` lists the load
     balancer's addresses (the VPC): the client address in their X-Forwarded-For becomes
-    nginx's, and the app gets that one address (it trusts one hop).
+    nginx's, and the app gets that one address (it trusts one hop). `upstream_keepalive`
+    False makes nginx open a connection to gunicorn per request (the bench's comparison).
     """
     for source in [*metrics_allow, *trusted_proxies]:
         ipaddress.ip_network(source)  # ValueError names the bad address
@@ -113,7 +139,8 @@ def render_nginx_site(
         "nginx-site.conf.j2",
         listen=listen,
         upstream=upstream,
-        upstream_keepalive=settings.app.workers * settings.app.gunicorn_threads,
+        upstream_keepalive=upstream_keepalive,
+        keepalive_connections=settings.app.workers * settings.app.gunicorn_threads,
         upstream_keepalive_timeout=GUNICORN_KEEPALIVE - 1,
         gunicorn_keepalive=GUNICORN_KEEPALIVE,
         gunicorn_timeout=GUNICORN_TIMEOUT,
@@ -129,6 +156,11 @@ def render_nginx_site(
 
 APP_UNIT = "webstack-app.service"
 MIGRATE_UNIT = "webstack-migrate.service"
+RUNTIME_DIRECTORY = "webstack"
+"""The app unit's RuntimeDirectory= (under /run, `%t`), emptied by systemd at every start."""
+UNIT_ENVIRONMENT = {"GUNICORN_WORKER_TMP_DIR": f"%t/{RUNTIME_DIRECTORY}",
+                    "PROMETHEUS_MULTIPROC_DIR": f"%t/{RUNTIME_DIRECTORY}"}
+"""The app unit's Environment=, added to its EnvironmentFile by systemd."""
 
 
 def render_migrate_unit(layout: DropletLayout) -> str:
@@ -151,6 +183,8 @@ def render_app_unit(settings: Settings, layout: DropletLayout) -> str:
         gunicorn_conf=layout.gunicorn_conf,
         graceful_timeout=GUNICORN_GRACEFUL_TIMEOUT,
         stop_timeout=STOP_TIMEOUT,
+        runtime_directory=RUNTIME_DIRECTORY,
+        environment=UNIT_ENVIRONMENT,
     )
 
 
@@ -193,6 +227,37 @@ def render_app_env(
         db_replica_retry_seconds=DB_REPLICA_RETRY_SECONDS,
         max_body_mb=settings.app.max_body_mb,
     )
+
+
+def droplet_files(
+    settings: Settings,
+    *,
+    database_url: str,
+    replica_urls: Sequence[str],
+    migration_url: str | None,
+    secret_key: str,
+    vpc_cidr: str,
+    layout: DropletLayout,
+    bundle: bytes | None = None,
+    upstream_keepalive: bool = True,
+) -> list[DropletFile]:
+    """Every file an app droplet gets, at `layout`'s paths: the app bundle (when given; the
+    lab runs the repo's app/ in place), the environment file, both units and the nginx site.
+    `vpc_cidr` is where the load balancer and Prometheus connect from."""
+    env = render_app_env(settings, database_url=database_url, replica_urls=replica_urls,
+                         secret_key=secret_key, migration_url=migration_url,
+                         bind=layout.gunicorn_bind)
+    site = render_nginx_site(
+        settings, listen=layout.nginx_listen, upstream=layout.gunicorn_bind,
+        static_dir=layout.static_dir, metrics_allow=[vpc_cidr, "127.0.0.1"],
+        trusted_proxies=[vpc_cidr], upstream_keepalive=upstream_keepalive)
+    files = [DropletFile(layout.bundle, 0o644, bundle)] if bundle is not None else []
+    return files + [
+        DropletFile(layout.env_file, 0o600, env),
+        DropletFile(layout.unit(APP_UNIT), 0o644, render_app_unit(settings, layout)),
+        DropletFile(layout.unit(MIGRATE_UNIT), 0o644, render_migrate_unit(layout)),
+        DropletFile(layout.nginx_site, 0o644, site),
+    ]
 
 
 def gunicorn_threads(threads: int) -> int:

@@ -18,10 +18,50 @@ import pulumi_random as random
 from components import cost, ssh
 from components.app_tier import AppTier, AppTierArgs
 from components.cloud_config import render_app_cloud_config
-from components.database import DatabaseCluster, DatabaseClusterArgs
-from components.frontend import LoadBalancedFrontend, LoadBalancedFrontendArgs
+from components.database import DatabaseCluster, DatabaseClusterArgs, app_grants_script
+from components.frontend import (
+    LoadBalancedFrontend,
+    LoadBalancedFrontendArgs,
+    NginxDroplets,
+    WebSource,
+)
+from components.lb_nginx import render_lb_cloud_config
 from components.monitoring import MonitoringAlerts, MonitoringAlertsArgs
-from components.settings import Settings, is_ssh_fingerprint_or_id
+from components.runtime import DropletLayout
+from components.settings import ConfigError, Settings, is_ssh_fingerprint_or_id
+
+# --------------------------------------------------------------------------- each its section
+# What each component takes from the settings, in one place (the tests build their Args here).
+
+
+def app_tier_args(settings: Settings, **wiring: Any) -> AppTierArgs:
+    return AppTierArgs(app=settings.app, health_check=settings.frontend.health_check,
+                       region=settings.region, tag=settings.app_tag,
+                       admin_cidrs=settings.admin_cidrs, **wiring)
+
+
+def frontend_args(settings: Settings, **wiring: Any) -> LoadBalancedFrontendArgs:
+    nginx = {} if settings.frontend.mode != "nginx" else {
+        "lb_tag": settings.lb_tag, "lb_image": settings.app.image,
+        "lb_user_data": render_lb_cloud_config(settings), "admin_cidrs": settings.admin_cidrs,
+        "production": settings.production}
+    return LoadBalancedFrontendArgs(
+        frontend=settings.frontend, stack=settings.stack, region=settings.region,
+        domain=settings.domain, hostname=settings.hostname, fqdn=settings.fqdn,
+        app_tag=settings.app_tag, **nginx, **wiring)
+
+
+def database_args(settings: Settings, **wiring: Any) -> DatabaseClusterArgs:
+    return DatabaseClusterArgs(database=settings.database, stack=settings.stack,
+                               region=settings.region, app_tag=settings.app_tag, **wiring)
+
+
+def alerts_args(settings: Settings, **wiring: Any) -> MonitoringAlertsArgs:
+    return MonitoringAlertsArgs(alerts=settings.alerts, stack=settings.stack,
+                                app_tag=settings.app_tag, **wiring)
+
+
+# --------------------------------------------------------------------------- the stack
 
 
 def _ssh_keys(settings: Settings) -> list[pulumi.Input[str]]:
@@ -30,18 +70,6 @@ def _ssh_keys(settings: Settings) -> list[pulumi.Input[str]]:
         key if is_ssh_fingerprint_or_id(key) else do.get_ssh_key_output(name=key).fingerprint
         for key in settings.ssh_keys
     ]
-
-
-# Runs on an app droplet (inside the database's tag firewall) with doadmin's URI on the first
-# line of stdin and the SQL after it, so the URI is never on a command line or on disk.
-_GRANT = "set -eu\n" + ssh.wait_for_cloud_init() + """/opt/webstack/venv/bin/python -c '
-import sys, psycopg
-uri = sys.stdin.readline().strip()
-with psycopg.connect(uri, autocommit=True, connect_timeout=10) as conn:
-    conn.execute(sys.stdin.read())
-'
-systemctl restart --no-block webstack-migrate.service
-"""
 
 
 def _grant_app_privileges(
@@ -59,7 +87,7 @@ def _grant_app_privileges(
     command.remote.Command(
         f"{settings.stack}-db-grants",
         connection=ssh.connection(first.ipv4_address, key),
-        create=_GRANT,
+        create=app_grants_script(DropletLayout()),
         stdin=pulumi.Output.secret(pulumi.Output.all(db.admin_uri).apply(
             lambda v: f"{v[0]}\n{db.app_grants_sql}\n")),
         triggers=[db.cluster_id, first.id],
@@ -69,6 +97,12 @@ def _grant_app_privileges(
 
 def build(settings: Settings) -> dict[str, Any]:
     """Register every resource of the stack; return the stack outputs by name."""
+    nginx = settings.frontend.mode == "nginx"
+    if nginx and settings.ssh_private_key and not settings.admin_cidrs:
+        raise ConfigError(
+            "adminCidrs", [], "it blocks SSH to the nginx LB droplets, so the upstream list "
+            "cannot be delivered: list the CIDR of the machine running pulumi, or give no "
+            "sshPrivateKey")
     tracker = cost.CostTracker.install()
     stack = settings.stack
 
@@ -79,7 +113,7 @@ def build(settings: Settings) -> dict[str, Any]:
         description=f"webstack {stack}: app droplets, load balancer and database",
     )
     ssh_keys = _ssh_keys(settings)
-    db = DatabaseCluster(f"{stack}-db", DatabaseClusterArgs(settings=settings, vpc_id=vpc.id))
+    db = DatabaseCluster(f"{stack}-db", database_args(settings, vpc_id=vpc.id))
 
     # One key for every droplet, so a session signed by one droplet is valid on the others.
     secret_key = random.RandomPassword(f"{stack}-app-secret-key", length=64, special=False)
@@ -96,28 +130,25 @@ def build(settings: Settings) -> dict[str, Any]:
 
     key = pulumi.Output.secret(settings.ssh_private_key) if settings.ssh_private_key else None
 
-    def app_tier(**web_sources: Any) -> AppTier:
-        return AppTier(f"{stack}-app", AppTierArgs(
-            settings=settings, vpc_id=vpc.id, ssh_keys=ssh_keys, user_data=user_data,
-            ssh_private_key=key, **web_sources,
-        ))
+    def app_tier(web_source: WebSource) -> AppTier:
+        return AppTier(f"{stack}-app", app_tier_args(
+            settings, web_source=web_source, vpc_id=vpc.id, ssh_keys=ssh_keys,
+            user_data=user_data, ssh_private_key=key))
 
     if settings.frontend.mode == "managed":
-        frontend = LoadBalancedFrontend(f"{stack}-web", LoadBalancedFrontendArgs(
-            settings=settings, vpc_id=vpc.id, ssh_keys=ssh_keys))
-        app = app_tier(lb_uids=[frontend.lb_id])
+        frontend = LoadBalancedFrontend(f"{stack}-web", frontend_args(
+            settings, vpc_id=vpc.id, ssh_keys=ssh_keys))
+        app = app_tier(frontend.web_source)
     else:
-        app = app_tier(web_source_tags=[settings.lb_tag])
-        frontend = LoadBalancedFrontend(f"{stack}-web", LoadBalancedFrontendArgs(
-            settings=settings, vpc_id=vpc.id, ssh_keys=ssh_keys,
-            app_private_ips=app.private_ips, ssh_private_key=key))
+        app = app_tier(NginxDroplets.web_source_for(settings.lb_tag))
+        frontend = LoadBalancedFrontend(f"{stack}-web", frontend_args(
+            settings, vpc_id=vpc.id, ssh_keys=ssh_keys, app_private_ips=app.private_ips,
+            ssh_private_key=key))
     _grant_app_privileges(settings, db, app, key)
     manual_grant = {} if key else {"db_admin_uri": db.admin_uri}  # for the one-time grant
 
-    alerts = MonitoringAlerts(f"{stack}-alerts", MonitoringAlertsArgs(
-        settings=settings, db_cluster_id=db.cluster_id, lb_id=frontend.lb_id,
-        health_url=frontend.url.apply(lambda url: f"{url}{settings.frontend.health_check.path}"),
-    ))
+    alerts = MonitoringAlerts(f"{stack}-alerts", alerts_args(
+        settings, frontend=frontend.alert_targets, db_cluster_id=db.cluster_id))
 
     do.Project(
         f"{stack}-project",

@@ -16,13 +16,12 @@ seeded notes, 20 rows):
     gunicorn_sync        a second gunicorn beside it, with the environment `render_app_env`
                          gives the stack with gunicornThreads 1 (GUNICORN_THREADS=1: sync)
     nginx                droplet 1's nginx site (upstream keepalive on, as rendered)
-    nginx_keepalive_off  a second nginx beside it: droplet 1's site file on another port,
-                         upstream keepalive taken out by `keepalive_off` (a textual edit made
-                         here only: `render_nginx_site` has no switch for it)
+    nginx_keepalive_off  a second nginx beside it: droplet 1's files on another port, with
+                         `render_nginx_site`'s upstream keepalive switched off
     frontend             the stack's frontend (HAProxy for the DigitalOcean LB, or the nginx
                          LB) in front of all the droplets
 
-and `static`: droplet 1's site file on a third port, its /static/ alias pointed at a 1 KiB
+and `static`: droplet 1's files on a third port, its static directory holding a 1 KiB
 file (no upstream at all): the ceiling nginx itself sets on this machine.
 
 The extra servers live in `droplet-1-<variant>/` under the state directory, so `stop_lab`
@@ -44,9 +43,7 @@ import json
 import os
 import platform
 import re
-import secrets
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -56,9 +53,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from components.runtime import render_app_env
 from lab.load import Client, Load, Request
-from lab.stack import LABS_DIR, ROOT, Droplet, Lab, nginx_main_conf, stack_file, stop_lab
+from lab.process import terminate_on_signal
+from lab.stack import LABS_DIR, ROOT, Droplet, Lab, stack_file, stop_lab
 
 DURATION = 3
 """Seconds per run (wrk takes whole seconds)."""
@@ -168,77 +165,39 @@ TOOLS = {"wrk": run_wrk, "python": run_python}
 # --------------------------------------------------------------------------- the variants
 
 
-def keepalive_off(site: str) -> str:
-    """The rendered droplet site without upstream keepalive: the `keepalive` and
-    `keepalive_timeout` lines of the upstream block and `proxy_set_header Connection ""` go
-    (nginx then sends `Connection: close` to gunicorn and opens a connection per request).
-    `render_nginx_site` has no switch for it; this edit exists for the bench only."""
-    upstream = re.search(r"^upstream webstack_app \{\n.*?^\}\n", site, re.MULTILINE | re.DOTALL)
-    if not upstream:
-        raise ValueError("the rendered site has no `upstream webstack_app` block")
-    block, found = re.subn(r"^\s+keepalive(_timeout)? \w+;\n", "", upstream.group(0),
-                           flags=re.MULTILINE)
-    site = site.replace(upstream.group(0), block)
-    site, connection = re.subn(r'^\s+proxy_set_header Connection "";\n', "", site,
-                               flags=re.MULTILINE)
-    if found != 2 or connection != 1:
-        raise ValueError("the rendered site's upstream keepalive is not the one this edit "
-                         "knows (keepalive, keepalive_timeout, Connection \"\"): update it")
-    return site
-
-
 def start_variants(lab: Lab) -> dict[str, str]:
     """Beside droplet 1: a sync gunicorn, an nginx without upstream keepalive, and an nginx
-    with a static file; their base URLs by target name."""
+    with a static file; their base URLs by target name. Each is droplet 1 written again
+    (`Lab.write_droplet`) with another port, static directory or renderer switch."""
     droplet = lab.droplets[0]
 
-    def variant(name: str) -> Droplet:
+    def variant(name: str, **changes) -> Droplet:
         directory = lab.state_dir / f"{droplet.name}-{name}"  # droplet-*: stop_lab stops it
         directory.mkdir()
-        return Droplet(droplet.index, droplet.address, directory)
+        return dataclasses.replace(droplet, dir=directory, **changes)
 
-    sync = variant("sync")
-    sync_settings = dataclasses.replace(
-        lab.settings, app=dataclasses.replace(lab.settings.app, gunicorn_threads=1))
-    urls = lab.pg.urls
-    (sync.dir / "app.env").write_text(render_app_env(
-        sync_settings, database_url=urls.pool, replica_urls=urls.replicas,
-        secret_key=secrets.token_urlsafe(32), migration_url=None,
-        bind=f"{droplet.address}:{SYNC_PORT}"))
-    shutil.copy(droplet.dir / "webstack-app.service", sync.dir)
+    sync = variant("sync", gunicorn_port=SYNC_PORT)
+    lab.write_droplet(sync, settings=dataclasses.replace(
+        lab.settings, app=dataclasses.replace(lab.settings.app, gunicorn_threads=1)))
     lab.start_gunicorn(sync)
 
-    # The nginx variants are droplet 1's own site as the lab wrote it, on another port.
-    site = (droplet.dir / "site.conf").read_text()
     static_dir = lab.state_dir / "static"
     static_dir.mkdir()
     (static_dir / STATIC_FILE).write_text("webstack bench\n" * 68)  # ~1 KiB
-    edits = {"keepalive-off": (KEEPALIVE_OFF_PORT, keepalive_off),
-             "static": (STATIC_PORT, lambda text: _edit(text, r"alias \S+;",
-                                                        f"alias {static_dir}/;"))}
-    for name, (port, edit) in edits.items():
-        nginx = variant(name)
-        listen = f"listen {droplet.address}:{port} default_server;"
-        text = _edit(site, rf"listen {re.escape(droplet.site)} default_server;", listen)
-        (nginx.dir / "site.conf").write_text(edit(text))
-        (nginx.dir / "nginx.conf").write_text(nginx_main_conf(nginx.dir, nginx.dir / "site.conf"))
+    keepalive_off = variant("keepalive-off", site_port=KEEPALIVE_OFF_PORT)
+    lab.write_droplet(keepalive_off, upstream_keepalive=False)
+    static = variant("static", site_port=STATIC_PORT, static_dir=str(static_dir))
+    lab.write_droplet(static)
+    for nginx in (keepalive_off, static):
         lab.start_nginx(nginx)
     return {
         "gunicorn": f"http://{droplet.bind}",
-        "gunicorn_sync": f"http://{droplet.address}:{SYNC_PORT}",
+        "gunicorn_sync": f"http://{sync.bind}",
         "nginx": f"http://{droplet.site}",
-        "nginx_keepalive_off": f"http://{droplet.address}:{KEEPALIVE_OFF_PORT}",
+        "nginx_keepalive_off": f"http://{keepalive_off.site}",
         "frontend": lab.url,
-        "static": f"http://{droplet.address}:{STATIC_PORT}",
+        "static": f"http://{static.site}",
     }
-
-
-def _edit(text: str, pattern: str, replacement: str) -> str:
-    """`text` with the one line matching `pattern` (after its indent) replaced."""
-    text, found = re.subn(rf"(?m)^(\s*){pattern}$", lambda m: m.group(1) + replacement, text)
-    if found != 1:
-        raise ValueError(f"the droplet's site has {found} lines like {pattern!r}, not one")
-    return text
 
 
 def seed_notes(url: str, count: int = SEED_NOTES) -> None:
@@ -433,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
             and 1 <= args.connections <= 256 and 0 <= args.warmup <= 10):
         parser.error("bounds: duration 1-30 s, repeats 1-9, connections 1-256, warmup 0-10 s")
 
-    _terminate_on_signal()
+    terminate_on_signal()
     stop_lab(args.dir)  # a previous run that was killed
     lab = Lab(stack_file(args.stack), state_dir=args.dir, net=args.net)
     try:
@@ -451,13 +410,6 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if any(m["errors"] for m in report["measurements"].values()) else 0
 
 
-def _terminate_on_signal() -> None:
-    """SIGTERM/SIGHUP end the run like Ctrl-C does, so `finally` stops the lab."""
-    def raise_interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, raise_interrupt)
 
 
 if __name__ == "__main__":

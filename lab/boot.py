@@ -17,7 +17,7 @@ How (README, "Booting the droplets"):
   Nothing routes past the bridge: the droplets reach the host's proxy (`lab/boot_net.py`, only
   Debian's mirrors and PyPI) and the database endpoints, which stand on the bridge at
   addresses the droplets' /etc/hosts give the user data's database host names.
-- The database: the lab's PostgreSQL (`scripts/pgcluster.py`) with the stack's replicas and
+- The database: the lab's PostgreSQL (`lab/pgcluster.py`) with the stack's replicas and
   pgbouncer, behind TLS forwarders (`sslmode=require`), the app role's passwords set to the
   ones the user data carries.
 - Deploy steps the program registers (`command:remote:Command`: health gates, the nginx LB's
@@ -49,9 +49,12 @@ from pathlib import Path
 import yaml
 
 from components.app_tier import health_gate_script
+from components.settings import settings_for_stack_file
+from lab import pgcluster
 from lab.boot_net import Servers
-from lab.stack import LABS_DIR, ROOT, _load_pgcluster, running, stack_file
-from tools.mocks import run_program, settings_for_stack_file
+from lab.process import running
+from lab.stack import LABS_DIR, ROOT, stack_file
+from tools.mocks import run_program
 
 BRIDGE = "wsboot0"
 BOOT_LOCK = "/tmp/webstack-boot.lock"
@@ -212,7 +215,7 @@ class Boot:
                     break
                 sh("umount", "-l", mount, check=False)
         if state.get("db_dir") and Path(state["db_dir"]).exists():
-            _load_pgcluster().PgCluster(state["db_dir"], stop_at_exit=False).stop_all()
+            pgcluster.PgCluster(state["db_dir"], stop_at_exit=False).stop_all()
             shutil.rmtree(state["db_dir"], ignore_errors=True)
         if sh("ip", "link", "show", BRIDGE, check=False).returncode == 0:
             sh("ip", "link", "del", BRIDGE)
@@ -251,7 +254,6 @@ class Boot:
         endpoints = database_endpoints(app.user_data)
         replicas = sorted(k for k in endpoints if k.startswith("DATABASE_REPLICA_URLS"))
         user, database = endpoints["DATABASE_MIGRATION_URL"][2], endpoints["DATABASE_URL"][4]
-        pgcluster = _load_pgcluster()
         # PostgreSQL runs as `postgres`: its directory must be one that user can traverse,
         # which a clone in a private directory (mktemp -d) is not.
         self.db_dir = Path(tempfile.mkdtemp(prefix="webstack-boot-db-"))

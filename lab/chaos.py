@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import signal
 import sys
 import threading
 import time
@@ -68,7 +67,8 @@ from components.runtime import (
 )
 from components.settings import database_size, pool_connection_budget
 from lab.load import FAILURES, Client, Load, Request, Sample, counts
-from lab.stack import LABS_DIR, ROOT, Lab, http_status, stack_file, stop_lab, wait_until
+from lab.process import http_status, terminate_on_signal, wait_until
+from lab.stack import LABS_DIR, ROOT, Lab, stack_file, stop_lab
 
 FAST_FAIL_SECONDS = DB_POOL_TIMEOUT + DB_CONNECT_TIMEOUT + DB_STATEMENT_TIMEOUT_MS / 1000 + 1
 """The longest a request may take when the database is slow or away: the app's own waits
@@ -702,15 +702,6 @@ def report(lab: Lab, results: list[Result], seconds: float) -> dict:
     }
 
 
-def _terminate_on_signal() -> None:
-    """SIGTERM/SIGHUP end the run like Ctrl-C does, so `finally` stops the lab."""
-    def raise_interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, raise_interrupt)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lab chaos", description=__doc__)
     parser.add_argument("stack", help="a stack name (Pulumi.<stack>.yaml) or a stack file")
@@ -721,7 +712,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     numbers = [int(n) for n in args.only.split(",")] if args.only else None
 
-    _terminate_on_signal()
+    terminate_on_signal()
     started = time.monotonic()
     stop_lab(args.dir)  # a previous run that was killed
     lab = Lab(stack_file(args.stack), state_dir=args.dir, net=args.net, db_proxies=True)

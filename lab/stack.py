@@ -14,7 +14,7 @@ On loopback (`net` 127.0.0 by default):
     127.0.0.1i:8000       droplet i: gunicorn with `app/gunicorn.conf.py`, the droplet's
                           environment file and its systemd unit's Environment=
     127.0.0.1:<free>      PostgreSQL primary, streaming replicas (the stack's count) and
-                          pgbouncer in front of the primary (`scripts/pgcluster.py`)
+                          pgbouncer in front of the primary (`lab/pgcluster.py`)
 
 PostgreSQL's files live in a directory of their own under the system's temp dir, linked from
 `state_dir/pg`: run as root, the servers run as `postgres`, which must reach them wherever the
@@ -25,14 +25,15 @@ With `db_proxies` (the chaos scenarios) the droplets reach the database through 
 `lab.proxy.DelayProxy` per endpoint, living in the process that started the lab, and the
 cluster has at least one standby (a node in recovery to point the write endpoint at).
 
-The droplet's files are taken from the user data a droplet boots with
-(`components/cloud_config.py`, which renders them with `components/runtime.py`). What differs
-from the droplets, and only that: addresses and ports (8080 rather than 80, so no root is
-needed; loopback stands for the VPC), paths (under `state_dir`, `.lab/` in the repo by default),
-plain HTTP at the frontend (the lab checks availability; TLS is checked by
-`tests/test_lb_nginx.py`), and processes started here rather than by systemd (the unit's
-ExecStart, ExecReload and Environment= are mirrored). When run as root, nginx workers run as
-root too: everything listens on loopback only, and the lab's files stay readable.
+The droplet's files are the list a droplet's user data writes (`components/runtime.py`'s
+`droplet_files`, which `components/cloud_config.py` turns into cloud-init's write_files), with
+the lab's `DropletLayout`. What differs from the droplets, and only that: addresses and ports
+(8080 rather than 80, so no root is needed; loopback stands for the VPC), paths (under
+`state_dir`, `.lab/` in the repo by default), plain HTTP at the frontend (the lab checks
+availability; TLS is checked by `tests/test_lb_nginx.py`), and processes started here rather
+than by systemd (the unit's ExecStart, ExecReload and Environment= are mirrored). When run as
+root, nginx workers run as root too: everything listens on loopback only, and the lab's files
+stay readable.
 
 Each server runs detached in its own process group, so the lab outlives the command that
 started it; `stop_lab` (make lab-down) stops them all from the pid files under `state_dir`.
@@ -42,12 +43,9 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import http.client
-import importlib.util
 import io
 import json
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -55,22 +53,42 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 from sqlalchemy.engine import make_url
 
-from components.cloud_config import render_app_cloud_config
 from components.frontend import HTTP_IDLE_TIMEOUT
 from components.lb_nginx import render_lb_nginx_conf
 from components.render import template_environment
-from components.runtime import GUNICORN_GRACEFUL_TIMEOUT, DropletLayout
-from components.settings import Settings
+from components.runtime import (
+    GUNICORN_GRACEFUL_TIMEOUT,
+    RUNTIME_DIRECTORY,
+    UNIT_ENVIRONMENT,
+    DropletLayout,
+    droplet_files,
+)
+from components.settings import Settings, find_stack_file, settings_for_stack_file
+from lab import pgcluster
+from lab.process import (
+    NGINX,
+    START_TIMEOUT,
+    group_members,
+    http_status,
+    lab_pid,
+    log_tail,
+    nginx_main_conf,
+    read_pid,
+    run_checked,
+    running,
+    signal_group,
+    start_nginx,
+    terminate,
+    wait_gone,
+    wait_until,
+)
 from lab.proxy import DelayProxy
-from tools.mocks import find_stack_file, settings_for_stack_file
 
 ROOT = Path(__file__).resolve().parent.parent
 LABS_DIR = ROOT / ".lab"
@@ -83,23 +101,9 @@ FRONTEND_HOST = 10
 FIRST_DROPLET_HOST = 11
 GUNICORN = Path(sys.executable).parent / "gunicorn"
 GUNICORN_CONF = ROOT / "app" / "gunicorn.conf.py"
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
-START_TIMEOUT = 30.0
 LAB_VPC = "127.0.0.0/8"
 """The lab's "VPC": where the frontend connects to the droplets from."""
-SITE_FILE = "/etc/nginx/sites-available/webstack"
-UNIT_FILE = "/etc/systemd/system/webstack-app.service"
-
-
-def _load_pgcluster():
-    """scripts/pgcluster.py (scripts/ is not a package), imported once per process."""
-    if "pgcluster" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("pgcluster", ROOT / "scripts/pgcluster.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return sys.modules["pgcluster"]
 
 
 def stack_file(stack: str) -> Path:
@@ -127,146 +131,13 @@ def render_haproxy_cfg(settings: Settings, *, listen: str, servers: Iterable[tup
     )
 
 
-def nginx_main_conf(directory: Path, include: Path) -> str:
-    """The top of an nginx config whose every path is under `directory`; `include` holds the
-    rendered site (http context), as Debian's nginx.conf includes sites-enabled/."""
-    user = "user root root;\n" if os.geteuid() == 0 else ""
-    temp = "\n".join(f"    {kind}_temp_path {directory}/temp/{kind};"
-                     for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-    return f"""\
-{user}worker_processes 1;
-pid {directory}/nginx.pid;
-error_log {directory}/error.log;
-events {{ worker_connections 1024; }}
-http {{
-    include /etc/nginx/mime.types;
-    default_type application/octet-stream;
-    access_log {directory}/access.log;
-{temp}
-    include {include};
-}}
-"""
-
-
-def unit_environment(unit: str, run: Path) -> dict[str, str]:
-    """What systemd adds to the EnvironmentFile when it starts the unit: its own Environment=
-    variables, with `run` standing in for /run (%t), where its RuntimeDirectory= is made
-    afresh, empty, as systemd does at every start."""
-    for name in re.findall(r"^RuntimeDirectory=(.+)$", unit, re.MULTILINE):
-        shutil.rmtree(run / name, ignore_errors=True)
-        (run / name).mkdir(parents=True, mode=0o700)
-    pairs = re.findall(r"^Environment=(\w+)=(.*)$", unit, re.MULTILINE)
-    return {name: value.replace("%t", str(run)) for name, value in pairs}
-
-
-# --------------------------------------------------------------------------- processes
-
-
-def read_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text().split()[0])
-    except (FileNotFoundError, IndexError, ValueError):
-        return None
-
-
-def _stat(pid: int) -> list[str] | None:
-    """Fields of /proc/PID/stat after the command name (state, ppid, pgrp, ...)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return None
-
-
-def running(pid: int | None) -> bool:
-    """True while `pid` is a live process (reaping it first if it is our exited child)."""
-    if not pid:
-        return False
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
-    fields = _stat(pid)
-    return fields is not None and fields[0] != "Z"
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live processes of process group `pgid` (a server and its workers)."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            fields = _stat(int(entry.name))
-            if fields and fields[0] != "Z" and int(fields[2]) == pgid:
-                members.append(int(entry.name))
-    return members
-
-
-def signal_group(pid: int | None, sig: int) -> None:
-    """Send `sig` to `pid`'s process group when it leads one, else to `pid` alone."""
-    if not running(pid):
-        return
-    try:
-        if os.getpgid(pid) == pid:
-            os.killpg(pid, sig)
-        else:
-            os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def wait_gone(pids: Iterable[int], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    pids = list(pids)
-    while any(running(pid) for pid in pids):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-def terminate(pid: int | None, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
-    """`sig` to the server `pid`; SIGKILL its whole group if anything is left after `timeout`."""
-    if not pid:
-        return
-    members = group_members(pid) or ([pid] if running(pid) else [])
-    if running(pid):
-        os.kill(pid, sig)
-    if not wait_gone(members, timeout):
-        signal_group(pid, signal.SIGKILL)
-        for member in members:
-            signal_group(member, signal.SIGKILL)
-        wait_gone(members, 5)
-
-
-def http_status(address: str, path: str = "/healthz", timeout: float = 2.0) -> int | None:
-    """The status of GET `path` at `address` (host:port), or None when nothing answers."""
-    host, port = address.rsplit(":", 1)
-    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
-    try:
-        conn.request("GET", path, headers={"Connection": "close"})
-        response = conn.getresponse()
-        response.read()
-        return response.status
-    except (OSError, http.client.HTTPException):
-        return None
-    finally:
-        conn.close()
-
-
-def wait_until(check: Callable[[], bool], timeout: float, what: str, interval=0.1) -> float:
-    """Poll `check` until true; return the seconds it took, or raise naming `what`."""
-    started = time.monotonic()
-    while not check():
-        if time.monotonic() - started > timeout:
-            raise TimeoutError(f"{what}: not within {timeout:.0f} s")
-        time.sleep(interval)
-    return time.monotonic() - started
-
-
-def _log_tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except FileNotFoundError:
-        return f"({path.name}: no log)"
+def unit_environment(run: Path) -> dict[str, str]:
+    """What systemd adds to the EnvironmentFile when it starts the app unit: its Environment=
+    variables (`UNIT_ENVIRONMENT`), with `run` standing in for /run (%t), where its
+    RuntimeDirectory= is made afresh, empty, as systemd does at every start."""
+    shutil.rmtree(run / RUNTIME_DIRECTORY, ignore_errors=True)
+    (run / RUNTIME_DIRECTORY).mkdir(parents=True, mode=0o700)
+    return {name: value.replace("%t", str(run), 1) for name, value in UNIT_ENVIRONMENT.items()}
 
 
 # --------------------------------------------------------------------------- the lab
@@ -279,6 +150,10 @@ class Droplet:
     index: int
     address: str
     dir: Path
+    site_port: int = SITE_PORT
+    gunicorn_port: int = GUNICORN_PORT
+    static_dir: str = ""
+    """Served at /static/; empty: the layout's default (under `dir`)."""
 
     @property
     def name(self) -> str:
@@ -287,11 +162,19 @@ class Droplet:
     @property
     def site(self) -> str:
         """Where the frontend sends traffic (the droplet's port 80 on DigitalOcean)."""
-        return f"{self.address}:{SITE_PORT}"
+        return f"{self.address}:{self.site_port}"
 
     @property
     def bind(self) -> str:
-        return f"{self.address}:{GUNICORN_PORT}"
+        return f"{self.address}:{self.gunicorn_port}"
+
+    @property
+    def layout(self) -> DropletLayout:
+        """The droplet's layout with the lab's addresses and every path under `dir`."""
+        return DropletLayout(root=str(self.dir), env_file=str(self.dir / "app.env"),
+                             gunicorn_bind=self.bind, nginx_listen=self.site,
+                             nginx_site=str(self.dir / "site.conf"), units_dir=str(self.dir),
+                             static_dir=self.static_dir)
 
     @property
     def gunicorn_pid(self) -> int | None:
@@ -332,10 +215,13 @@ class Lab:
         self.pg = self._pg_cluster()
         self.upstreams = [d.site for d in self.droplets]
         """nginx mode: the droplets the LB currently sends to."""
+        self.droplet_values: dict[str, object] = {}
+        """What `droplet_files` takes beyond settings and layout (database URLs, secret key),
+        once the database has started."""
 
     def _pg_cluster(self):
         """The cluster in `state_dir/pg` (a link to its directory once the lab has started)."""
-        return _load_pgcluster().PgCluster(
+        return pgcluster.PgCluster(
             self.state_dir / "pg", replicas=self.standbys,
             database=self.settings.database.name, user=self.settings.database.name,
             pool_size=self.settings.database.pool.size, stop_at_exit=False,
@@ -369,9 +255,11 @@ class Lab:
                 urls, replicas=urls.replicas[:len(self.settings.database.replicas)])
             if self.db_proxies:
                 urls = self._start_proxies(urls)
-            secret_key = secrets.token_urlsafe(32)
+            self.droplet_values = {
+                "database_url": urls.pool, "replica_urls": urls.replicas,
+                "migration_url": urls.primary, "secret_key": secrets.token_urlsafe(32)}
             for droplet in self.droplets:
-                self._render_droplet(droplet, urls, secret_key)
+                self.write_droplet(droplet)
             self._migrate(self.droplets[0])
             for droplet in self.droplets:
                 self.start_gunicorn(droplet)
@@ -408,30 +296,22 @@ class Lab:
                  "droplets": [d.name for d in self.droplets]}
         (self.state_dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 
-    def _render_droplet(self, droplet: Droplet, urls, secret_key: str) -> None:
-        """The droplet's files, taken from the user data a real droplet boots with (lab
-        addresses and paths in the layout, loopback as the VPC, no app bundle: the lab runs
-        the repo's app/). The one change: nginx listens on the droplet's address."""
-        droplet.dir.mkdir(parents=True, exist_ok=True)
-        layout = DropletLayout(root=str(droplet.dir), env_file=str(droplet.dir / "app.env"),
-                               gunicorn_bind=droplet.bind)
-        user_data = yaml.safe_load(render_app_cloud_config(
-            self.settings, database_url=urls.pool, replica_urls=urls.replicas,
-            migration_url=urls.primary, secret_key=secret_key, vpc_cidr=LAB_VPC, bundle=b"",
-            layout=layout,
-        ))
-        files = {f["path"]: f["content"] for f in user_data["write_files"]}
-        site, listened = re.subn(r"(?m)^(\s*listen) 80 default_server;$",
-                                 rf"\1 {droplet.site} default_server;", files[SITE_FILE])
-        if listened != 1:
-            raise RuntimeError(f"{SITE_FILE}: expected one `listen 80 default_server;`")
-        env_file = droplet.dir / "app.env"
-        env_file.touch(mode=0o600)
-        env_file.write_text(files[layout.env_file])
-        (droplet.dir / "webstack-app.service").write_text(files[UNIT_FILE])
-        (droplet.dir / "site.conf").write_text(site)
+    def write_droplet(self, droplet: Droplet, *, settings: Settings | None = None,
+                      upstream_keepalive: bool = True) -> None:
+        """The droplet's files: the list cloud-init writes on a droplet (`droplet_files`), at
+        the lab's addresses and paths (`Droplet.layout`), loopback as the VPC, no app bundle
+        (the lab runs the repo's app/), and nginx's main config (Debian's, on a droplet)."""
+        layout = droplet.layout
+        for file in droplet_files(settings or self.settings, **self.droplet_values,
+                                  vpc_cidr=LAB_VPC, layout=layout,
+                                  upstream_keepalive=upstream_keepalive):
+            path = Path(file.path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch(mode=file.mode)
+            path.chmod(file.mode)
+            path.write_text(file.content)
         (droplet.dir / "nginx.conf").write_text(
-            nginx_main_conf(droplet.dir, droplet.dir / "site.conf"))
+            nginx_main_conf(droplet.dir, Path(layout.nginx_site)))
 
     def _migrate(self, droplet: Droplet) -> None:
         """`python -m app.migrate` once, with a droplet's environment, as cloud-init runs it."""
@@ -449,8 +329,7 @@ class Lab:
     def start_gunicorn(self, droplet: Droplet) -> None:
         """ExecStart of the unit: gunicorn with the EnvironmentFile and the unit's Environment=,
         its RuntimeDirectory emptied first."""
-        unit = (droplet.dir / "webstack-app.service").read_text()
-        env = {**_base_env(), **unit_environment(unit, droplet.dir / "run")}
+        env = {**_base_env(), **unit_environment(droplet.dir / "run")}
         (droplet.dir / "gunicorn.pid").unlink(missing_ok=True)
         with (droplet.dir / "gunicorn.log").open("ab") as log:
             proc = subprocess.Popen(
@@ -464,7 +343,7 @@ class Lab:
                    START_TIMEOUT, f"{droplet.name}: gunicorn's pid file")
 
     def start_nginx(self, droplet: Droplet) -> None:
-        _start_nginx(droplet.dir)
+        start_nginx(droplet.dir)
 
     def wait_droplet_healthy(self, droplet: Droplet, timeout: float = START_TIMEOUT) -> None:
         try:
@@ -472,8 +351,8 @@ class Lab:
                        f"{droplet.name} /healthz")
         except TimeoutError:
             raise RuntimeError(f"{droplet.name} is not healthy:\n"
-                               f"{_log_tail(droplet.dir / 'gunicorn.log')}\n"
-                               f"{_log_tail(droplet.dir / 'error.log')}") from None
+                               f"{log_tail(droplet.dir / 'gunicorn.log')}\n"
+                               f"{log_tail(droplet.dir / 'error.log')}") from None
 
     def stop_droplet(self, droplet: Droplet) -> None:
         """A graceful stop: gunicorn drains its workers (TERM), nginx finishes its requests
@@ -521,13 +400,13 @@ class Lab:
                 socket_path=str(self.lb_dir / "haproxy.sock"),
                 pidfile=str(self.lb_dir / "haproxy.pid"),
             ))
-            _run([HAPROXY, "-c", "-q", "-f", cfg])
-            _run([HAPROXY, "-f", cfg])
+            run_checked([HAPROXY, "-c", "-q", "-f", cfg])
+            run_checked([HAPROXY, "-f", cfg])
         else:
             self._write_lb_conf()
             (self.lb_dir / "nginx.conf").write_text(
                 nginx_main_conf(self.lb_dir, self.lb_dir / "lb.conf"))
-            _start_nginx(self.lb_dir)
+            start_nginx(self.lb_dir)
 
     def _write_lb_conf(self) -> None:
         conf = render_lb_nginx_conf(
@@ -544,7 +423,8 @@ class Lab:
         self.upstreams = list(upstreams)
         self._write_lb_conf()
         conf = self.lb_dir / "nginx.conf"
-        _run([NGINX, "-t", "-q", "-p", self.lb_dir, "-c", conf, "-e", self.lb_dir / "error.log"])
+        run_checked([NGINX, "-t", "-q", "-p", self.lb_dir, "-c", conf,
+                     "-e", self.lb_dir / "error.log"])
         master = read_pid(self.lb_dir / "nginx.pid")
         old = {pid for pid in group_members(master) if pid != master}
         os.kill(master, signal.SIGHUP)
@@ -605,39 +485,8 @@ def _base_env() -> dict[str, str]:
 def _exited(proc: subprocess.Popen, droplet: Droplet) -> bool:
     if proc.poll() is not None:
         raise RuntimeError(f"{droplet.name}: gunicorn exited with {proc.returncode}:\n"
-                           f"{_log_tail(droplet.dir / 'gunicorn.log')}")
+                           f"{log_tail(droplet.dir / 'gunicorn.log')}")
     return False
-
-
-def _run(cmd: list) -> None:
-    result = subprocess.run([str(c) for c in cmd], stdin=subprocess.DEVNULL,
-                            capture_output=True, text=True, timeout=60)
-    if result.returncode != 0:
-        raise RuntimeError(f"{Path(str(cmd[0])).name} failed:\n{result.stdout}{result.stderr}")
-
-
-def _start_nginx(directory: Path) -> None:
-    """nginx with `directory/nginx.conf`, daemonized (its own session), after `nginx -t`."""
-    conf, log = directory / "nginx.conf", directory / "error.log"
-    (directory / "temp").mkdir(exist_ok=True)
-    _run([NGINX, "-t", "-q", "-p", directory, "-c", conf, "-e", log])
-    _run([NGINX, "-p", directory, "-c", conf, "-e", log])
-    wait_until(lambda: running(read_pid(directory / "nginx.pid")), START_TIMEOUT,
-               f"nginx in {directory.name}")
-
-
-def lab_pid(pidfile: Path, state_dir: Path) -> int | None:
-    """The pid in `pidfile` if that process is alive and is the lab's: every lab server has
-    its state directory on its command line (a pid file may outlive its process, and the
-    pid be reused by another)."""
-    pid = read_pid(pidfile)
-    if not running(pid):
-        return None
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-    except FileNotFoundError:
-        return None
-    return pid if str(Path(state_dir).resolve()).encode() in cmdline else None
 
 
 def _pidfile_pids(state_dir: Path) -> list[int]:
@@ -676,7 +525,6 @@ def stop_lab(state_dir: Path) -> None:
         terminate(lab_pid(droplet_dir / "gunicorn.pid", state_dir), signal.SIGTERM,
                   timeout=GUNICORN_GRACEFUL_TIMEOUT + 5)
     if (state_dir / "pg" / "cluster.json").exists():
-        pgcluster = _load_pgcluster()
         try:
             pgcluster.PgCluster(state_dir / "pg", replicas=0, stop_at_exit=False).stop_all()
         except RuntimeError as exc:

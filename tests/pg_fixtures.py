@@ -1,15 +1,13 @@
 """pytest plugin: a real PostgreSQL cluster for the app's tests, started once per session.
 
 The cluster (primary, one streaming replica, pgbouncer in transaction mode) comes from
-``scripts/pgcluster.py``. Apps under test use it as on DigitalOcean: ``DATABASE_URL`` is the
+``lab/pgcluster.py``. Apps under test use it as on DigitalOcean: ``DATABASE_URL`` is the
 pgbouncer pool, ``DATABASE_REPLICA_URLS`` the replica, migrations go to the primary directly.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,20 +19,9 @@ from sqlalchemy.engine import make_url
 
 from app import create_app
 from app.migrate import upgrade
+from lab import pgcluster
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load_pgcluster():
-    """Import scripts/pgcluster.py (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("pgcluster", ROOT / "scripts" / "pgcluster.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-pgcluster = _load_pgcluster()
 
 
 def with_database(url: str, database: str) -> str:

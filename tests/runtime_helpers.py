@@ -3,7 +3,6 @@ and cloud-init's own schema check on their user data."""
 
 from __future__ import annotations
 
-import getpass
 import http.client
 import re
 import shutil
@@ -15,6 +14,8 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from lab.process import NGINX, nginx_main_conf
 
 ROOT = Path(__file__).resolve().parent.parent
 GUNICORN = Path(sys.executable).parent / "gunicorn"
@@ -32,41 +33,18 @@ def cloud_init_schema(text: str, directory: Path) -> subprocess.CompletedProcess
                           capture_output=True, text=True, timeout=120)
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on right now, on loopback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def nginx_conf(tmp: Path, site: str) -> Path:
-    """A minimal nginx.conf that includes `site` inside `http {}`, every path under `tmp`."""
-    tmp.mkdir(parents=True, exist_ok=True)
+    """The lab's nginx.conf (`nginx_main_conf`) including `site` inside `http {}`, every path
+    under `tmp`."""
+    (tmp / "temp").mkdir(parents=True, exist_ok=True)
     (tmp / "site.conf").write_text(site)
     conf = tmp / "nginx.conf"
-    conf.write_text(f"""\
-user {getpass.getuser()};
-pid {tmp}/nginx.pid;
-error_log {tmp}/error.log;
-worker_processes 1;
-events {{ worker_connections 64; }}
-http {{
-    include /etc/nginx/mime.types;
-    default_type application/octet-stream;
-    access_log {tmp}/access.log;
-    client_body_temp_path {tmp}/body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
-    include {tmp}/site.conf;
-}}
-""")
+    conf.write_text(nginx_main_conf(tmp, tmp / "site.conf"))
     return conf
 
 
 def nginx_command(conf: Path, *args: str) -> list[str]:
-    return ["nginx", "-p", str(conf.parent), "-c", str(conf), "-e", "stderr", *args]
+    return [NGINX, "-p", str(conf.parent), "-c", str(conf), "-e", "stderr", *args]
 
 
 def env_file_values(path: Path) -> dict[str, str]:

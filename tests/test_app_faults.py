@@ -20,8 +20,9 @@ from sqlalchemy import event
 from sqlalchemy.engine import make_url
 
 from app.db import Saturated, WorkSlots
+from lab.process import free_port
 from lab.proxy import DelayProxy
-from tests.runtime_helpers import GUNICORN, GUNICORN_CONF, free_port, running
+from tests.runtime_helpers import GUNICORN, GUNICORN_CONF, running
 
 NOTE = {"text": "retried note"}
 

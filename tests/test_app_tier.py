@@ -7,7 +7,9 @@ import ipaddress
 import pulumi
 import pytest
 
-from components.app_tier import AppTier, AppTierArgs
+from components.app_tier import AppTier
+from components.frontend import NginxDroplets, WebSource
+from components.stack import app_tier_args
 from tests.factories import make_settings, settings_for
 from tools.mocks import Run, run_function
 
@@ -16,11 +18,11 @@ KEY = "3b:16:bf:e4:8b:00:8b:b8:59:8c:a9:d3:f0:19:45:fa"
 
 
 def run_tier(settings, **args) -> Run:
-    args.setdefault("lb_uids", ["lb-uid-1"])
+    args.setdefault("web_source", WebSource(load_balancer_uids=["lb-uid-1"]))
 
     def program():
-        tier = AppTier("app", AppTierArgs(
-            settings=settings, vpc_id="vpc-1", ssh_keys=[KEY],
+        tier = AppTier("app", app_tier_args(
+            settings, vpc_id="vpc-1", ssh_keys=[KEY],
             user_data=pulumi.Output.secret("#cloud-config\n"), **args))
         pulumi.export("droplet_ids", tier.droplet_ids)
         pulumi.export("private_ips", tier.private_ips)
@@ -58,7 +60,7 @@ def test_every_droplet_is_private_monitored_keyed_and_tagged(stack):
 
 def test_firewall_selects_by_tag_and_admits_web_only_from_the_managed_lb():
     settings = make_settings(adminCidrs=["203.0.113.7/32"])
-    run = run_tier(settings, lb_uids=["lb-uid-1"])
+    run = run_tier(settings, web_source=WebSource(load_balancer_uids=["lb-uid-1"]))
     fw = run.one("index/firewall:Firewall")
     assert fw.inputs["tags"] == [settings.app_tag] and "dropletIds" not in fw.inputs
     rules = inbound(run)
@@ -73,7 +75,7 @@ def test_firewall_selects_by_tag_and_admits_web_only_from_the_managed_lb():
 
 def test_nginx_frontend_admits_web_from_the_lb_droplets_tag_only():
     settings = make_settings(frontend={"mode": "nginx"})
-    run = run_tier(settings, lb_uids=[], web_source_tags=[settings.lb_tag])
+    run = run_tier(settings, web_source=NginxDroplets.web_source_for(settings.lb_tag))
     web = [r for r in inbound(run) if r["portRange"] == "80"]
     assert web == [{"protocol": "tcp", "portRange": "80", "sourceTags": [settings.lb_tag]}]
 
@@ -94,10 +96,10 @@ def test_without_a_load_balancer_source_nothing_is_created():
     registered = []
 
     def program():
-        registered.append(AppTier("app", AppTierArgs(
-            settings=make_settings(), vpc_id="vpc-1", ssh_keys=[KEY], user_data="x")))
+        registered.append(AppTier("app", app_tier_args(
+            make_settings(), vpc_id="vpc-1", ssh_keys=[KEY], user_data="x")))
 
-    with pytest.raises(ValueError, match="lb_uids .* web_source_tags"):
+    with pytest.raises(TypeError, match="web_source"):
         run_function(program)
     assert not registered
 

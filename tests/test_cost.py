@@ -17,6 +17,7 @@ import yaml
 
 from components import cost
 from components.settings import BudgetSettings, catalog
+from tools import plan
 from tools.mocks import Run, run_function, run_program
 
 REFERENCE = Path(__file__).parent / "stacks" / "Pulumi.reference.yaml"
@@ -85,7 +86,7 @@ def test_a_standby_adds_one_node_of_its_plan():
 
     single, with_standby = (cost.price_run(tracked(cluster(n))[0]) for n in (1, 2))
     assert with_standby.total - single.total == database_price("db-s-1vcpu-2gb") == Decimal(30)
-    assert "primary + 1 standby" in cost.format_table(with_standby)
+    assert "primary + 1 standby" in plan.cost_table(with_standby)
 
 
 @pytest.mark.parametrize(("policy", "fraction"), [
@@ -126,7 +127,7 @@ def test_app_platform_equivalent_keeps_the_databases_and_prices_containers():
     container = Decimal(catalog()["app_platform_container_1gb"]["monthly_usd"])
     assert app_platform.total == 3 * container + 2 * database_price("db-s-1vcpu-1gb")
     assert app_platform.total == Decimal("66.00")
-    assert "+6.00" in cost.diff(reference, app_platform)
+    assert "+6.00" in plan.cost_diff(reference, app_platform)
 
 
 def test_a_read_of_an_existing_resource_is_not_priced():
@@ -186,7 +187,7 @@ def test_exactly_at_budget_is_within_it():
 
 
 def test_format_table_lists_every_line_and_the_total():
-    table = cost.format_table(cost.reference_design())
+    table = plan.cost_table(cost.reference_design())
     assert table.splitlines()[-1].split() == ["total", "60.00"]
     for line in cost.reference_design().lines:
         assert line.resource in table
@@ -199,7 +200,7 @@ def test_diff_pairs_lines_across_stacks_and_shows_only_changes():
         reference_resources("u")
         do.Droplet("u-app-3", size="s-1vcpu-1gb", image="debian-12-x64", region="nyc3")
 
-    text = cost.diff(cost.price_run(small), cost.price_run(run_function(bigger, stack="u")))
+    text = plan.cost_diff(cost.price_run(small), cost.price_run(run_function(bigger, stack="u")))
     rows = text.splitlines()
     assert rows[0].split()[2:] == ["t", "u", "change"]
     assert rows[1].split() == ["app-3", "droplet", "-", "1", "x", "s-1vcpu-1gb:", "6.00", "+6.00"]
@@ -228,7 +229,7 @@ def test_the_reference_stack_costs_the_reference_design_to_the_cent():
     assert cost.breakdown_json(breakdown) == {
         key: run.outputs[key] for key in ("monthly_cost_usd", "cost_breakdown")}
     # Line by line, the program registers exactly the reference design.
-    rows = cost.diff(cost.reference_design(), breakdown).splitlines()
+    rows = plan.cost_diff(cost.reference_design(), breakdown).splitlines()
     assert rows[-1] == "(6 unchanged lines not shown)", rows
 
 

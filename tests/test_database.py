@@ -9,8 +9,9 @@ import pulumi
 import pytest
 from pulumi.runtime.sync_await import _sync_await
 
-from components.database import DatabaseCluster, DatabaseClusterArgs
+from components.database import DatabaseCluster
 from components.settings import Settings, database_size, pool_connection_budget
+from components.stack import database_args
 from tests.factories import make_settings, settings_for
 from tools.mocks import Run, run_function
 
@@ -21,7 +22,7 @@ def build(settings: Settings) -> tuple[Run, DatabaseCluster]:
     built: dict[str, DatabaseCluster] = {}
 
     def body() -> None:
-        built["db"] = DatabaseCluster("db", DatabaseClusterArgs(settings=settings, vpc_id=VPC))
+        built["db"] = DatabaseCluster("db", database_args(settings, vpc_id=VPC))
 
     return run_function(body, stack=settings.stack), built["db"]
 

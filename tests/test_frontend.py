@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pulumi
 import pytest
 
-from components.frontend import LoadBalancedFrontend, LoadBalancedFrontendArgs
+from components import stack
+from components.frontend import LoadBalancedFrontend
 from components.lb_nginx import UPSTREAM_PATH
+from components.settings import ConfigError
+from components.stack import frontend_args
 from tests.factories import make_settings, settings_for
 from tools.mocks import Run, run_function
 
@@ -17,8 +22,8 @@ APP_IPS = ["10.20.0.5", "10.20.0.6"]
 
 def run_frontend(settings, **args) -> Run:
     def program():
-        fe = LoadBalancedFrontend("web", LoadBalancedFrontendArgs(
-            settings=settings, vpc_id="vpc-1", ssh_keys=[KEY], **args))
+        fe = LoadBalancedFrontend("web", frontend_args(
+            settings, vpc_id="vpc-1", ssh_keys=[KEY], **args))
         pulumi.export("ip", fe.ip)
         pulumi.export("url", fe.url)
         pulumi.export("lb_droplet_ids", fe.lb_droplet_ids)
@@ -195,12 +200,11 @@ def test_nginx_without_a_domain_is_plain_http_on_the_reserved_ip():
     assert any("plain HTTP" in w for w in run.warnings)
 
 
-@pytest.mark.parametrize("settings, args, match", [
-    (make_settings(frontend={"mode": "nginx"}), {}, "app_private_ips"),
-    (make_settings(frontend={"mode": "nginx"}),
-     {"app_private_ips": APP_IPS, "ssh_private_key": "KEY"}, "adminCidrs"),
-])
-def test_invalid_nginx_combinations_are_refused(settings, args, match):
-    with pytest.raises(ValueError, match=match):
-        run_function(lambda: LoadBalancedFrontend("web", LoadBalancedFrontendArgs(
-            settings=settings, vpc_id="vpc-1", ssh_keys=[KEY], **args)))
+def test_invalid_nginx_combinations_are_refused():
+    """A deploy key with no adminCidrs cannot deliver the upstream list: refused before any
+    resource is registered."""
+    settings = dataclasses.replace(make_settings(frontend={"mode": "nginx"}), ssh_private_key="K")
+    run = Run()
+    with pytest.raises(ConfigError, match="adminCidrs"):
+        run_function(lambda: stack.build(settings), stack=settings.stack, run=run)
+    assert not run.resources

@@ -19,19 +19,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from components.settings import settings_for_stack_file
 from lab.chaos import run_scenarios
 from lab.load import OUTCOMES, Load, Request
-from lab.stack import (
-    HAPROXY,
-    Lab,
-    group_members,
-    http_status,
-    render_haproxy_cfg,
-    stack_file,
-    stop_lab,
-    wait_until,
-)
-from tools.mocks import ROOT, settings_for_stack_file
+from lab.process import group_members, http_status, wait_until
+from lab.stack import HAPROXY, Lab, render_haproxy_cfg, stack_file, stop_lab
+from tools.mocks import ROOT
 
 NEXT_UPSTREAM = "proxy_next_upstream error timeout http_502 http_503 http_504;"
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import http.client
 import http.server
 import json
-import shutil
 import socket
 import ssl
 import subprocess
@@ -27,37 +26,15 @@ from components.lb_nginx import (
     render_lb_nginx_conf,
     render_lb_upstream,
 )
+from lab.process import free_port
 from tests.factories import make_settings, settings_for
-from tests.runtime_helpers import cloud_init_schema
-
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
-
-
-def nginx_conf(tmp: Path, body: str) -> Path:
-    """A minimal nginx.conf around `body` (http context), everything written under `tmp`."""
-    (tmp / "lb.conf").write_text(body)
-    temp = " ".join(f"{kind}_temp_path {tmp}/{kind};" for kind in
-                    ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-    conf = tmp / "nginx.conf"
-    conf.write_text(f"""
-worker_processes 1;
-daemon off;
-pid {tmp}/nginx.pid;
-error_log {tmp}/error.log;
-events {{ worker_connections 64; }}
-http {{
-    access_log {tmp}/access.log;
-    {temp}
-    include {tmp}/lb.conf;
-}}
-""")
-    return conf
+from tests.runtime_helpers import cloud_init_schema, nginx_command, nginx_conf
 
 
 def nginx_t(tmp: Path, body: str) -> None:
     conf = nginx_conf(tmp, body)
-    result = subprocess.run([NGINX, "-t", "-p", str(tmp), "-e", str(tmp / "error.log"),
-                             "-c", str(conf)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(nginx_command(conf, "-t"), capture_output=True, text=True,
+                            timeout=60)
     assert result.returncode == 0, result.stderr + body
 
 
@@ -67,12 +44,6 @@ def self_signed(tmp: Path) -> tuple[str, str]:
                     "/CN=localhost", "-days", "1", "-keyout", str(key), "-out", str(cert)],
                    check=True, capture_output=True, timeout=60)
     return str(cert), str(key)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- nginx -t
@@ -154,8 +125,8 @@ class Echo(http.server.BaseHTTPRequestHandler):
 @contextmanager
 def running_nginx(tmp: Path, body: str, port: int):
     conf = nginx_conf(tmp, body)
-    proc = subprocess.Popen([NGINX, "-p", str(tmp), "-e", str(tmp / "error.log"),
-                             "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(nginx_command(conf, "-g", "daemon off;"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 10
         while True:

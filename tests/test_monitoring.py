@@ -6,8 +6,10 @@ import pulumi
 import pytest
 from pulumi.runtime.sync_await import _sync_await
 
-from components.monitoring import MonitoringAlerts, MonitoringAlertsArgs
+from components.frontend import AlertTargets
+from components.monitoring import MonitoringAlerts
 from components.settings import Settings
+from components.stack import alerts_args
 from tests.factories import SLACK_URL, make_settings, settings_for
 from tools.mocks import Run, run_function
 
@@ -15,15 +17,20 @@ DB_ID, LB_ID = "db-cluster-7", "lb-3"
 HTTP_URL, HTTPS_URL = "http://203.0.113.9/healthz", "https://www.example.com/healthz"
 
 
-def build(settings: Settings, *, lb_id: str | None = LB_ID,
-          health_url: str | None = None) -> tuple[Run, MonitoringAlerts]:
-    """Run the component; the health URL is an Output (as the frontend gives it) unless given."""
+def build(settings: Settings, *, lb_id: str | None = LB_ID) -> tuple[Run, MonitoringAlerts]:
+    """Run the component with the alert targets the stack's frontend mode gives (the health
+    URL an Output, as the frontend gives it)."""
     built: dict[str, MonitoringAlerts] = {}
+    nginx = settings.frontend.mode == "nginx"
 
     def body() -> None:
-        url = health_url or pulumi.Output.from_input(HTTPS_URL if settings.fqdn else HTTP_URL)
-        built["alerts"] = MonitoringAlerts("mon", MonitoringAlertsArgs(
-            settings=settings, db_cluster_id=DB_ID, lb_id=lb_id, health_url=url))
+        targets = AlertTargets(
+            health_url=pulumi.Output.from_input(HTTPS_URL if settings.fqdn else HTTP_URL),
+            https=settings.fqdn is not None,
+            load_balancer_ids=[lb_id] if lb_id and not nginx else [],
+            droplet_tags=[settings.lb_tag] if nginx else [])
+        built["alerts"] = MonitoringAlerts("mon", alerts_args(
+            settings, frontend=targets, db_cluster_id=DB_ID))
 
     return run_function(body, stack=settings.stack), built["alerts"]
 
@@ -150,13 +157,6 @@ def test_outputs_list_every_policy_uuid():
     ids = _sync_await(alerts.alert_policy_ids.future())
     assert len(ids) == len(run.of_type("MonitorAlert")) == 9
     assert sorted(ids) == sorted(a.outputs["uuid"] for a in run.of_type("MonitorAlert"))
-
-
-def test_args_that_would_leave_alerts_without_a_target_are_refused():
-    with pytest.raises(ValueError, match="webstack:frontend.mode"):
-        build(make_settings(), lb_id=None)
-    with pytest.raises(ValueError, match="webstack:domain"):
-        build(settings_for("prod"), health_url=HTTP_URL)
 
 
 def test_uptime_check_can_be_turned_off():

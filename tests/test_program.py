@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from components.cloud_config import USER_DATA_LIMIT
-from components.settings import database_size, pool_connection_budget
+from components.settings import database_size, pool_connection_budget, settings_for_stack_file
 from tests.runtime_helpers import cloud_init_schema
-from tools.mocks import ROOT, Run, run_program, settings_for_stack_file
+from tools.mocks import ROOT, Run, run_program
 
 WORLD = {"0.0.0.0/0", "::/0"}
 

@@ -14,8 +14,10 @@ from pathlib import Path
 import pulumi
 import pytest
 
-from components.app_tier import AppTier, AppTierArgs, health_gate_script
+from components.app_tier import AppTier, health_gate_script
 from components.cloud_config import render_app_cloud_config
+from components.frontend import WebSource
+from components.stack import app_tier_args
 from tests.factories import make_settings, settings_for
 from tools.mocks import Run, run_function
 
@@ -26,8 +28,9 @@ GATE = "command:remote:Command"
 
 def run_tier(settings, user_data: str = "#cloud-config\n", **args) -> Run:
     def program():
-        tier = AppTier("app", AppTierArgs(
-            settings=settings, vpc_id="vpc-1", ssh_keys=["deploy"], lb_uids=["lb-uid-1"],
+        tier = AppTier("app", app_tier_args(
+            settings, vpc_id="vpc-1", ssh_keys=["deploy"],
+            web_source=WebSource(load_balancer_uids=["lb-uid-1"]),
             user_data=pulumi.Output.secret(user_data), **args))
         pulumi.export("droplet_ids", tier.droplet_ids)
 

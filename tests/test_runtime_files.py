@@ -8,6 +8,7 @@ of an echo server that shows what reaches the app.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import signal
@@ -21,20 +22,24 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import yaml
 
 import app.config as app_config
 import app.migrate as app_migrate
+from components.cloud_config import render_app_cloud_config
 from components.runtime import (
     APP_UNIT,
     MIGRATE_UNIT,
     SECURITY_HEADERS,
     DropletLayout,
+    droplet_files,
     render_app_env,
     render_app_unit,
     render_migrate_unit,
     render_nginx_site,
 )
 from components.settings import Settings
+from lab.process import free_port
 from lab.stack import unit_environment
 from tests.factories import make_settings
 from tests.runtime_helpers import (
@@ -42,7 +47,6 @@ from tests.runtime_helpers import (
     GUNICORN_CONF,
     ROOT,
     env_file_values,
-    free_port,
     nginx_command,
     nginx_conf,
     request,
@@ -105,6 +109,28 @@ def units(tmp: Path) -> list[Path]:
 
 
 # --------------------------------------------------------------------------- static checks
+
+
+def test_cloud_config_writes_the_droplet_file_list_and_the_lab_moves_only_its_layout():
+    """One list of files: cloud-init writes `droplet_files` as they are; the lab's layout
+    changes paths and addresses only, never what a file says otherwise."""
+    values = {"database_url": UNREACHABLE_DB, "replica_urls": [], "migration_url": None,
+              "secret_key": "test-secret", "vpc_cidr": "10.10.0.0/20"}
+    settings, bundle = make_settings(), b"app bundle"
+    files = droplet_files(settings, **values, layout=DropletLayout(), bundle=bundle)
+    written = yaml.safe_load(render_app_cloud_config(settings, **values, bundle=bundle))
+    assert [(f["path"], f["permissions"], f.get("owner", "root:root"),
+             base64.b64decode(f["content"]) if f.get("encoding") == "b64" else f["content"])
+            for f in written["write_files"]] == [
+        (f.path, f"{f.mode:04o}", f.owner, f.content) for f in files]
+    lab = DropletLayout(root="/lab/d1", env_file="/lab/d1/app.env", units_dir="/lab/d1",
+                        gunicorn_bind="127.0.0.11:8000", nginx_listen="127.0.0.11:8080",
+                        nginx_site="/lab/d1/site.conf")
+    moved = droplet_files(settings, **values, layout=lab)
+    assert [f.path for f in moved] == ["/lab/d1/app.env", f"/lab/d1/{APP_UNIT}",
+                                       f"/lab/d1/{MIGRATE_UNIT}", "/lab/d1/site.conf"]
+    assert [f.mode for f in moved] == [f.mode for f in files[1:]]
+    assert "    listen 127.0.0.11:8080 default_server;\n" in moved[-1].content
 
 
 def test_rendering_is_byte_identical_and_follows_settings(tmp_path):
@@ -250,7 +276,7 @@ def web(tmp_path_factory) -> Iterator[Web]:
     bind = f"127.0.0.1:{app_port}"
     env = {
         **env_file_values(env_file(tmp, settings, bind=bind)),
-        **unit_environment(render_app_unit(settings, DropletLayout()), tmp / "run"),
+        **unit_environment(tmp / "run"),
     }
     static = tmp / "static"
     static.mkdir()

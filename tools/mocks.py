@@ -8,7 +8,6 @@ DigitalOcean would give (ids, IPs, URIs), so what the plan shows is what the tes
 from __future__ import annotations
 
 import hashlib
-import json
 import runpy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -19,6 +18,8 @@ import pulumi
 from pulumi.runtime import mocks as pulumi_mocks
 from pulumi.runtime import rpc
 from pulumi.runtime.sync_await import _sync_await
+
+from components.settings import stack_config, stack_name
 
 PROJECT = "webstack"
 ROOT = Path(__file__).resolve().parent.parent
@@ -243,79 +244,6 @@ class _Logger:
         self.error(msg)
 
 
-_PLACEHOLDERS = {
-    "alerts": "https://hooks.slack.com/services/offline/plan/placeholder",
-    "sshPrivateKey": "-----BEGIN OPENSSH PRIVATE KEY-----\noffline-plan-placeholder\n"
-                     "-----END OPENSSH PRIVATE KEY-----\n",
-}
-"""Stand-ins of the right shape for secrets the offline plan cannot decrypt."""
-
-
-def stack_config(path: Path) -> tuple[dict[str, str], set[str]]:
-    """Reads a `Pulumi.<stack>.yaml` into the engine's config map (JSON for objects).
-
-    Secure values cannot be decrypted offline: they stand in as a placeholder of the right
-    shape and the key is marked secret, as Pulumi would mark it.
-    """
-    import yaml
-
-    data = yaml.safe_load(path.read_text()) or {}
-    config, secret = {}, set()
-
-    def unseal(value: Any, key: str) -> Any:
-        if isinstance(value, Mapping) and set(value) == {"secure"}:
-            secret.add(key)
-            return _PLACEHOLDERS.get(key.rpartition(":")[2], "offline-placeholder-secret")
-        if isinstance(value, Mapping):
-            return {k: unseal(v, key) for k, v in value.items()}
-        if isinstance(value, list):
-            return [unseal(v, key) for v in value]
-        return value
-
-    for key, value in (data.get("config") or {}).items():
-        full = key if ":" in key else f"{PROJECT}:{key}"
-        value = unseal(value, full)
-        config[full] = value if isinstance(value, str) else json.dumps(value)
-    # Defaults declared in Pulumi.yaml apply where the stack sets nothing, as in the CLI.
-    project = yaml.safe_load((ROOT / "Pulumi.yaml").read_text())
-    for key, decl in (project.get("config") or {}).items():
-        full = key if ":" in key else f"{PROJECT}:{key}"
-        if full not in config and isinstance(decl, Mapping) and "default" in decl:
-            default = decl["default"]
-            config[full] = default if isinstance(default, str) else json.dumps(default)
-    return config, secret
-
-
-def find_stack_file(name: str) -> Path:
-    """`Pulumi.<name>.yaml` of the repository, or `name` itself when it is a path to a stack
-    file. FileNotFoundError names the known stacks."""
-    path = Path(name)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise FileNotFoundError(f"no stack config file at {name}")
-        return path.resolve()
-    path = ROOT / f"Pulumi.{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.name[len("Pulumi."):-len(".yaml")] for p in ROOT.glob("Pulumi.*.yaml"))
-        raise FileNotFoundError(
-            f"unknown stack {name!r}; stacks: {', '.join(known)}, or a file path")
-    return path
-
-
-def stack_name(stack_file: Path) -> str:
-    """The stack a `Pulumi.<stack>.yaml` file configures."""
-    return stack_file.name.removeprefix("Pulumi.").removesuffix(".yaml")
-
-
-def settings_for_stack_file(stack_file: Path, *, stack: str | None = None):
-    """The validated `Settings` of a stack file, as the program would load them (secrets are
-    the offline placeholders of `stack_config`). Raises `ConfigError` on a bad value."""
-    from components.settings import settings_from_config
-
-    config, secret = stack_config(stack_file)
-    return settings_from_config(config, stack=stack or stack_name(stack_file), secret_keys=secret)
-
-
 def _run(body: Callable[[], Any], *, stack: str, config: Mapping[str, str],
          secret_keys: set[str] | frozenset[str] = frozenset(), run: Run | None = None) -> Run:
     run = Run() if run is None else run
@@ -348,6 +276,7 @@ def run_program(stack_file: Path, *, stack: str | None = None, run: Run | None =
 
 
 def run_function(fn: Callable[[], Any], *, stack: str = "test",
-                 config: Mapping[str, str] | None = None) -> Run:
-    """Runs `fn` (which registers resources, e.g. one component) under the mocks."""
-    return _run(fn, stack=stack, config=config or {})
+                 config: Mapping[str, str] | None = None, run: Run | None = None) -> Run:
+    """Runs `fn` (which registers resources, e.g. one component) under the mocks; pass `run`
+    to keep what was registered even when `fn` raises."""
+    return _run(fn, stack=stack, config=config or {}, run=run)

@@ -19,6 +19,7 @@ import gc
 import json
 import sys
 from collections.abc import Callable
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,9 @@ if str(ROOT) not in sys.path:  # the program imports `components` as `pulumi up`
     sys.path.insert(0, str(ROOT))
 
 from components import contract, cost  # noqa: E402
-from components.settings import ConfigError  # noqa: E402
-from tools.mocks import Resource, Run, find_stack_file, run_program  # noqa: E402
+from components.cost import Breakdown, LineItem, natural_key  # noqa: E402
+from components.settings import ConfigError, find_stack_file  # noqa: E402
+from tools.mocks import Resource, Run, run_program  # noqa: E402
 
 
 class PlanError(Exception):
@@ -53,6 +55,59 @@ def plan(name: str) -> Run:
                 "RunError" in type(error).__name__:
             raise PlanError(str(root)) from None
         raise
+
+
+# --------------------------------------------------------------------------- cost as text
+
+
+def _table(rows: list[tuple[str, ...]], right: set[int]) -> str:
+    """Rows as aligned text columns; the columns in `right` right-aligned."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.rjust(w) if i in right else cell.ljust(w)
+                  for i, (cell, w) in enumerate(zip(row, widths, strict=True))).rstrip()
+        for row in rows
+    )
+
+
+def cost_table(breakdown: Breakdown) -> str:
+    """The breakdown as a text table, one row per line item, and the total."""
+    rows = [("resource", "item", "qty", "unit", "monthly")]
+    rows += [(line.resource, f"{line.kind}: {line.detail}", str(line.quantity),
+              str(line.unit_usd), str(line.monthly_usd)) for line in breakdown.lines]
+    rows.append(("total", "", "", "", str(breakdown.total)))
+    return _table(rows, right={2, 3, 4})
+
+
+def _key(line: LineItem, stack: str) -> tuple[str, str]:
+    return (line.resource.removeprefix(f"{stack}-") if stack else line.resource), line.kind
+
+
+def cost_diff(a: Breakdown, b: Breakdown) -> str:
+    """The lines that differ from `a` to `b` (such as staging to prod), and the total change.
+
+    Lines pair by resource name less the stack prefix, and kind: a resize is one changed line.
+    """
+    old = {_key(line, a.stack): line for line in a.lines}
+    new = {_key(line, b.stack): line for line in b.lines}
+
+    def side(line: LineItem | None) -> str:
+        return "-" if line is None else f"{line.quantity} x {line.detail}: {line.monthly_usd}"
+
+    def monthly(line: LineItem | None) -> Decimal:
+        return Decimal("0.00") if line is None else line.monthly_usd
+
+    rows = [("resource", "item", a.stack or "before", b.stack or "after", "change")]
+    unchanged = 0
+    for key in sorted({*old, *new}, key=lambda key: (natural_key(key[0]), key[1])):
+        before, after = old.get(key), new.get(key)
+        if side(before) == side(after):
+            unchanged += 1
+            continue
+        rows.append((*key, side(before), side(after), f"{monthly(after) - monthly(before):+}"))
+    rows.append(("total", "", str(a.total), str(b.total), f"{b.total - a.total:+}"))
+    note = f"\n({unchanged} unchanged lines not shown)" if unchanged else ""
+    return _table(rows, right={4}) + note
 
 
 # --------------------------------------------------------------------------- properties
@@ -185,7 +240,7 @@ def print_plan(run: Run, name: str) -> None:
             print(f"  ! {warning}")
     print("\nMonthly cost (USD, list prices):")
     breakdown = cost.price_run(run)
-    print(cost.format_table(breakdown))
+    print(cost_table(breakdown))
     app_platform = cost.app_platform_equivalent(breakdown, len(run.outputs["app_droplet_ids"]))
     print(f"\nFor comparison: App Platform with the same redundancy ${app_platform.total};"
           f" the original design ${cost.reference_design().total}")
@@ -214,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         print_plan(run, args.stack)
     if other is not None:
         print(f"\nCost difference {args.diff} -> {args.stack}:")
-        print(cost.diff(cost.price_run(other), cost.price_run(run)))
+        print(cost_diff(cost.price_run(other), cost.price_run(run)))
     if args.diagram:
         from tools.diagram import draw
 

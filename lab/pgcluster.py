@@ -22,8 +22,8 @@ its parent directories must be traversable by that user (``tempfile.mkdtemp()`` 
 A cluster started in-process is stopped at interpreter exit unless ``stop_at_exit=False``
 (the CLI's ``start``, whose servers must outlive it). Command line::
 
-    python scripts/pgcluster.py start DIR [--replicas N]   # prints the URLs as JSON
-    python scripts/pgcluster.py stop DIR
+    python -m lab.pgcluster start DIR [--replicas N]   # prints the URLs as JSON
+    python -m lab.pgcluster stop DIR
 """
 
 from __future__ import annotations
