@@ -54,7 +54,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from lab.load import Client, Load, Request
-from lab.process import terminate_on_signal
+from lab.process import START_TIMEOUT, http_status, terminate_on_signal, wait_until
 from lab.stack import LABS_DIR, ROOT, Droplet, Lab, stack_file, stop_lab
 
 DURATION = 3
@@ -180,6 +180,8 @@ def start_variants(lab: Lab) -> dict[str, str]:
     lab.write_droplet(sync, settings=dataclasses.replace(
         lab.settings, app=dataclasses.replace(lab.settings.app, gunicorn_threads=1)))
     lab.start_gunicorn(sync)
+    # Its pid file comes before its workers answer: measure only a server that serves.
+    wait_until(lambda: http_status(sync.bind) == 200, START_TIMEOUT, "sync gunicorn /healthz")
 
     static_dir = lab.state_dir / "static"
     static_dir.mkdir()

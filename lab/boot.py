@@ -49,6 +49,7 @@ from pathlib import Path
 import yaml
 
 from components.app_tier import health_gate_script
+from components.runtime import APP_UNIT, DropletLayout
 from components.settings import settings_for_stack_file
 from lab import pgcluster
 from lab.boot_net import Servers
@@ -117,13 +118,15 @@ def sh(*cmd: str, timeout: float = STEP_TIMEOUT, check: bool = True,
 
 def break_user_data(text: str) -> str:
     """The user data with a package that does not exist and the app unit's ExecStart pointing
-    at a missing program: what the boot must catch."""
+    at a missing program (a drop-in beside the unit, as an operator's override would be; the
+    rendered unit itself is left as it is): what the boot must catch."""
     document = yaml.safe_load(text)
     document["packages"].append(BROKEN_PACKAGE)
-    for item in document["write_files"]:
-        if item["path"].endswith("/webstack-app.service"):
-            item["content"] = re.sub(r"^ExecStart=\S+", f"ExecStart={BROKEN_EXEC}",
-                                     item["content"], count=1, flags=re.M)
+    document["write_files"].append({
+        "path": f"{DropletLayout().unit(APP_UNIT)}.d/broken.conf",
+        "permissions": "0644",
+        "content": f"[Service]\nExecStart=\nExecStart={BROKEN_EXEC} --bind 127.0.0.1:8000\n",
+    })
     return "#cloud-config\n" + yaml.safe_dump(document, sort_keys=False, width=1000)
 
 
@@ -265,19 +268,8 @@ class Boot:
         # The user data's passwords: the role's (direct connections) and the pool's.
         role_password = endpoints["DATABASE_MIGRATION_URL"][3]
         pool_password = endpoints["DATABASE_URL"][3]
-        import psycopg
-        with psycopg.connect(self.cluster.admin_dsn(), autocommit=True) as conn:
-            conn.execute(f"ALTER ROLE {user} PASSWORD '{role_password}'")
-        # pgbouncer logs in to PostgreSQL as the role and takes the pool's password from
-        # clients. Restarted, not reloaded: a reload with a changed `*` entry crashes 1.18.
-        home = self.db_dir / "pgbouncer"
-        ports = self.cluster._ports
-        ini = re.sub(r"^\* = .*$", f"* = host=127.0.0.1 port={ports['primary']} user={user} "
-                     f"password={role_password}", (home / "pgbouncer.ini").read_text(), flags=re.M)
-        self.cluster._stop_pgbouncer()
-        self.cluster._write(home / "pgbouncer.ini", ini)
-        self.cluster._write(home / "userlist.txt", f'"{user}" "{pool_password}"\n', 0o600)
-        self.cluster._run(pgcluster.PGBOUNCER, "-d", home / "pgbouncer.ini")
+        self.cluster.set_passwords(role_password, pool_password)
+        ports = self.cluster.ports
         cert = self._certificate()
         targets = {"DATABASE_URL": ports["pool"], "DATABASE_MIGRATION_URL": ports["primary"]}
         for i, key in enumerate(replicas):

@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psycopg
+from psycopg import sql
 
 PG_BINDIR = Path(os.environ.get("PG_BINDIR", "/usr/lib/postgresql/15/bin"))
 PGBOUNCER = os.environ.get("PGBOUNCER", "/usr/sbin/pgbouncer")
@@ -226,6 +227,8 @@ class PgCluster:
 
     def _url(self, port: int) -> str:
         password = self._state["password"]
+        if port == self._ports["pool"]:
+            password = self._state.get("pool_password", password)
         return f"postgresql://{self.user}:{password}@127.0.0.1:{port}/{self.database}"
 
     def _load_state(self) -> None:
@@ -335,11 +338,33 @@ class PgCluster:
                   "-c", "fast", "--no-sync", "-d", primary)
         self._write(data / "node.conf", self._node_conf(self._ports["replicas"][index]))
 
+    @property
+    def ports(self) -> dict:
+        """The ports: {"primary": int, "replicas": [int, ...], "pool": int}."""
+        return self._ports
+
+    def set_passwords(self, role_password: str, pool_password: str) -> None:
+        """The role's password (direct connections) and the pool's (pgbouncer's clients), as
+        a DigitalOcean pool has credentials of its own: pgbouncer then logs in to PostgreSQL
+        as the role. Restarted, not reloaded: a reload with a changed `*` entry crashes
+        pgbouncer 1.18 (`put_in_order: found existing elem`)."""
+        with psycopg.connect(self.admin_dsn(), autocommit=True) as conn:
+            conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+                sql.Identifier(self.user), sql.Literal(role_password)))
+        self._state.update(password=role_password, pool_password=pool_password)
+        self._save_state()
+        self._stop_pgbouncer()
+        self._start_pgbouncer()
+
     def _start_pgbouncer(self) -> None:
         home = self.base_dir / "pgbouncer"
+        server = f"host=127.0.0.1 port={self._ports['primary']}"
+        pool_password = self._state.get("pool_password", self._state["password"])
+        if pool_password != self._state["password"]:
+            server += f" user={self.user} password={self._state['password']}"
         ini = "\n".join([
             "[databases]",
-            f"* = host=127.0.0.1 port={self._ports['primary']}",
+            f"* = {server}",
             "[pgbouncer]",
             "listen_addr = 127.0.0.1",
             f"listen_port = {self._ports['pool']}",
@@ -358,7 +383,7 @@ class PgCluster:
             "",
         ])
         self._write(home / "pgbouncer.ini", ini)
-        self._write(home / "userlist.txt", f'"{self.user}" "{self._state["password"]}"\n', 0o600)
+        self._write(home / "userlist.txt", f'"{self.user}" "{pool_password}"\n', 0o600)
         if self._pgbouncer_pid() is None:
             self._run(PGBOUNCER, "-d", home / "pgbouncer.ini")
         self.wait_ready(self.urls.pool)

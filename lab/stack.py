@@ -53,7 +53,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,20 +186,14 @@ class Droplet:
 
 
 class Lab:
-    """A stack's droplets, database and frontend on loopback, state under `state_dir`.
-
-    `lb_conf_filter` edits the rendered nginx LB config (nginx mode) before use: tests break
-    it on purpose to show that the scenarios catch it.
-    """
+    """A stack's droplets, database and frontend on loopback, state under `state_dir`."""
 
     def __init__(self, stack_path: Path, *, state_dir: Path = LABS_DIR / "lab",
-                 net: str = "127.0.0", lb_conf_filter: Callable[[str], str] | None = None,
-                 db_proxies: bool = False):
+                 net: str = "127.0.0", db_proxies: bool = False):
         self.stack_path = Path(stack_path).resolve()
         self.settings = settings_for_stack_file(self.stack_path)
         self.state_dir = Path(state_dir).resolve()
         self.net = net
-        self.lb_conf_filter = lb_conf_filter
         self.frontend = f"{net}.{FRONTEND_HOST}:{FRONTEND_PORT}"
         self.droplets = [
             Droplet(i, f"{net}.{FIRST_DROPLET_HOST + i - 1}", self.state_dir / f"droplet-{i}")
@@ -413,8 +407,6 @@ class Lab:
             self.settings, upstreams=self.upstreams, server_name="_",
             listen_http=self.frontend, listen_https=None, certificate=None, static_dir=None,
         )
-        if self.lb_conf_filter:
-            conf = self.lb_conf_filter(conf)
         (self.lb_dir / "lb.conf").write_text(conf)
 
     def set_upstreams(self, upstreams: list[str]) -> None:
@@ -422,6 +414,11 @@ class Lab:
         the old workers have finished their requests and exited."""
         self.upstreams = list(upstreams)
         self._write_lb_conf()
+        self.reload_lb()
+
+    def reload_lb(self) -> None:
+        """nginx mode: `nginx -t` and reload the LB's configuration as it is on disk; returns
+        once the old workers have finished their requests and exited."""
         conf = self.lb_dir / "nginx.conf"
         run_checked([NGINX, "-t", "-q", "-p", self.lb_dir, "-c", conf,
                      "-e", self.lb_dir / "error.log"])

@@ -57,9 +57,11 @@ def test_the_broken_variant_has_a_missing_package_and_a_bad_exec_start(prod):
     _, _, droplets = prod
     broken = yaml.safe_load(break_user_data(droplets[0]["user_data"]))
     assert BROKEN_PACKAGE in broken["packages"]
-    unit = next(f["content"] for f in broken["write_files"]
-                if f["path"].endswith("webstack-app.service"))
-    assert f"ExecStart={BROKEN_EXEC} " in unit
+    drop_in = next(f["content"] for f in broken["write_files"]
+                   if f["path"].endswith("webstack-app.service.d/broken.conf"))
+    assert f"ExecStart=\nExecStart={BROKEN_EXEC} " in drop_in
+    original = yaml.safe_load(droplets[0]["user_data"])["write_files"]
+    assert all(f in broken["write_files"] for f in original)
 
 
 @pytest.mark.parametrize("span, seconds", [("5s", 5), ("100ms", 0.1), ("1min 30s", 90)])

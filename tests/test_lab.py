@@ -192,8 +192,9 @@ def test_kill_scenario_passes_with_lb_retries_and_fails_without(nginx_lab):
     assert good.outcomes["ok"] == good.requests > 100
 
     # The deliberately broken setting: the LB no longer tries another droplet.
-    nginx_lab.lb_conf_filter = lambda conf: conf.replace(NEXT_UPSTREAM, "proxy_next_upstream off;")
-    nginx_lab.set_upstreams(nginx_lab.upstreams)
+    lb_conf = nginx_lab.lb_dir / "lb.conf"
+    lb_conf.write_text(lb_conf.read_text().replace(NEXT_UPSTREAM, "proxy_next_upstream off;"))
+    nginx_lab.reload_lb()
     assert "proxy_next_upstream off;" in (nginx_lab.lb_dir / "lb.conf").read_text()
     [broken] = run_scenarios(nginx_lab, [1])
     assert broken.passed is False
