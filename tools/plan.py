@@ -219,7 +219,7 @@ def as_json(run: Run, name: str) -> dict[str, Any]:
             {"type": r.type, "name": r.name, "parent": r.parent and r.parent.rpartition("::")[2],
              "protect": r.protect, "properties": properties(r)} for _, r in tree(run)],
         "outputs": shown_outputs(run),
-        "warnings": run.warnings,
+        "warnings": sorted(run.warnings),  # the engine logs in no fixed order
         "cost": cost.breakdown_json(cost.price_run(run)),
     }
 
@@ -236,7 +236,7 @@ def print_plan(run: Run, name: str) -> None:
         print(f"  {key}: {json.dumps(value, default=str)}")
     if run.warnings:
         print("\nWarnings:")
-        for warning in run.warnings:
+        for warning in sorted(run.warnings):
             print(f"  ! {warning}")
     print("\nMonthly cost (USD, list prices):")
     breakdown = cost.price_run(run)
