@@ -163,8 +163,8 @@ class DeadlineConnection(psycopg.Connection):
             return super().wait(gen, interval, self.round_trip_timeout)
         except pg_errors._WaitTimeout:
             self.close()
-            raise NoReply(f"no reply from the database within {self.round_trip_timeout} s") \
-                from None
+            message = f"no reply from the database within {self.round_trip_timeout} s"
+            raise NoReply(message) from None
 
 
 def parse_lsn(value: str) -> int:
@@ -225,9 +225,13 @@ def make_engine(url: URL, settings: Settings) -> Engine:
         },
     )
 
+    one_statement = settings.statement_timeout_ms / 1000 + ROUND_TRIP_MARGIN
+
     @event.listens_for(engine, "do_connect")
     def connect(dialect, connection_record, cargs, cparams):
-        return DeadlineConnection.connect(*cargs, **cparams)
+        connection = DeadlineConnection.connect(*cargs, **cparams)
+        connection.round_trip_timeout = one_statement  # SQLAlchemy's queries at first connect
+        return connection
 
     @event.listens_for(engine, "checkout")
     def checkout(dbapi_connection, connection_record, connection_proxy):
@@ -349,7 +353,7 @@ class Database:
         names the reason when it cannot take writes."""
         try:
             with self.slots.hold():
-                reply = self._send(node, (), write=False)
+                reply = self._send(node, (), write=False, for_writes=node is self.primary)
         except NotPrimary:
             return {"ok": False, "role": "replica", "error": "in recovery: cannot take writes"}
         except Saturated:
@@ -386,26 +390,28 @@ class Database:
         reply = self._send(self.primary, (query,), write=False)
         return Result(reply.rows[0], reply.served_by)
 
-    def _send(self, node: Node, statements: Sequence[Statement], *, write: bool) -> _Reply:
+    def _send(self, node: Node, statements: Sequence[Statement], *, write: bool,
+              for_writes: bool = False) -> _Reply:
         """Send ``statements`` to ``node`` as one message (see "Round trips"); a read whose
-        connection was lost is sent once more, on a fresh connection."""
+        connection was lost is sent once more, on a fresh connection. ``for_writes``: a
+        server in recovery drops the connection and raises ``NotPrimary`` (implied by
+        ``write``, which such a server refuses)."""
         try:
-            return self._send_once(node, statements, write)
+            return self._send_once(node, statements, write, for_writes or write)
         except ConnectionLost as exc:
             if write:
                 raise
             log.warning("%s: connection lost, reading again on a fresh one: %s", node.name, exc)
-            return self._send_once(node, statements, write)
+            return self._send_once(node, statements, write, for_writes)
 
-    def _send_once(self, node: Node, statements: Sequence[Statement], write: bool) -> _Reply:
-        """One round trip on a pooled connection. The primary's URL leading to a server in
-        recovery drops the connection and raises ``NotPrimary`` for a write or a probe."""
+    def _send_once(self, node: Node, statements: Sequence[Statement], write: bool,
+                   for_writes: bool) -> _Reply:
         pooled = node.engine.raw_connection()
         connection: DeadlineConnection = pooled.driver_connection
         try:
             reply = self._exchange(connection, node, statements, write)
-            if reply.served_by == "primary-in-recovery" and (write or not statements):
-                raise NotPrimary("DATABASE_URL leads to a server in recovery")
+            if for_writes and reply.served_by != "primary":
+                raise NotPrimary
             return reply
         except (NotPrimary, pg_errors.ReadOnlySqlTransaction):
             pooled.invalidate()

@@ -19,9 +19,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy.engine import make_url
 
+from app.db import Statement
 from tests.pg_fixtures import pgcluster
 from tests.test_app_api import _metric
 
@@ -159,6 +161,46 @@ def test_the_commit_travels_in_the_write_s_last_round_trip(app, statement_logs):
     assert client.post("/api/notes", json={"text": "committed"}).status_code == 201
     *_, last = log.messages()
     assert re.search(r";\s*COMMIT;\s*SELECT pg_current_wal_insert_lsn\(\)[^;]*$", last), last
+
+
+def test_the_statement_timeout_bounds_the_statements_of_one_transaction_only(make_app):
+    """The timeout set by a message's first statement cancels the statements after it, reads
+    and writes alike, and is gone once the message's transaction ends."""
+    database = make_app(DB_STATEMENT_TIMEOUT_MS="300").extensions["webstack"].database
+    slow = Statement("SELECT pg_sleep(2)", {})
+    for send in (database.read, database.read_primary, database.write):
+        with pytest.raises(pg_errors.QueryCanceled):
+            send(slow)
+    pooled = database.replicas[0].engine.raw_connection()  # the one the read above used
+    try:
+        assert pooled.driver_connection.execute("SHOW statement_timeout").fetchone() == ("0",)
+    finally:
+        pooled.close()
+
+
+@pytest.mark.parametrize("text", [
+    "it's 100% \\ %(text)s %s $1 '; DELETE FROM notes; -- \" \t é 🚀",
+    "'); COMMIT; SELECT 1; --",
+])
+def test_text_and_keys_bound_on_the_client_arrive_unchanged(client, run_sql, text):
+    key = "k'\\%(key)s;" + str(uuid.uuid4())
+    created = client.post("/api/notes", json={"text": text}, headers={"Idempotency-Key": key})
+    assert created.status_code == 201 and created.get_json()["text"] == text
+    again = client.post("/api/notes", json={"text": text}, headers={"Idempotency-Key": key})
+    assert again.get_json() == created.get_json()
+    assert client.get(f"/api/notes/{created.get_json()['id']}").get_json()["text"] == text
+    assert run_sql("SELECT text FROM notes n JOIN idempotency_keys k ON k.note_id = n.id"
+                   " WHERE k.key = %s", (key,)) == [(text,)]
+
+
+def test_a_server_error_does_not_quote_the_note(app):
+    """PostgreSQL quotes the statement's line around an error's position: with parameters
+    bound on the client, that line holds the note. The error keeps the primary message."""
+    secret = f"private words {uuid.uuid4()}"
+    database = app.extensions["webstack"].database
+    with pytest.raises(pg_errors.UndefinedColumn) as raised:
+        database.write(Statement("INSERT INTO notes (txt) VALUES (%(text)s)", {"text": secret}))
+    assert str(raised.value) == 'column "txt" of relation "notes" does not exist'
 
 
 def _close_the_app_s_connections(run_sql, node: str) -> None:
