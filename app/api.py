@@ -23,7 +23,8 @@ from datetime import UTC
 from typing import Any
 
 from flask import Blueprint, Response, abort, current_app, jsonify, request, session, url_for
-from sqlalchemy import bindparam, delete, func, insert, or_, select, text
+from sqlalchemy import bindparam, delete, func, insert, or_, select
+from sqlalchemy import text as sql_text
 from werkzeug.routing import IntegerConverter
 
 from app.db import Database, Result, Statement
@@ -63,7 +64,7 @@ FORGET_EXPIRED_KEYS = Statement.of(
         _expired, or_(_keys.key == bindparam("key"), _keys.key.in_(_oldest_expired)))
 )
 """The key itself if it expired, and up to EXPIRED_KEYS_PER_WRITE others."""
-CLAIM_AND_INSERT = Statement.of(text(
+CLAIM_AND_INSERT = Statement.of(sql_text(
     "WITH claim AS ("
     " INSERT INTO idempotency_keys (key, fingerprint, note_id)"
     " VALUES (:key, :fingerprint, nextval(pg_get_serial_sequence('notes', 'id')))"
@@ -72,7 +73,8 @@ CLAIM_AND_INSERT = Statement.of(text(
     " SELECT note_id, :text FROM claim RETURNING id"
 ))
 """Claims the key and inserts its note, or does nothing when the key is known (once a
-concurrent claim of the same key has committed: the unique key makes it wait)."""
+concurrent claim of the same key has committed: the unique key makes it wait). One statement,
+so the note's id is drawn first; a known key spends one (ids have gaps anyway)."""
 KNOWN_KEY = Statement.of(
     select(_keys.fingerprint, *notes.c)
     .join_from(idempotency_keys, notes, notes.c.id == _keys.note_id)
