@@ -84,7 +84,7 @@ from psycopg.rows import namedtuple_row
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.exc import DisconnectionError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.sql import ClauseElement
 
@@ -92,8 +92,10 @@ from app.config import Settings
 
 log = logging.getLogger(__name__)
 
-UNAVAILABLE = (psycopg.OperationalError, PoolTimeoutError)
-"""Errors meaning "the database did not answer": mapped to 503, trigger replica fallback."""
+UNAVAILABLE = (psycopg.OperationalError, OperationalError, PoolTimeoutError)
+"""Errors meaning "the database did not answer": mapped to 503, trigger replica fallback.
+(SQLAlchemy wraps the driver's errors in its own ``OperationalError`` in the queries it runs
+itself when an engine connects for the first time.)"""
 
 ROUND_TRIP_MARGIN = 1.0
 """Seconds the client waits for a reply beyond the server's statement timeouts."""
