@@ -23,11 +23,11 @@ from datetime import UTC
 from typing import Any
 
 from flask import Blueprint, Response, abort, current_app, jsonify, request, session, url_for
-from sqlalchemy import Connection, Row, delete, func, insert, or_, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy import bindparam, delete, func, insert, or_, select
+from sqlalchemy import text as sql_text
 from werkzeug.routing import IntegerConverter
 
-from app.db import Database, Result
+from app.db import Database, Result, Statement
 from app.models import (
     IDEMPOTENCY_KEY_LIFETIME,
     MAX_IDEMPOTENCY_KEY_LENGTH,
@@ -49,6 +49,40 @@ _KEY = re.compile(rf"[\x21-\x7e]{{1,{MAX_IDEMPOTENCY_KEY_LENGTH}}}")
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
 _NOT_BRACKETS = bytes(set(range(256)) - set(b"[]{}"))
 
+_keys = idempotency_keys.c
+_expired = _keys.created_at < func.now() - IDEMPOTENCY_KEY_LIFETIME
+_oldest_expired = (select(_keys.key).where(_expired).order_by(_keys.created_at)
+                   .limit(EXPIRED_KEYS_PER_WRITE).with_for_update(skip_locked=True))
+
+LIST = Statement.of(
+    select(notes).order_by(notes.c.created_at.desc(), notes.c.id.desc()).limit(bindparam("limit"))
+)
+GET = Statement.of(select(notes).where(notes.c.id == bindparam("id")))
+INSERT = Statement.of(insert(notes).values(text=bindparam("text")).returning(*notes.c))
+FORGET_EXPIRED_KEYS = Statement.of(
+    delete(idempotency_keys).where(
+        _expired, or_(_keys.key == bindparam("key"), _keys.key.in_(_oldest_expired)))
+)
+"""The key itself if it expired, and up to EXPIRED_KEYS_PER_WRITE others."""
+CLAIM_AND_INSERT = Statement.of(sql_text(
+    "WITH claim AS ("
+    " INSERT INTO idempotency_keys (key, fingerprint, note_id)"
+    " VALUES (:key, :fingerprint, nextval(pg_get_serial_sequence('notes', 'id')))"
+    " ON CONFLICT (key) DO NOTHING RETURNING note_id)"
+    " INSERT INTO notes (id, text) OVERRIDING SYSTEM VALUE"
+    " SELECT note_id, :text FROM claim RETURNING id"
+))
+"""Claims the key and inserts its note, or does nothing when the key is known (once a
+concurrent claim of the same key has committed: the unique key makes it wait). One statement,
+so the note's id is drawn first; a known key spends one (ids have gaps anyway)."""
+KNOWN_KEY = Statement.of(
+    select(_keys.fingerprint, *notes.c)
+    .join_from(idempotency_keys, notes, notes.c.id == _keys.note_id)
+    .where(_keys.key == bindparam("key"))
+)
+"""The key's fingerprint and note; a statement of its own, so that it sees a concurrent
+claim committed while CLAIM_AND_INSERT waited."""
+
 
 class NoteIdConverter(IntegerConverter):
     """``<id:...>``: ASCII digits only (``int`` would also take "١", an Arabic-Indic one)."""
@@ -61,13 +95,19 @@ def create_note() -> tuple[Response, int, dict[str, str]]:
     text = _note_text()
     key = _idempotency_key()
     if key is None:
-        result = _database().write(lambda conn: (_insert_note(conn, text), False))
+        result = _database().write(INSERT.bind(text=text))
+        (note,), replayed = result.value[0], False
     else:
         digest = hashlib.sha256(text.encode()).hexdigest()
-        result = _database().write(lambda conn: _insert_note_once(conn, key, digest, text))
-    note, replayed = result.value
-    if note is None:
-        abort(422, description="this Idempotency-Key was used with a different body")
+        result = _database().write(
+            FORGET_EXPIRED_KEYS.bind(key=key),
+            CLAIM_AND_INSERT.bind(key=key, fingerprint=digest, text=text),
+            KNOWN_KEY.bind(key=key),
+        )
+        _, created, (note,) = result.value
+        if note.fingerprint != digest:
+            abort(422, description="this Idempotency-Key was used with a different body")
+        replayed = not created
     session["lsn"] = max(_session_lsn(), result.lsn)
     headers = {"Location": url_for("api.get_note", note_id=note.id, _external=True)}
     if replayed:
@@ -77,9 +117,7 @@ def create_note() -> tuple[Response, int, dict[str, str]]:
 
 @bp.get("/notes")
 def list_notes() -> Response:
-    limit = _limit()
-    query = select(notes).order_by(notes.c.created_at.desc(), notes.c.id.desc()).limit(limit)
-    result = _database().read(lambda conn: conn.execute(query).all(), _session_lsn())
+    result = _database().read(LIST.bind(limit=_limit()), _session_lsn())
     return _served(jsonify(notes=[_note_json(row) for row in result.value]), result)
 
 
@@ -87,48 +125,17 @@ def list_notes() -> Response:
 def get_note(note_id: int) -> Response:
     if note_id > MAX_ID:
         abort(404, description="note not found")
-
-    def fetch(conn: Connection) -> Row | None:
-        return conn.execute(select(notes).where(notes.c.id == note_id)).one_or_none()
-
-    database = _database()
-    result = database.read(fetch, _session_lsn())
-    if result.value is None and result.served_by != "primary":
-        result = database.read_primary(fetch)
-    if result.value is None:
+    database, query = _database(), GET.bind(id=note_id)
+    result = database.read(query, _session_lsn())
+    if not result.value and result.served_by != "primary":
+        result = database.read_primary(query)
+    if not result.value:
         abort(404, description="note not found")
-    return _served(jsonify(_note_json(result.value)), result)
+    return _served(jsonify(_note_json(result.value[0])), result)
 
 
 def _database() -> Database:
     return current_app.extensions["webstack"].database
-
-
-def _insert_note(conn: Connection, text: str) -> Row:
-    return conn.execute(insert(notes).values(text=text).returning(*notes.c)).one()
-
-
-def _insert_note_once(
-    conn: Connection, key: str, digest: str, text: str
-) -> tuple[Row | None, bool]:
-    """(new note, False) for a new key; (its note, True) for a known key with the same body
-    digest; (None, False) for a known key with another. A concurrent claim of the same key
-    waits for the first one's commit (the unique key), then finds its note."""
-    keys = idempotency_keys.c
-    expired = keys.created_at < func.now() - IDEMPOTENCY_KEY_LIFETIME
-    oldest = (select(keys.key).where(expired).order_by(keys.created_at)
-              .limit(EXPIRED_KEYS_PER_WRITE).with_for_update(skip_locked=True))
-    stale = or_(keys.key == key, keys.key.in_(oldest))
-    conn.execute(delete(idempotency_keys).where(expired, stale))
-    claim = pg_insert(idempotency_keys).values(key=key, fingerprint=digest)
-    if conn.execute(claim.on_conflict_do_nothing().returning(keys.key)).first():
-        note = _insert_note(conn, text)
-        conn.execute(update(idempotency_keys).where(keys.key == key).values(note_id=note.id))
-        return note, False
-    known = conn.execute(select(keys.fingerprint, keys.note_id).where(keys.key == key)).one()
-    if known.fingerprint != digest:
-        return None, False
-    return conn.execute(select(notes).where(notes.c.id == known.note_id)).one(), True
 
 
 def _idempotency_key() -> str | None:
@@ -185,7 +192,7 @@ def _session_lsn() -> int:
     return lsn if isinstance(lsn, int) else 0
 
 
-def _note_json(row: Row) -> dict[str, object]:
+def _note_json(row: Any) -> dict[str, object]:
     created_at = row.created_at.astimezone(UTC).isoformat()
     return {"id": row.id, "text": row.text, "created_at": created_at}
 

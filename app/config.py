@@ -9,7 +9,7 @@ Environment variables, with defaults:
 - ``DB_POOL_TIMEOUT`` (2): seconds to wait for a free pooled connection.
 - ``DB_CONNECT_TIMEOUT`` (2): seconds to open a connection (libpq treats 1 as 2).
 - ``DB_STATEMENT_TIMEOUT_MS`` (3000): server-side limit per statement; the client gives up on a
-  round trip one second later (see ``app.db``).
+  round trip one second after the limits of the statements it carries (see ``app.db``).
 - ``DB_REPLICA_RETRY_SECONDS`` (5): how long a replica that failed is skipped for reads.
 - ``DB_CONCURRENCY_LIMIT`` (pool size + overflow): threads per process that may do database
   work at once; keep it below gunicorn's thread count, so a thread stays free for ``/healthz``

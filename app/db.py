@@ -1,22 +1,54 @@
 """Database access: the primary for writes, replicas for reads, and the routing between them.
 
+Round trips: one per read, one per write (the budget is two and three)
+    A unit of work travels as one simple-query message holding all its statements, bound on
+    the client (psycopg's ``ClientCursor``: no server-side prepared statements, which
+    PgBouncer's transaction mode could not keep), and the server answers them in one reply.
+    Connections are in autocommit mode, so neither psycopg nor SQLAlchemy sends a ``BEGIN``,
+    ``COMMIT`` or ``ROLLBACK`` of its own, and the pool does not pre-ping:
+
+    - a read sends ``SELECT set_config('statement_timeout', …, true), pg_is_in_recovery(),
+      pg_last_wal_replay_lsn(); <the query>``;
+    - a write sends ``BEGIN; <that first statement>; <its statements>; COMMIT;
+      SELECT pg_current_wal_insert_lsn()``.
+
+    The statements of a message run in one transaction (a read's is implicit), so the
+    timeout is set for that transaction only (``SET LOCAL`` semantics, the only kind
+    PgBouncer's transaction mode keeps); PostgreSQL starts each statement's timer afresh, so
+    it bounds every statement after the first. The first statement's answer names the
+    server in ``Result.served_by``: "primary" when it is not in recovery, else the replica's
+    name ("replica-0", ...). ``tests/test_app_roundtrips.py`` counts the messages with
+    pgbouncer's ``SHOW STATS`` and the replica's statement log.
+
 Routing and read-your-writes
-    Writes run on the primary (``DATABASE_URL``). The last statement of a write's own
-    transaction reads the primary's WAL insert position (``pg_current_wal_insert_lsn()``), so
-    the commit is the last round trip: once it is acknowledged nothing can fail any more. The
-    caller keeps that position in the client's signed session cookie. A read takes the replicas
-    in round-robin order and uses the first that answers and has replayed past that position
-    (``pg_last_wal_replay_lsn()``); if none qualifies it runs on the primary and
-    ``on_fallback`` is told why ("lagging" or "unavailable"). A replica that fails is skipped
-    for ``replica_retry_seconds``, except as a last resort: when the primary fails too, the
+    Writes run on the primary (``DATABASE_URL``). A write's message reads the primary's WAL
+    insert position after its ``COMMIT``, so the position is past the commit record, and the
+    commit still travels in the last (the only) round trip: once it is acknowledged nothing
+    can fail any more. The caller keeps that position in the client's signed session cookie.
+    A read takes the replicas in round-robin order and uses the first that answers and has
+    replayed up to that position (``pg_last_wal_replay_lsn()``), hence has replayed the
+    commit: the client's note is visible there. (A position read before the commit, as
+    until issue 14, could be passed by a replica that had not replayed the commit yet.) If no
+    replica qualifies the read runs on the primary and ``on_fallback`` is told why
+    ("lagging" or "unavailable"). A replica that fails is skipped for
+    ``replica_retry_seconds``, except as a last resort: when the primary fails too, the
     skipped replicas are tried before the read fails. So a client sees its own writes, while
     other clients read from replicas that may lag.
 
+Dead connections without a pre-ping
+    A pooled connection that has anything to read while idle (the server's "terminating
+    connection" message, or end of file: a restarted server or pgbouncer) is discarded at
+    checkout, before anything is sent, and another taken: no round trip. A read whose
+    connection breaks anyway (the server went away since) is tried once more on a fresh
+    connection; a write is not, since the server may have run it (clients retry with their
+    ``Idempotency-Key``). Neither is retried after the client's own deadline (``NoReply``).
+
 Fail-over
-    A write transaction that finds its server in recovery (a demoted primary after a
-    fail-over, a stale pool or DNS entry) raises ``NotPrimary`` before it changes anything,
-    and the connection is dropped from the pool, so the next attempt connects afresh (after a
-    DigitalOcean fail-over the same host name leads to the new primary).
+    A server in recovery (a demoted primary after a fail-over, a stale pool or DNS entry)
+    refuses a write's first data-changing statement (``read_only_sql_transaction``), so it
+    changes nothing; the write raises ``NotPrimary`` and the connection is dropped from the
+    pool, so the next attempt connects afresh (after a DigitalOcean fail-over the same host
+    name leads to the new primary). ``/readyz`` asks ``pg_is_in_recovery()``.
 
 Bounded database work (why ``/healthz`` stays fast while the database is stuck)
     gunicorn's threads serve both the database routes and ``/healthz``. At most
@@ -27,11 +59,8 @@ Bounded database work (why ``/healthz`` stays fast while the database is stuck)
     healthy, bursts queue briefly as before; while it is stuck, further work is refused at
     once with ``Saturated`` (a 503 with ``Retry-After``) instead of tying up the spare thread.
 
-Every transaction starts with one statement that sets the statement timeout for the
-transaction only (``SET LOCAL`` semantics, the only kind PgBouncer's transaction mode keeps)
-and reports whether the server is in recovery and how far it has replayed. That same answer
-names the server in ``Result.served_by``: "primary" when the server is not in recovery, else
-the replica's name ("replica-0", ...) or "primary-in-recovery".
+Statements are bound on the client, so a server error can quote note text (the statement's
+line, a failing row): errors raised from here carry the server's primary message only.
 
 Fork safety: engines are created by ``create_app`` and must not cross a fork. Run gunicorn
 without ``preload_app``, or call ``Database.dispose()`` in gunicorn's ``post_fork`` hook.
@@ -41,34 +70,45 @@ from __future__ import annotations
 
 import itertools
 import logging
+import select
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import errors as pg_errors
-from sqlalchemy import Connection, Engine, create_engine, event, text
+from psycopg.rows import namedtuple_row
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DisconnectionError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.sql import ClauseElement
 
 from app.config import Settings
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
-UNAVAILABLE = (OperationalError, PoolTimeoutError)
-"""Errors meaning "the database did not answer": mapped to 503, trigger replica fallback."""
+UNAVAILABLE = (psycopg.OperationalError, OperationalError, PoolTimeoutError)
+"""Errors meaning "the database did not answer": mapped to 503, trigger replica fallback.
+(SQLAlchemy wraps the driver's errors in its own ``OperationalError`` in the queries it runs
+itself when an engine connects for the first time.)"""
 
 ROUND_TRIP_MARGIN = 1.0
-"""Seconds the client waits for a reply beyond the server's statement timeout."""
+"""Seconds the client waits for a reply beyond the server's statement timeouts."""
 
 SLOW_WORK_SECONDS = 0.5
 """Database work held longer than this is stuck, not busy: nobody waits behind it."""
+
+_DIALECT = PGDialect_psycopg()
+_FIRST = (
+    "SELECT set_config('statement_timeout', %(timeout)s, true),"
+    " pg_is_in_recovery() AS in_recovery, pg_last_wal_replay_lsn()::text AS replayed"
+)
+_WAL_POSITION = "SELECT pg_current_wal_insert_lsn()::text AS lsn"
 
 
 class NotPrimary(Exception):
@@ -78,11 +118,30 @@ class NotPrimary(Exception):
 class Saturated(Exception):
     """Every database slot of this process is held by stuck work."""
 
-_START = text(
-    "SELECT set_config('statement_timeout', :timeout, true),"
-    " pg_is_in_recovery(), pg_last_wal_replay_lsn()::text"
-)
-_WAL_POSITION = text("SELECT pg_current_wal_insert_lsn()::text")
+
+class NoReply(psycopg.OperationalError):
+    """The client's own deadline for a round trip passed (``DeadlineConnection``)."""
+
+
+class ConnectionLost(psycopg.OperationalError):
+    """The server or the network closed the connection during a round trip."""
+
+
+class Statement(NamedTuple):
+    """One SQL statement with ``%(name)s`` placeholders, and its parameters."""
+
+    sql: str
+    params: Mapping[str, Any]
+
+    @classmethod
+    def of(cls, statement: ClauseElement) -> Statement:
+        """A SQLAlchemy statement compiled once (at import), with its literal parameters;
+        ``bindparam("name")`` leaves ``name`` to ``bind``."""
+        compiled = statement.compile(dialect=_DIALECT)
+        return cls(str(compiled), compiled.params)
+
+    def bind(self, **values: Any) -> Statement:
+        return self._replace(params={**self.params, **values})
 
 
 class DeadlineConnection(psycopg.Connection):
@@ -92,9 +151,8 @@ class DeadlineConnection(psycopg.Connection):
     ``query_wait_timeout`` (120 s by default) and ignores cancel requests for such a query,
     so neither the server's statement timeout nor a cancel can free the worker. When the
     deadline passes the connection is closed (its protocol state is unknown) and
-    ``psycopg.OperationalError`` is raised, which SQLAlchemy treats as a disconnect.
-    ``wait(timeout=)`` and ``_WaitTimeout`` are psycopg 3.3 internals (hence the pin);
-    tests/test_app_outage.py fails if they change.
+    ``NoReply`` is raised. ``wait(timeout=)`` and ``_WaitTimeout`` are psycopg 3.3
+    internals (hence the pin); tests/test_app_outage.py fails if they change.
     """
 
     round_trip_timeout: float | None = None
@@ -107,9 +165,8 @@ class DeadlineConnection(psycopg.Connection):
             return super().wait(gen, interval, self.round_trip_timeout)
         except pg_errors._WaitTimeout:
             self.close()
-            raise psycopg.OperationalError(
-                f"no reply from the database within {self.round_trip_timeout} s"
-            ) from None
+            message = f"no reply from the database within {self.round_trip_timeout} s"
+            raise NoReply(message) from None
 
 
 def parse_lsn(value: str) -> int:
@@ -119,11 +176,22 @@ def parse_lsn(value: str) -> int:
 
 
 @dataclass(frozen=True)
-class Result(Generic[T]):
-    """What a unit of work returned, which server ran it, and for writes the WAL position."""
+class Result:
+    """What a unit of work returned (rows, one list per statement for a write), which
+    server ran it, and for writes the WAL position just past the commit."""
 
-    value: T
+    value: list
     served_by: str
+    lsn: int = 0
+
+
+@dataclass(frozen=True)
+class _Reply:
+    """The answer to one message: the server's state, then each statement's rows."""
+
+    served_by: str
+    replayed: int
+    rows: list[list]
     lsn: int = 0
 
 
@@ -137,34 +205,52 @@ class Node:
 
 
 def make_engine(url: URL, settings: Settings) -> Engine:
-    """An engine with pre-ping, bounded pool waits and a client-side deadline per round trip.
-    Errors never show statement parameters (they carry note text).
+    """An engine whose connections are in autocommit mode, bind parameters on the client,
+    and give up on a round trip after a deadline. Checkout discards a connection the server
+    has closed (see "Dead connections without a pre-ping").
 
     Prepared statements are off (``prepare_threshold=None``): PgBouncer in transaction mode
     may run each transaction on a different server connection.
     """
     engine = create_engine(
         url,
-        hide_parameters=True,  # no note text or key in a logged error
-        pool_pre_ping=True,
         pool_size=settings.pool_size,
         max_overflow=settings.max_overflow,
         pool_timeout=settings.pool_timeout,
+        use_native_hstore=False,  # no type look-up (in a transaction of its own) at first connect
         connect_args={
             "connect_timeout": settings.connect_timeout,
             "prepare_threshold": None,
+            "autocommit": True,
+            "cursor_factory": psycopg.ClientCursor,
             "application_name": "webstack",
         },
     )
-    deadline = settings.statement_timeout_ms / 1000 + ROUND_TRIP_MARGIN
+
+    one_statement = settings.statement_timeout_ms / 1000 + ROUND_TRIP_MARGIN
 
     @event.listens_for(engine, "do_connect")
     def connect(dialect, connection_record, cargs, cparams):
         connection = DeadlineConnection.connect(*cargs, **cparams)
-        connection.round_trip_timeout = deadline
+        connection.round_trip_timeout = one_statement  # SQLAlchemy's queries at first connect
         return connection
 
+    @event.listens_for(engine, "checkout")
+    def checkout(dbapi_connection, connection_record, connection_proxy):
+        if _closed_by_server(dbapi_connection):
+            raise DisconnectionError("the server closed this pooled connection")
+
     return engine
+
+
+def _closed_by_server(connection: psycopg.Connection) -> bool:
+    """Whether an idle connection has anything to read: only a server that is leaving
+    (an error such as "terminating connection", or end of file) sends one unasked."""
+    if connection.closed:
+        return True
+    poller = select.poll()
+    poller.register(connection.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
 
 
 class WorkSlots:
@@ -211,7 +297,7 @@ class Database:
             Node(f"replica-{index}", make_engine(url, settings))
             for index, url in enumerate(settings.replica_urls)
         ]
-        self._statement_timeout = str(settings.statement_timeout_ms)
+        self._statement_timeout_ms = settings.statement_timeout_ms
         self._retry_seconds = settings.replica_retry_seconds
         self._on_fallback = on_fallback
         self._turn = itertools.count()
@@ -221,21 +307,19 @@ class Database:
     def nodes(self) -> list[Node]:
         return [self.primary, *self.replicas]
 
-    def write(self, work: Callable[[Connection], T]) -> Result[T]:
-        """Run ``work`` in a transaction on the primary; ``lsn`` is the WAL position it reached.
+    def write(self, *statements: Statement) -> Result:
+        """Run ``statements`` in one transaction on the primary, in one round trip; the
+        value is their rows, one list per statement, ``lsn`` the WAL position past the commit.
 
         Raises ``NotPrimary`` (and drops the connection) when the server is in recovery.
         """
-        with self.slots.hold(), self.primary.engine.connect() as conn:
-            with conn.begin():
-                self._require_primary(conn)
-                value = work(conn)
-                lsn = parse_lsn(conn.scalar(_WAL_POSITION))
-        return Result(value, "primary", lsn)
+        with self.slots.hold():
+            reply = self._send(self.primary, statements, write=True)
+        return Result(reply.rows, "primary", reply.lsn)
 
-    def read(self, work: Callable[[Connection], T], min_lsn: int = 0) -> Result[T]:
-        """Run ``work`` on a replica that has replayed past ``min_lsn``, else on the primary;
-        when the primary fails too, on a replica that was being skipped."""
+    def read(self, query: Statement, min_lsn: int = 0) -> Result:
+        """``query``'s rows from a replica that has replayed up to ``min_lsn``, else from the
+        primary; when the primary fails too, from a replica that was being skipped."""
         lagging, skipped = False, []
         with self.slots.hold():
             for node in self._replica_order():
@@ -243,7 +327,7 @@ class Database:
                     skipped.append(node)
                     continue
                 try:
-                    result = self._read_replica(node, work, min_lsn)
+                    result = self._read_replica(node, query, min_lsn)
                 except UNAVAILABLE:
                     continue
                 if result is not None:
@@ -252,36 +336,33 @@ class Database:
             if self.replicas:
                 self._on_fallback("lagging" if lagging else "unavailable")
             try:
-                return self._read_primary(work)
+                return self._read_primary(query)
             except UNAVAILABLE:
                 for node in skipped:
                     with suppress(*UNAVAILABLE):
-                        if (result := self._read_replica(node, work, min_lsn)) is not None:
+                        if (result := self._read_replica(node, query, min_lsn)) is not None:
                             log.warning("primary unavailable, read served by %s", node.name)
                             return result
                 raise
 
-    def read_primary(self, work: Callable[[Connection], T]) -> Result[T]:
-        """Run ``work`` in a transaction on the primary."""
+    def read_primary(self, query: Statement) -> Result:
+        """``query``'s rows from the primary."""
         with self.slots.hold():
-            return self._read_primary(work)
+            return self._read_primary(query)
 
     def probe(self, node: Node) -> dict[str, object]:
         """Readiness of one server: reachable, and in recovery or not. The primary's answer
         names the reason when it cannot take writes."""
         try:
-            with self.slots.hold(), node.engine.begin() as conn:
-                if node is self.primary:
-                    self._require_primary(conn)
-                    return {"ok": True, "role": "primary"}
-                served_by = self._start(conn, node)[0]
+            with self.slots.hold():
+                reply = self._send(node, (), write=False, for_writes=node is self.primary)
         except NotPrimary:
             return {"ok": False, "role": "replica", "error": "in recovery: cannot take writes"}
         except Saturated:
             return {"ok": False, "error": "busy: every database slot is held by stuck work"}
         except UNAVAILABLE as exc:
-            return {"ok": False, "error": type(_cause(exc)).__name__}
-        return {"ok": True, "role": "primary" if served_by == "primary" else "replica"}
+            return {"ok": False, "error": type(exc).__name__}
+        return {"ok": True, "role": "primary" if reply.served_by == "primary" else "replica"}
 
     def dispose(self) -> None:
         """Close every pooled connection (at shutdown, or in a forked child)."""
@@ -294,46 +375,85 @@ class Database:
         first = next(self._turn) % len(self.replicas)
         return self.replicas[first:] + self.replicas[:first]
 
-    def _read_replica(self, node: Node, work: Callable[[Connection], T],
-                      min_lsn: int) -> Result[T] | None:
-        """``work`` on ``node`` if it has replayed past ``min_lsn``; None if it lags. A failure
-        marks the replica skipped for the retry window and is raised."""
+    def _read_replica(self, node: Node, query: Statement, min_lsn: int) -> Result | None:
+        """``query`` on ``node`` if it has replayed up to ``min_lsn``; None if it lags. A
+        failure marks the replica skipped for the retry window and is raised."""
         try:
-            with node.engine.begin() as conn:
-                served_by, replayed = self._start(conn, node)
-                if min_lsn and replayed <= min_lsn:
-                    return None
-                return Result(work(conn), served_by)
+            reply = self._send(node, (query,), write=False)
         except UNAVAILABLE as exc:
             node.skip_until = time.monotonic() + self._retry_seconds
-            log.warning("%s failed, reading elsewhere: %s", node.name, _cause(exc))
+            log.warning("%s failed, reading elsewhere: %s", node.name, exc)
             raise
+        if min_lsn and reply.replayed < min_lsn:
+            return None
+        return Result(reply.rows[0], reply.served_by)
 
-    def _read_primary(self, work: Callable[[Connection], T]) -> Result[T]:
-        with self.primary.engine.begin() as conn:
-            served_by = self._start(conn, self.primary)[0]
-            return Result(work(conn), served_by)
+    def _read_primary(self, query: Statement) -> Result:
+        reply = self._send(self.primary, (query,), write=False)
+        return Result(reply.rows[0], reply.served_by)
 
-    def _require_primary(self, conn: Connection) -> None:
-        """Begin a transaction on the primary's URL; if that server is in recovery, drop the
-        connection (the next checkout connects afresh) and raise ``NotPrimary``."""
-        if self._start(conn, self.primary)[0] != "primary":
-            conn.invalidate()
-            raise NotPrimary("DATABASE_URL leads to a server in recovery")
+    def _send(self, node: Node, statements: Sequence[Statement], *, write: bool,
+              for_writes: bool = False) -> _Reply:
+        """Send ``statements`` to ``node`` as one message (see "Round trips"); a read whose
+        connection was lost is sent once more, on a fresh connection. ``for_writes``: a
+        server in recovery drops the connection and raises ``NotPrimary`` (implied by
+        ``write``, which such a server refuses)."""
+        try:
+            return self._send_once(node, statements, write, for_writes or write)
+        except ConnectionLost as exc:
+            if write:
+                raise
+            log.warning("%s: connection lost, reading again on a fresh one: %s", node.name, exc)
+            return self._send_once(node, statements, write, for_writes)
 
-    def _start(self, conn: Connection, node: Node) -> tuple[str, int]:
-        """Begin a transaction: set its statement timeout; return (served_by, replayed LSN).
-        served_by is "primary" for a server not in recovery, else the node's name, and
-        "primary-in-recovery" for the primary's URL leading to a server in recovery."""
-        row = conn.execute(_START, {"timeout": self._statement_timeout}).one()
-        in_recovery, replayed = row[1], row[2]
-        if not in_recovery:
+    def _send_once(self, node: Node, statements: Sequence[Statement], write: bool,
+                   for_writes: bool) -> _Reply:
+        pooled = node.engine.raw_connection()
+        connection: DeadlineConnection = pooled.driver_connection
+        try:
+            reply = self._exchange(connection, node, statements, write)
+            if for_writes and reply.served_by != "primary":
+                raise NotPrimary
+            return reply
+        except (NotPrimary, pg_errors.ReadOnlySqlTransaction):
+            pooled.invalidate()
+            raise NotPrimary("DATABASE_URL leads to a server in recovery") from None
+        except psycopg.Error as exc:
+            if connection.closed:
+                pooled.invalidate()
+            raise (ConnectionLost if connection.broken else type(exc))(_message(exc)) from None
+        finally:
+            pooled.close()
+
+    def _exchange(self, connection: DeadlineConnection, node: Node,
+                  statements: Sequence[Statement], write: bool) -> _Reply:
+        """The message out, every statement's rows back: one round trip."""
+        timeout_ms = self._statement_timeout_ms
+        connection.round_trip_timeout = (
+            timeout_ms / 1000 * max(len(statements), 1) + ROUND_TRIP_MARGIN
+        )
+        with connection.cursor(row_factory=namedtuple_row) as cursor:
+            parts = [cursor.mogrify(_FIRST, {"timeout": str(timeout_ms)}),
+                     *(cursor.mogrify(statement.sql, statement.params)
+                       for statement in statements)]
+            if write:
+                parts = ["BEGIN", *parts, "COMMIT", _WAL_POSITION]
+            cursor.execute("; ".join(parts))
+            results = [cursor.fetchall() if cursor.description else [] for _ in cursor.results()]
+        if write:
+            _, (first,), *rows, _, (position,) = results
+            lsn = parse_lsn(position.lsn)
+        else:
+            (first,), *rows = results
+            lsn = 0
+        if not first.in_recovery:
             served_by = "primary"
         else:
             served_by = "primary-in-recovery" if node is self.primary else node.name
-        return served_by, parse_lsn(replayed) if replayed else 0
+        return _Reply(served_by, parse_lsn(first.replayed) if first.replayed else 0, rows, lsn)
 
 
-def _cause(exc: Exception) -> BaseException:
-    """The driver's exception behind a SQLAlchemy one, if any."""
-    return getattr(exc, "orig", None) or exc
+def _message(error: psycopg.Error) -> str:
+    """The server's primary message only: no statement text, no detail (either may quote a
+    note, bound into the statement on the client)."""
+    return error.diag.message_primary or str(error)

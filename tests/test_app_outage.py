@@ -47,3 +47,12 @@ def test_primary_outage_fails_fast_and_recovers(cluster, app):
     assert client.get("/readyz").status_code == 200
     pool = app.extensions["webstack"].database.primary.engine.pool
     assert pool.checkedout() == 0
+
+
+def test_an_app_that_never_reached_the_primary_answers_503(cluster, make_app):
+    """The engine's first connection (SQLAlchemy's own queries) fails like any other."""
+    cluster.stop_primary()
+    client = make_app(DATABASE_REPLICA_URLS="").test_client()
+    for response in (client.post("/api/notes", json={"text": "first"}), client.get("/api/notes")):
+        assert response.status_code == 503, response.get_data()
+        assert response.headers["Retry-After"]
