@@ -3,7 +3,8 @@
 Creates, all children of one component:
 - a `digitalocean.DatabaseCluster` (engine pg, auto-named) in the stack's VPC: the primary plus
   `database.nodeCount - 1` standbys, a weekly maintenance window, the stack tag, and deletion
-  protection when `database.protect` is set (the default in production);
+  protection when `database.protect` is set (the default in production), with which Pulumi
+  also never deletes the cluster, its database or its firewall (`retain_on_delete`);
 - the app's `DatabaseDb` and `DatabaseUser`, both named `database.name` (never doadmin); the
   database is protected like the cluster, since replacing it drops its data;
 - a PgBouncer `DatabaseConnectionPool` for the app's writes (`database.pool`, transaction mode
@@ -129,7 +130,11 @@ class DatabaseCluster(pulumi.ComponentResource):
             _check_source(db_settings.restore_from.cluster)
         super().__init__("webstack:index:DatabaseCluster", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
-        protected = pulumi.ResourceOptions(parent=self, protect=db_settings.protect)
+        # Protected, Pulumi never deletes the data: a cluster or database dropped from the
+        # program (the old one after a restore) is only dropped from the stack, and the
+        # cluster's firewall stays with it (docs/runbook.md).
+        protected = pulumi.ResourceOptions(
+            parent=self, protect=db_settings.protect, retain_on_delete=db_settings.protect)
         stack_tag = f"webstack-{args.stack}"
         firewall_rules = [digitalocean.DatabaseFirewallRuleArgs(type="tag", value=args.app_tag)]
 
@@ -161,7 +166,8 @@ class DatabaseCluster(pulumi.ComponentResource):
                 ignore_changes=["backupRestore"] if db_settings.restores else None)),
         )
         digitalocean.DatabaseFirewall(
-            f"{name}-firewall", cluster_id=cluster.id, rules=firewall_rules, opts=child)
+            f"{name}-firewall", cluster_id=cluster.id, rules=firewall_rules,
+            opts=pulumi.ResourceOptions(parent=self, retain_on_delete=db_settings.protect))
         if db_settings.restores:
             # The backup holds the app's database and user: adopt them. There is no database
             # data source, and `import_` takes a plain id that does not exist before the cluster

@@ -85,6 +85,15 @@ def test_prod_has_a_standby_protection_and_replicas_sized_from_settings():
     assert resolve(db.replica_ids)[0] == [r.outputs["uuid"] for r in replicas]
 
 
+def test_protected_the_cluster_database_and_firewall_are_never_deleted_by_pulumi():
+    """What a restore leaves behind stays in DigitalOcean, with its firewall (docs/runbook.md)."""
+    prod, _ = build(settings_for("prod"))
+    retained = {r.name for r in prod.resources if r.retain_on_delete}
+    assert retained == {"db-cluster", "db-db", "db-firewall"}
+    staging, _ = build(settings_for("staging"))
+    assert not any(r.retain_on_delete for r in staging.resources)
+
+
 def test_staging_is_not_protected_unless_asked():
     run, _ = build(make_settings())
     assert not run.one("databaseCluster:DatabaseCluster").protect

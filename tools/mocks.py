@@ -149,6 +149,7 @@ class Resource:
     delete_before_replace: bool = False
     replace_on_changes: tuple[str, ...] = ()
     ignore_changes: tuple[str, ...] = ()
+    retain_on_delete: bool = False
     secret_inputs: frozenset[str] = frozenset()
     """Top-level input names whose values are (or contain) secrets."""
 
@@ -235,6 +236,7 @@ class _RecordingMonitor(pulumi_mocks.MockMonitor):
             delete_before_replace=request.deleteBeforeReplace,
             replace_on_changes=tuple(request.replaceOnChanges),
             ignore_changes=tuple(request.ignoreChanges),
+            retain_on_delete=request.retainOnDelete,
             secret_inputs=frozenset(k for k, v in raw.items() if _contains_secret(v)),
         ))
         return response
