@@ -20,6 +20,7 @@ from pulumi.runtime import mocks as pulumi_mocks
 from pulumi.runtime import rpc
 from pulumi.runtime.sync_await import _sync_await
 
+from components import contract
 from components.settings import stack_config, stack_name
 
 PROJECT = "webstack"
@@ -107,6 +108,9 @@ def mock_outputs(typ: str, name: str, inputs: Mapping[str, Any]) -> dict[str, An
 
 def mock_call(token: str, args: Mapping[str, Any]) -> dict[str, Any]:
     """Answers provider invokes (cloud look-ups) as DigitalOcean would for an existing account."""
+    found = contract.violations(token, token, args)
+    if found:
+        raise contract.ContractError(str(found[0]))
     if token == "digitalocean:index/getSshKey:getSshKey":
         name = args["name"]
         digest = hashlib.md5(name.encode()).hexdigest()
