@@ -29,7 +29,9 @@ lint: venv
 # make lab STACK=prod     the stack's data plane on loopback, in the background; prints its URL
 # make lab-down           stops every lab process (state and logs stay in .lab/)
 # make chaos STACK=prod   failure scenarios under load in a lab of their own; lab-report.json
-.PHONY: lab lab-down chaos
+# make drill              restore drill: the primary restored to a point in time (base backup +
+#                         WAL archive), checked write by write (docs/runbook.md)
+.PHONY: lab lab-down chaos drill
 
 lab: venv system-deps
 	$(PY) -m lab up $(STACK)
@@ -39,6 +41,9 @@ lab-down: venv
 
 chaos: venv system-deps
 	$(PY) -m lab chaos $(STACK) $(CHAOS_ARGS)
+
+drill: venv system-deps
+	$(PY) -m lab.drill $(DRILL_ARGS)
 
 # --- Throughput and latency, layer by layer (docs/benchmarks.md) --------------------------
 # make bench STACK=prod   gunicorn, droplet nginx, frontend, static ceiling, upstream keepalive

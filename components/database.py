@@ -3,7 +3,8 @@
 Creates, all children of one component:
 - a `digitalocean.DatabaseCluster` (engine pg, auto-named) in the stack's VPC: the primary plus
   `database.nodeCount - 1` standbys, a weekly maintenance window, the stack tag, and deletion
-  protection when `database.protect` is set (the default in production);
+  protection when `database.protect` is set (the default in production), with which Pulumi
+  also never deletes the cluster, its database or its firewall (`retain_on_delete`);
 - the app's `DatabaseDb` and `DatabaseUser`, both named `database.name` (never doadmin); the
   database is protected like the cluster, since replacing it drops its data;
 - a PgBouncer `DatabaseConnectionPool` for the app's writes (`database.pool`, transaction mode
@@ -11,6 +12,13 @@ Creates, all children of one component:
 - one `DatabaseReplica` per `database.replicas` entry, in the same VPC, referenced by its uuid;
 - one `DatabaseFirewall` for the cluster and one per replica, admitting only droplets tagged
   with the app tag.
+
+Restored (`database.restores` n ≥ 1): every resource above is named `<name>-r<n>-...`, a new
+cluster and new children. In the run with `database.restoreFrom` the cluster is created from
+that cluster's backup (`backup_restore`); the database and user its backup holds are adopted
+(the database by name, the user through the provider's look-up) instead of created, in that
+run and every later one. Removing `restoreFrom` afterwards changes none of the cluster's inputs
+that force a replacement; see docs/runbook.md for the whole restore.
 
 On PostgreSQL 15+ the app user may not create tables in the app database until doadmin grants
 it the public schema (the database is owned by doadmin): `app_grants_sql` and `admin_uri` are
@@ -28,7 +36,7 @@ import pulumi_digitalocean as digitalocean
 
 from components import ssh
 from components.runtime import MIGRATE_UNIT, DropletLayout
-from components.settings import DatabaseSettings
+from components.settings import ConfigError, DatabaseSettings
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,6 +83,20 @@ def _uri(user: str, password: str, host: str, port: int, database: str) -> str:
             f"{quote(database, safe='')}?sslmode=require")
 
 
+def _check_source(cluster: str) -> None:
+    """ConfigError naming `database.restoreFrom.cluster` unless the account holds a cluster of
+    that name. The provider's look-up returns no id for an unknown name (provider@401992a1
+    digitalocean/database/datasource_database_cluster.go l.229-287)."""
+    try:
+        found = digitalocean.get_database_cluster(name=cluster).id
+    except Exception as exc:  # the provider's error, e.g. "Unable to find any database clusters"
+        raise ConfigError("database.restoreFrom.cluster", cluster,
+                          f"must name a cluster in the account ({exc})") from None
+    if not found:
+        raise ConfigError("database.restoreFrom.cluster", cluster,
+                          "must name a cluster in the account; there is none of that name")
+
+
 class DatabaseCluster(pulumi.ComponentResource):
     """Managed PostgreSQL with standbys, read replicas, a PgBouncer pool and tag-only firewalls."""
 
@@ -104,12 +126,25 @@ class DatabaseCluster(pulumi.ComponentResource):
     def __init__(self, name: str, args: DatabaseClusterArgs,
                  opts: pulumi.ResourceOptions | None = None):
         db_settings = args.database
+        if db_settings.restore_from:
+            _check_source(db_settings.restore_from.cluster)
         super().__init__("webstack:index:DatabaseCluster", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
-        protected = pulumi.ResourceOptions(parent=self, protect=db_settings.protect)
+        # Protected, Pulumi never deletes the data: a cluster or database dropped from the
+        # program (the old one after a restore) is only dropped from the stack, and the
+        # cluster's firewall stays with it (docs/runbook.md).
+        protected = pulumi.ResourceOptions(
+            parent=self, protect=db_settings.protect, retain_on_delete=db_settings.protect)
         stack_tag = f"webstack-{args.stack}"
         firewall_rules = [digitalocean.DatabaseFirewallRuleArgs(type="tag", value=args.app_tag)]
 
+        restore = db_settings.restore_from
+        if db_settings.restores:
+            # A restored cluster is a new cluster (new logical and DigitalOcean names): the
+            # provider reads `backup_restore` only when it creates one, so adding it to the
+            # existing cluster would do nothing. Its children are new too, so the old pool keeps
+            # serving until the app droplets have switched.
+            name = f"{name}-r{db_settings.restores}"
         cluster = digitalocean.DatabaseCluster(
             f"{name}-cluster",
             engine="pg",
@@ -121,21 +156,38 @@ class DatabaseCluster(pulumi.ComponentResource):
             maintenance_windows=[digitalocean.DatabaseClusterMaintenanceWindowArgs(
                 day=db_settings.maintenance.day, hour=f"{db_settings.maintenance.hour:02d}:00")],
             tags=[stack_tag],
-            opts=protected,
+            backup_restore=restore and digitalocean.DatabaseClusterBackupRestoreArgs(
+                database_name=restore.cluster,
+                backup_created_at=restore.at and restore.at.strftime("%Y-%m-%dT%H:%M:%SZ")),
+            # `backup_restore` is read only at create and is not ForceNew (provider@401992a1
+            # digitalocean/database/resource_database_cluster.go l.243-259, 370-372): removing
+            # `restoreFrom` after the switch would be an empty update; ignoring it makes it none.
+            opts=pulumi.ResourceOptions.merge(protected, pulumi.ResourceOptions(
+                ignore_changes=["backupRestore"] if db_settings.restores else None)),
         )
         digitalocean.DatabaseFirewall(
-            f"{name}-firewall", cluster_id=cluster.id, rules=firewall_rules, opts=child)
-        database = digitalocean.DatabaseDb(
-            f"{name}-db", cluster_id=cluster.id, name=db_settings.name, opts=protected)
-        user = digitalocean.DatabaseUser(
-            f"{name}-user", cluster_id=cluster.id, name=db_settings.name, opts=child)
+            f"{name}-firewall", cluster_id=cluster.id, rules=firewall_rules,
+            opts=pulumi.ResourceOptions(parent=self, retain_on_delete=db_settings.protect))
+        if db_settings.restores:
+            # The backup holds the app's database and user: adopt them. There is no database
+            # data source, and `import_` takes a plain id that does not exist before the cluster
+            # does, so the database is its name and the user a look-up
+            # (provider@401992a1 digitalocean/database/datasource_database_user.go).
+            db_name = pulumi.Output.from_input(db_settings.name)
+            user = digitalocean.get_database_user_output(
+                cluster_id=cluster.id, name=db_settings.name)
+        else:
+            db_name = digitalocean.DatabaseDb(
+                f"{name}-db", cluster_id=cluster.id, name=db_settings.name, opts=protected).name
+            user = digitalocean.DatabaseUser(
+                f"{name}-user", cluster_id=cluster.id, name=db_settings.name, opts=child)
         pool = digitalocean.DatabaseConnectionPool(
             f"{name}-pool",
             cluster_id=cluster.id,
             name=db_settings.name,
             mode=db_settings.pool.mode,
             size=db_settings.pool.size,
-            db_name=database.name,
+            db_name=db_name,
             user=user.name,
             # Every pool field forces a replacement, and the name is fixed within the cluster:
             # the old pool must go before the new one can be created.
@@ -159,7 +211,7 @@ class DatabaseCluster(pulumi.ComponentResource):
             replicas.append(replica)
 
         def app_uri(host: pulumi.Output[str], port: pulumi.Output[int]) -> pulumi.Output[str]:
-            return pulumi.Output.all(user.name, user.password, host, port, database.name).apply(
+            return pulumi.Output.all(user.name, user.password, host, port, db_name).apply(
                 lambda a: _uri(*a))
 
         self.cluster_id = cluster.id
@@ -173,7 +225,7 @@ class DatabaseCluster(pulumi.ComponentResource):
         self.replica_ids = pulumi.Output.all(*[r.uuid for r in replicas])
         self.app_grants_sql = app_grants_sql(db_settings.name)
         self.admin_uri = pulumi.Output.secret(pulumi.Output.all(
-            cluster.user, cluster.password, cluster.private_host, cluster.port, database.name,
+            cluster.user, cluster.password, cluster.private_host, cluster.port, db_name,
         ).apply(lambda a: _uri(*a)))
         self.register_outputs({
             "cluster_id": self.cluster_id, "cluster_urn": self.cluster_urn, "host": self.host,

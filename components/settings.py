@@ -11,6 +11,7 @@ printed from them (`pulumi_config`, `config_table`); the dataclasses carry no de
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 import json
 import re
@@ -45,6 +46,11 @@ ALERT_WINDOWS = tuple(
 NAME_LENGTH = (contract.rules(POOL, "name")["min_length"],
                contract.rules(POOL, "name")["max_length"])
 """database.name is also the pool's name: the API allows pool names of 3 to 60 characters."""
+RETENTION_DAYS = 7
+"""How far back a PostgreSQL cluster can be restored: backups are kept for seven days
+(https://docs.digitalocean.com/products/databases/postgresql/how-to/restore-from-backups/; the
+API description states no window)."""
+_CLUSTER_NAME = re.compile(r"^[a-z][a-z0-9-]{1,61}[a-z0-9]$")
 WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 HEALTH_PATH = "/healthz"
 """What the load balancer checks: the app's liveness endpoint (app/health.py), which the policy
@@ -181,6 +187,15 @@ class MaintenanceSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RestoreSettings:
+    """`database.restoreFrom`: the cluster whose backup the new cluster is created from."""
+
+    cluster: str
+    at: dt.datetime | None
+    """UTC; None: the latest backup."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class DatabaseSettings:
     """The managed PostgreSQL cluster, its standbys, replicas and pool."""
 
@@ -193,6 +208,12 @@ class DatabaseSettings:
     protect: bool
     name: str
     """The app's database, its user and its pool share this name (never doadmin)."""
+    restores: int
+    """How many times the stack's cluster was restored: 0 is the cluster the program created
+    (it creates the database and user too); n names the nth restored cluster, which adopts the
+    database and user its backup holds. Kept after `restore_from` is removed."""
+    restore_from: RestoreSettings | None
+    """Set for the run that creates restored cluster number `restores`."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -415,6 +436,17 @@ KEYS: dict[str, Key] = {key.name: key for key in [
     Key("database.name", "str", "the app's database, user and pool (the API allows pool names"
         " of 60 characters at most)", "app",
         allowed_text=f"{NAME_LENGTH[0]}-{NAME_LENGTH[1]} lowercase characters, not doadmin"),
+    Key("database.restores", "int", "times this stack's cluster was restored from a backup:"
+        " 0 creates the app database and user; n ≥ 1 is the nth restored cluster, which adopts"
+        " them (raise it with `restoreFrom`, keep it after)", 0, bounds=(0, 99)),
+    Key("database.restoreFrom.cluster", "str", "create restored cluster number `restores` from"
+        " this cluster's backup (remove `restoreFrom` after the switch; the old cluster is left"
+        " alone)", allowed_text="an existing cluster's name: 3-63 lowercase letters, digits,"
+        " hyphens"),
+    Key("database.restoreFrom.at", "str", "the point in time to restore to",
+        default_text="the latest backup",
+        allowed_text=f"ISO 8601 UTC (`2026-11-30T08:15:00Z`), within the last {RETENTION_DAYS}"
+        " days"),
     Key("alerts.emails", "list", "alert recipients", required=True, allowed_text="≥1 email"),
     Key("alerts.slackChannel", "str", "Slack notifications",
         allowed_text="a channel, with `slackUrl`"),
@@ -657,12 +689,43 @@ def _database(r: _Reader, region: str) -> DatabaseSettings:
             f"must be a lowercase identifier of {lo} to {hi} characters (the connection pool"
             " shares it, and the API allows pool names of 60 at most), not doadmin",
         )
+    restores = r.int("restores")
+    restore_from = _restore_from(r.obj("restoreFrom"))
+    if restore_from and restores == 0:
+        raise ConfigError(r.key("restores"), restores, "must be at least 1 with restoreFrom: raise"
+                          " it by one for every restore, so the restored cluster is a new one")
     db = DatabaseSettings(
         version=version, size=size_slug, node_count=node_count, replicas=tuple(replicas),
         pool=pool, maintenance=maintenance, protect=r.bool("protect"), name=name,
+        restores=restores, restore_from=restore_from,
     )
     r.done()
     return db
+
+
+def _restore_from(r: _Reader) -> RestoreSettings | None:
+    """`database.restoreFrom`, or None when absent. Whether the cluster exists is asked of the
+    provider where the cluster is built (components/database.py)."""
+    cluster, at_text, at = r.str("cluster"), r.str("at"), None
+    r.done()
+    if cluster is None and at_text is None:
+        return None
+    if cluster is None or not _CLUSTER_NAME.match(cluster):
+        raise ConfigError(r.key("cluster"), cluster, "must be the source cluster's name:"
+                          " 3 to 63 lowercase letters, digits and hyphens")
+    if at_text is not None:
+        try:
+            at = dt.datetime.fromisoformat(at_text.replace("Z", "+00:00"))
+        except ValueError:
+            at = None
+        if at is None or at.utcoffset() != dt.timedelta(0):
+            raise ConfigError(r.key("at"), at_text,
+                              "must be an ISO 8601 UTC time such as 2026-11-30T08:15:00Z")
+        now = dt.datetime.now(dt.UTC)
+        if not now - dt.timedelta(days=RETENTION_DAYS) <= at <= now:
+            raise ConfigError(r.key("at"), at_text, f"must lie within the last {RETENTION_DAYS}"
+                              " days (the backups' retention) and not in the future")
+    return RestoreSettings(cluster=cluster, at=at)
 
 
 def _alerts(r: _Reader, secret: bool) -> AlertSettings:
@@ -883,6 +946,8 @@ def stack_config(path: Path) -> tuple[dict[str, str], set[str]]:
             return {k: unseal(v, key) for k, v in value.items()}
         if isinstance(value, list):
             return [unseal(v, key) for v in value]
+        if isinstance(value, dt.date):  # YAML reads an unquoted ISO 8601 time as a datetime
+            return value.isoformat()
         return value
 
     for key, value in (data.get("config") or {}).items():

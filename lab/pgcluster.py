@@ -356,6 +356,67 @@ class PgCluster:
         self._stop_pgbouncer()
         self._start_pgbouncer()
 
+    # -- point-in-time recovery (lab/drill.py) ---------------------------------------------
+
+    def enable_archiving(self) -> Path:
+        """WAL archiving into `base_dir/wal-archive` (restarts the primary); returns the
+        archive. PostgreSQL 15 docs, 26.3 Continuous Archiving and Point-in-Time Recovery."""
+        archive = self.base_dir / "wal-archive"
+        archive.mkdir(exist_ok=True)
+        os.chown(archive, self._account.pw_uid, self._account.pw_gid)
+        with psycopg.connect(self.admin_dsn(), autocommit=True) as conn:
+            conn.execute("ALTER SYSTEM SET archive_mode = 'on'")
+            conn.execute(sql.SQL("ALTER SYSTEM SET archive_command = {}").format(
+                sql.Literal(f"test ! -f {archive}/%f && cp %p {archive}/%f")))
+        self.stop_primary()
+        self.start_primary()
+        return archive
+
+    def base_backup(self) -> Path:
+        """A base backup of the running primary into `base_dir/base-backup`."""
+        dest = self.base_dir / "base-backup"
+        primary = f"host={self._socket_dir} port={self._ports['primary']} user={SUPERUSER}"
+        self._run(PG_BINDIR / "pg_basebackup", "-D", dest, "-X", "stream", "-c", "fast",
+                  "--no-sync", "-d", primary)
+        return dest
+
+    def archive_current_wal(self) -> None:
+        """Switch to a new WAL segment and wait until the finished one is archived."""
+        with psycopg.connect(self.admin_dsn(), autocommit=True) as conn:
+            segment = conn.execute(
+                "SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
+            deadline = time.monotonic() + START_TIMEOUT
+            while (conn.execute("SELECT last_archived_wal FROM pg_stat_archiver").fetchone()[0]
+                   or "") < segment:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"WAL segment {segment} was not archived")
+                time.sleep(0.05)
+
+    def restore_primary(self, base: Path, archive: Path, target_time: str) -> None:
+        """Replace the primary by `base` replayed from `archive` up to `target_time`
+        (recovery_target_time, then promote), on the same port: pgbouncer reconnects to it.
+        The old data directory is kept as `primary.before-restore`."""
+        self.stop_primary()
+        data = self._data_dir("primary")
+        aside = data.with_name("primary.before-restore")
+        data.rename(aside)
+        self._run("cp", "-a", base, data)
+        self._run("cp", aside / "node.conf", data / "node.conf")
+        with (data / "postgresql.auto.conf").open("a") as conf:
+            conf.write(f"restore_command = 'cp {archive}/%f %p'\n"
+                       f"recovery_target_time = '{target_time}'\n"
+                       "recovery_target_action = 'promote'\n")
+        self._write(data / "recovery.signal", "")
+        self.start_primary()
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            with psycopg.connect(self.admin_dsn(), autocommit=True) as conn:
+                if not conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError("the restored primary did not leave recovery")
+            time.sleep(0.1)
+
     def _start_pgbouncer(self) -> None:
         home = self.base_dir / "pgbouncer"
         server = f"host=127.0.0.1 port={self._ports['primary']}"

@@ -4,6 +4,7 @@ against what DigitalOcean's API and the providers accept, in the plan, the tests
 from __future__ import annotations
 
 import copy
+import datetime
 from functools import cache
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import yaml
 from components import contract, settings
 from components.contract import ContractError, check, input_paths, violations
 from tools import plan
-from tools.mocks import ROOT, Run, run_program
+from tools.mocks import ROOT, Run, mock_call, run_program
 
 UPTIME_ALERT = "digitalocean:index/uptimeAlert:UptimeAlert"
 LB = "digitalocean:index/loadBalancer:LoadBalancer"
@@ -155,6 +156,12 @@ VARIANTS = {
     "weekly-backups-vpc-range": ("staging", {"webstack:app": {"backups": "weekly"},
                                              "webstack:vpcIpRange": "10.77.0.0/20"}),
     "longest-database-name": ("staging", {"webstack:database": {"name": "d" * 60}}),
+    # The restore's backupRestore and its look-ups (database.restoreFrom).
+    "restored": ("prod", {"webstack:database": {
+        "size": "db-s-1vcpu-2gb", "nodeCount": 2, "replicas": [{}], "restores": 1,
+        "restoreFrom": {"cluster": "prod-db-cluster-a1b2c3d", "at": (
+            datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=6)).strftime(
+            "%Y-%m-%dT%H:%M:%SZ")}}}),
 }
 
 
@@ -208,6 +215,15 @@ def test_variants_register_what_they_say(runs):
                for d in runs["replicas-and-backups"].of_type("Droplet"))
     assert runs["weekly-backups-vpc-range"].one("Vpc").inputs["ipRange"] == "10.77.0.0/20"
     assert not runs["nginx-one-droplet-no-key"].of_type("remote:Command")
+    restored = runs["restored"].one("databaseCluster:DatabaseCluster")
+    assert restored.inputs["backupRestore"]["databaseName"] == "prod-db-cluster-a1b2c3d"
+
+
+def test_invokes_are_held_to_the_contract():
+    with pytest.raises(ContractError, match=r"getDatabaseUser.*clusterId"):
+        mock_call("digitalocean:index/getDatabaseUser:getDatabaseUser", {"name": "app"})
+    with pytest.raises(ContractError, match="resource type has no contract entry"):
+        mock_call("digitalocean:index/getDroplet:getDroplet", {"name": "x"})
 
 
 def test_every_registered_type_and_input_is_covered_by_a_rule(runs):

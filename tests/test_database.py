@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from typing import Any
 
@@ -82,6 +83,15 @@ def test_prod_has_a_standby_protection_and_replicas_sized_from_settings():
         assert replica.inputs["tags"] == ["webstack-prod"]
         assert "name" not in replica.inputs
     assert resolve(db.replica_ids)[0] == [r.outputs["uuid"] for r in replicas]
+
+
+def test_protected_the_cluster_database_and_firewall_are_never_deleted_by_pulumi():
+    """What a restore leaves behind stays in DigitalOcean, with its firewall (docs/runbook.md)."""
+    prod, _ = build(settings_for("prod"))
+    retained = {r.name for r in prod.resources if r.retain_on_delete}
+    assert retained == {"db-cluster", "db-db", "db-firewall"}
+    staging, _ = build(settings_for("staging"))
+    assert not any(r.retain_on_delete for r in staging.resources)
 
 
 def test_staging_is_not_protected_unless_asked():
@@ -171,3 +181,74 @@ def test_no_uri_or_password_in_plain_inputs():
 def test_combinations_digitalocean_refuses_are_named(database, key):
     with pytest.raises(ValueError, match=re.escape(f"webstack:{key}:")):
         build(make_settings(database=database))
+
+
+def restore_settings(stack: str = "prod", restores: int = 1, **restore_from: Any) -> Settings:
+    base = settings_for(stack)
+    database = {"size": base.database.size, "nodeCount": base.database.node_count,
+                "replicas": [{}] * len(base.database.replicas), "restores": restores}
+    if restore_from:
+        database["restoreFrom"] = restore_from
+    return settings_for(stack, database=database)
+
+
+def an_hour_ago() -> str:
+    at = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    return at.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_restore_creates_a_new_cluster_from_the_backup_and_adopts_the_database_and_user():
+    at = an_hour_ago()
+    run, db = build(restore_settings(cluster="prod-db-cluster-a1b2c3d", at=at))
+    cluster = run.one("databaseCluster:DatabaseCluster")
+    assert cluster.name == "db-r1-cluster"  # new: the provider restores only when it creates
+    assert cluster.inputs["backupRestore"] == {
+        "databaseName": "prod-db-cluster-a1b2c3d", "backupCreatedAt": at}
+    assert cluster.ignore_changes == ("backupRestore",)
+    assert cluster.protect
+    assert run.of_type("databaseDb:DatabaseDb") == []
+    assert run.of_type("databaseUser:DatabaseUser") == []
+    pool = run.one("databaseConnectionPool:DatabaseConnectionPool")
+    assert (pool.inputs["dbName"], pool.inputs["user"]) == ("app", "app")
+    assert len(run.of_type("databaseFirewall:DatabaseFirewall")) == 2  # cluster + replica
+    assert len(run.of_type("databaseReplica:DatabaseReplica")) == 1
+    uri, secret = resolve(db.migration_uri)
+    assert secret and uri.startswith("postgresql://app:mock-restored-app-password@private-")
+    for resource in run.resources:
+        plain = {k: v for k, v in resource.inputs.items() if k not in resource.secret_inputs}
+        assert not any("password" in text for text in plain_strings(plain)), resource.name
+
+
+def test_the_latest_backup_when_no_time_is_given():
+    run, _ = build(restore_settings(cluster="prod-db-cluster-a1b2c3d"))
+    assert run.one("databaseCluster:DatabaseCluster").inputs["backupRestore"] == {
+        "databaseName": "prod-db-cluster-a1b2c3d"}
+
+
+def test_removing_restore_from_changes_no_input_that_replaces_the_cluster():
+    """Acceptance 2: `name`, `engine`, `private_network_uuid` and `project_id` are the
+    cluster's ForceNew inputs (provider@401992a1 resource_database_cluster.go l.40-53,
+    145-158); the run after the switch registers the same cluster with the same ones."""
+    during, _ = build(restore_settings(cluster="prod-db-cluster-a1b2c3d", at=an_hour_ago()))
+    after, _ = build(restore_settings())
+    before, after_cluster = (r.one("databaseCluster:DatabaseCluster") for r in (during, after))
+    assert after_cluster.name == before.name
+    for key in ("name", "engine", "privateNetworkUuid", "projectId"):
+        assert after_cluster.inputs.get(key) == before.inputs.get(key), key
+    assert after_cluster.ignore_changes == ("backupRestore",)  # so no diff at all
+    assert "backupRestore" not in after_cluster.inputs
+    assert after.of_type("databaseDb:DatabaseDb") == []  # still adopted
+    assert after.of_type("databaseUser:DatabaseUser") == []
+
+
+def test_a_never_restored_cluster_keeps_its_name_and_creates_database_and_user():
+    run, _ = build(settings_for("prod"))
+    assert run.one("databaseCluster:DatabaseCluster").name == "db-cluster"
+    assert run.one("databaseCluster:DatabaseCluster").ignore_changes == ()
+    assert len(run.of_type("databaseDb:DatabaseDb")) == 1
+    assert len(run.of_type("databaseUser:DatabaseUser")) == 1
+
+
+def test_an_unknown_source_cluster_is_refused_naming_the_key():
+    with pytest.raises(ValueError, match=re.escape("webstack:database.restoreFrom.cluster:")):
+        build(restore_settings(cluster="someone-elses-cluster"))

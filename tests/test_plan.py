@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import subprocess
 import sys
@@ -91,3 +92,35 @@ def test_unknown_stack_names_the_known_ones():
     result = plan("qa")
     assert result.returncode == 2
     assert "unknown stack 'qa'" in result.stderr and "prod, staging" in result.stderr
+
+
+def restore_stack(tmp_path: Path, source: str, at: str) -> Path:
+    data = yaml.safe_load((ROOT / "Pulumi.prod.yaml").read_text())
+    data["config"]["webstack:database"].update(
+        {"restores": 1, "restoreFrom": {"cluster": source, "at": at}})
+    path = tmp_path / "Pulumi.prod.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_a_restore_is_shown_plainly_and_priced(tmp_path: Path):
+    at = (datetime.datetime.now(datetime.UTC)
+          - datetime.timedelta(hours=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    result = plan(str(restore_stack(tmp_path, "prod-db-cluster-a1b2c3d", at)))
+    assert result.returncode == 0, result.stderr
+    section = result.stdout.split("Database restore (database.restoreFrom):\n", 1)[1]
+    lines = section.split("\n\n", 1)[0].splitlines()
+    assert lines[0].strip() == f"source: cluster 'prod-db-cluster-a1b2c3d' (left as it is),"\
+        f" restored to {at}"
+    assert lines[1].strip().startswith("new: prod-db-r1-cluster (a new cluster), ")
+    assert "digitalocean:DatabaseConnectionPool prod-db-r1-pool" in lines[1]
+    assert "adopted from the backup, not created: database 'app', user 'app'" in lines[2]
+    assert "digitalocean:DatabaseUser" not in result.stdout
+    assert result.stdout.rstrip().splitlines()[-3].split()[-1] == "121.00"  # the same stack
+
+
+def test_a_restore_from_an_unknown_cluster_fails_naming_the_key(tmp_path: Path):
+    at = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    result = plan(str(restore_stack(tmp_path, "no-such-cluster", at)))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "webstack:database.restoreFrom.cluster: 'no-such-cluster'" in result.stderr

@@ -205,3 +205,22 @@ def test_prod_rollouts_are_health_gated_one_droplet_at_a_time():
     for previous_gate, droplet in zip(gates, droplets[1:], strict=False):
         assert previous_gate.urn in droplet.depends_on
     assert not any("-gate-" in c.name for c in program("staging").of_type("remote:Command"))
+
+
+def test_a_restore_switches_the_app_droplets_through_their_rolling_replacement(tmp_path: Path):
+    """The same droplets, gated one at a time as for any change, with new user data (the
+    restored cluster's URIs): the replacement is the switch (docs/runbook.md)."""
+    data = yaml.safe_load((ROOT / "Pulumi.prod.yaml").read_text())
+    data["config"]["webstack:database"].update(
+        {"restores": 1, "restoreFrom": {"cluster": "prod-db-cluster-a1b2c3d"}})
+    path = tmp_path / "Pulumi.prod.yaml"
+    path.write_text(yaml.safe_dump(data))
+    restored = run_program(path)
+    before = {d.name: d for d in program("prod").of_type("index/droplet:Droplet")}
+    after = {d.name: d for d in restored.of_type("index/droplet:Droplet")}
+    assert after.keys() == before.keys()
+    for name, droplet in after.items():
+        assert droplet.inputs["userData"] != before[name].inputs["userData"], name
+        assert "prod-db-r1-pool" in droplet.inputs["userData"]
+    gates = [c.name for c in restored.of_type("remote:Command") if "-gate-" in c.name]
+    assert len(gates) == len(after)

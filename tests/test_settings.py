@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime
 import re
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from components.settings import (
     PoolSettings,
     load_settings,
     pool_connection_budget,
+    stack_config,
 )
 from tools.mocks import ROOT, Run, run_program
 
@@ -195,3 +197,47 @@ def test_no_section_dataclass_has_a_default_of_its_own():
             if f.init:
                 assert f.default is dataclasses.MISSING, (cls.__name__, f.name)
                 assert f.default_factory is dataclasses.MISSING, (cls.__name__, f.name)
+
+
+def _utc(**delta) -> str:
+    return (datetime.datetime.now(datetime.UTC) + datetime.timedelta(**delta)).strftime(
+        "%Y-%m-%dT%H:%M:%SZ")
+
+
+@pytest.mark.parametrize("change,key,rule", [
+    ({"database.restores": 1, "database.restoreFrom.cluster": "prod-db-cluster-a1b2c3d",
+      "database.restoreFrom.at": _utc(days=-8)}, "database.restoreFrom.at", "last 7 days"),
+    ({"database.restores": 1, "database.restoreFrom.cluster": "prod-db-cluster-a1b2c3d",
+      "database.restoreFrom.at": _utc(hours=1)}, "database.restoreFrom.at", "not in the future"),
+    ({"database.restores": 1, "database.restoreFrom.cluster": "prod-db-cluster-a1b2c3d",
+      "database.restoreFrom.at": "2026-11-30 08:15"}, "database.restoreFrom.at", "ISO 8601 UTC"),
+    ({"database.restores": 1, "database.restoreFrom.cluster": "prod-db-cluster-a1b2c3d",
+      "database.restoreFrom.at": "2026-11-30T08:15:00+01:00"}, "database.restoreFrom.at", "UTC"),
+    ({"database.restores": 1, "database.restoreFrom.at": _utc(hours=-1)},
+     "database.restoreFrom.cluster", "source cluster's name"),
+    ({"database.restores": 1, "database.restoreFrom.cluster": "Prod_DB"},
+     "database.restoreFrom.cluster", "lowercase letters, digits and hyphens"),
+    ({"database.restoreFrom.cluster": "prod-db-cluster-a1b2c3d"}, "database.restores",
+     "at least 1 with restoreFrom"),
+])
+def test_restore_from_is_checked_naming_the_key(change, key, rule):
+    with pytest.raises(ConfigError) as caught:
+        load(STAGING, **change)
+    assert f"webstack:{key}:" in str(caught.value) and rule in str(caught.value)
+
+
+def test_restore_from_reads_a_utc_time_within_retention():
+    at = _utc(days=-6, hours=-23)
+    db = load(STAGING, **{"database.restores": 2, "database.restoreFrom.cluster": "x-db-r1-cluster",
+                          "database.restoreFrom.at": at}).database
+    assert db.restores == 2 and db.restore_from.cluster == "x-db-r1-cluster"
+    assert db.restore_from.at.strftime("%Y-%m-%dT%H:%M:%SZ") == at
+    assert load(STAGING).database.restore_from is None
+
+
+def test_an_unquoted_yaml_time_reaches_the_reader_as_iso_text(tmp_path):
+    path = tmp_path / "Pulumi.s.yaml"
+    path.write_text("config:\n  webstack:database:\n    restoreFrom:\n"
+                    "      at: 2026-11-30T08:15:00Z\n")
+    config, _ = stack_config(path)
+    assert '"at": "2026-11-30T08:15:00+00:00"' in config["webstack:database"]

@@ -8,6 +8,7 @@ DigitalOcean would give (ids, IPs, URIs), so what the plan shows is what the tes
 from __future__ import annotations
 
 import hashlib
+import re
 import runpy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from pulumi.runtime import mocks as pulumi_mocks
 from pulumi.runtime import rpc
 from pulumi.runtime.sync_await import _sync_await
 
+from components import contract
 from components.settings import stack_config, stack_name
 
 PROJECT = "webstack"
@@ -106,6 +108,9 @@ def mock_outputs(typ: str, name: str, inputs: Mapping[str, Any]) -> dict[str, An
 
 def mock_call(token: str, args: Mapping[str, Any]) -> dict[str, Any]:
     """Answers provider invokes (cloud look-ups) as DigitalOcean would for an existing account."""
+    found = contract.violations(token, token, args)
+    if found:
+        raise contract.ContractError(str(found[0]))
     if token == "digitalocean:index/getSshKey:getSshKey":
         name = args["name"]
         digest = hashlib.md5(name.encode()).hexdigest()
@@ -114,7 +119,22 @@ def mock_call(token: str, args: Mapping[str, Any]) -> dict[str, Any]:
                 "publicKey": f"ssh-ed25519 AAAAmock {name}"}
     if token == "digitalocean:index/getDomain:getDomain":
         return {"id": args["name"], "name": args["name"], "ttl": 1800, "urn": "do:domain:x"}
+    if token == "digitalocean:index/getDatabaseCluster:getDatabaseCluster":
+        # The account holds the clusters this program names (auto-named from the logical
+        # name); for any other name the provider returns no id (datasource_database_cluster.go).
+        name = args["name"]
+        if not OWN_CLUSTER.match(name):
+            return {"name": name}
+        return {"id": _uuid(name), "name": name, "engine": "pg"}
+    if token == "digitalocean:index/getDatabaseUser:getDatabaseUser":
+        # The user a restored cluster's backup holds.
+        return {"clusterId": args["clusterId"], "name": args["name"], "role": "normal",
+                "password": f"mock-restored-{args['name']}-password"}
     raise NotImplementedError(f"the mocks do not answer the invoke {token}; add it here")
+
+
+OWN_CLUSTER = re.compile(r"^[a-z0-9-]+-db(-r\d+)?-cluster(-[a-z0-9]{7})?$")
+"""The names of the clusters components/database.py registers (logical name + Pulumi's suffix)."""
 
 
 @dataclass
@@ -132,6 +152,8 @@ class Resource:
     depends_on: tuple[str, ...] = ()
     delete_before_replace: bool = False
     replace_on_changes: tuple[str, ...] = ()
+    ignore_changes: tuple[str, ...] = ()
+    retain_on_delete: bool = False
     secret_inputs: frozenset[str] = frozenset()
     """Top-level input names whose values are (or contain) secrets."""
 
@@ -217,6 +239,8 @@ class _RecordingMonitor(pulumi_mocks.MockMonitor):
             depends_on=tuple(request.dependencies),
             delete_before_replace=request.deleteBeforeReplace,
             replace_on_changes=tuple(request.replaceOnChanges),
+            ignore_changes=tuple(request.ignoreChanges),
+            retain_on_delete=request.retainOnDelete,
             secret_inputs=frozenset(k for k, v in raw.items() if _contains_secret(v)),
         ))
         return response

@@ -208,6 +208,28 @@ def tree(run: Run) -> list[tuple[int, Resource]]:
     return out
 
 
+def restore_lines(run: Run) -> list[str]:
+    """What a `database.restoreFrom` run restores, adopts and creates (components/database.py)."""
+    lines = []
+    for cluster in run.of_type("databaseCluster:DatabaseCluster"):
+        restore = cluster.inputs.get("backupRestore")
+        if not restore:
+            continue
+        siblings = [r for r in run.resources if r.parent == cluster.parent and r is not cluster]
+        pool = next(r for r in siblings if r.type.endswith(":DatabaseConnectionPool"))
+        at = restore.get("backupCreatedAt") or "its latest backup"
+        lines += [
+            f"source: cluster '{restore['databaseName']}' (left as it is), restored to {at}",
+            f"new: {cluster.name} (a new cluster), "
+            + ", ".join(sorted(f"{short_type(r)} {r.name}" for r in siblings)),
+            f"adopted from the backup, not created: database '{pool.inputs.get('dbName')}',"
+            f" user '{pool.inputs.get('user')}'",
+            "the app droplets switch by their rolling replacement (new URIs in their user data);"
+            " the source cluster is not in this plan and costs until it is deleted",
+        ]
+    return lines
+
+
 def shown_outputs(run: Run) -> dict[str, Any]:
     return {k: "[secret]" if k in run.secret_outputs else v for k, v in run.outputs.items()}
 
@@ -218,6 +240,7 @@ def as_json(run: Run, name: str) -> dict[str, Any]:
         "resources": [
             {"type": r.type, "name": r.name, "parent": r.parent and r.parent.rpartition("::")[2],
              "protect": r.protect, "properties": properties(r)} for _, r in tree(run)],
+        "restore": restore_lines(run),
         "outputs": shown_outputs(run),
         "warnings": sorted(run.warnings),  # the engine logs in no fixed order
         "cost": cost.breakdown_json(cost.price_run(run)),
@@ -231,6 +254,11 @@ def print_plan(run: Run, name: str) -> None:
         print(f"{'  ' * depth}+ {short_type(r)}  {r.name}{flag}")
         for line in properties(r):
             print(f"{'  ' * depth}    {line}")
+    restore = restore_lines(run)
+    if restore:
+        print("\nDatabase restore (database.restoreFrom):")
+        for line in restore:
+            print(f"  {line}")
     print("\nOutputs:")
     for key, value in shown_outputs(run).items():
         print(f"  {key}: {json.dumps(value, default=str)}")
