@@ -355,7 +355,9 @@ KEYS: dict[str, Key] = {key.name: key for key in [
     Key("sshPrivateKey", "secret", "deploy steps over SSH: health gates, database grants,"
         " nginx-LB upstreams", allowed_text="a secret OpenSSH/PEM private key; needs `adminCidrs`"),
     Key("adminCidrs", "list", "SSH sources; empty means no SSH rule at all", (),
-        allowed_text="CIDRs, never `/0`"),
+        allowed_text="CIDRs covering together at most a /16's worth of IPv4 and a /48's worth of"
+        " IPv6 addresses (so `0.0.0.0/1` + `128.0.0.0/1` is refused like `/0`; the policy pack"
+        " holds every firewall rule but the LB's web ports to the same cap)"),
     Key("vpcIpRange", "str", "the VPC's range", default_text="chosen by DigitalOcean",
         allowed_text="private, /16 to /24"),
     Key("app.dropletCount", "int", "app droplets", PerEnvironment(1, 3),
@@ -550,6 +552,26 @@ class _Reader:
                 self.key(unknown[0]), self.raw[unknown[0]],
                 f"unknown key; known keys here: {', '.join(sorted(self.used))}",
             )
+
+
+ADMIN_MAX_PREFIX = {4: 16, 6: 48}
+"""The most SSH may be open to, per IP version: together the admin CIDRs cover at most as many
+addresses as one /16 (IPv4) or one /48 (IPv6), a large office or a provider's block, so a split
+world (`0.0.0.0/1` + `128.0.0.0/1`) is refused as `/0` is. The policy pack holds firewalls to the
+same numbers (`policy/rules.py`, MAX_SOURCE_PREFIX)."""
+
+
+def _admin_cidrs(values: list[Any]) -> tuple[str, ...]:
+    cidrs = tuple(_cidr(f"adminCidrs[{i}]", c) for i, c in enumerate(values))
+    for version, prefix in ADMIN_MAX_PREFIX.items():
+        nets = [n for n in map(ipaddress.ip_network, cidrs) if n.version == version]
+        covered = sum(n.num_addresses for n in ipaddress.collapse_addresses(nets))
+        bits = 32 if version == 4 else 128
+        if covered > 2 ** (bits - prefix):
+            raise ConfigError("adminCidrs", list(cidrs),
+                              f"cover {covered} IPv{version} addresses together; at most a "
+                              f"/{prefix}'s worth ({2 ** (bits - prefix)}) may reach SSH")
+    return cidrs
 
 
 def _cidr(key: str, value: Any) -> str:
@@ -778,7 +800,7 @@ def load_settings(
     if hostname != "@" and not all(_LABEL.match(label) for label in hostname.split(".")):
         raise ConfigError("hostname", hostname, "must be a DNS label such as www, or @ for apex")
 
-    admin_cidrs = tuple(_cidr(f"adminCidrs[{i}]", c) for i, c in enumerate(r.list("adminCidrs")))
+    admin_cidrs = _admin_cidrs(r.list("adminCidrs"))
     vpc_ip_range = r.str("vpcIpRange")
     if vpc_ip_range is not None:
         net = ipaddress.ip_network(_cidr("vpcIpRange", vpc_ip_range))
