@@ -151,6 +151,7 @@ def render_nginx_site(
         trusted_proxies=list(trusted_proxies),
         static_dir=static_dir.rstrip("/"),
         security_headers=SECURITY_HEADERS,
+        site_names=[settings.fqdn] if settings.fqdn else [],
     )
 
 

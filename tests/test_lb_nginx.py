@@ -189,6 +189,50 @@ def test_live_lb_redirects_proxies_with_forwarded_headers_and_skips_a_dead_dropl
         backend.server_close()
 
 
+@pytest.mark.parametrize("server_name", ["localhost", "_"])
+def test_live_lb_answers_a_foreign_host_itself(tmp_path, server_name):
+    """Issue 13: the redirect echoed any Host (`https://evil.example:.../`). Now a foreign Host
+    gets the LB's own 421 on both ports; the site's name and an IP address (a domain-less
+    staging's reserved IP) still pass, and the TLS LB's own /healthz answers any Host."""
+    backend = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    http_port, https_port = free_port(), free_port()
+    tls_args = {} if server_name == "_" else {
+        "listen_https": f"127.0.0.1:{https_port}", "certificate": self_signed(tmp_path)}
+    conf = render_lb_nginx_conf(
+        settings_for("prod" if tls_args else "staging"),
+        upstreams=[f"127.0.0.1:{backend.server_address[1]}"], server_name=server_name,
+        listen_http=f"127.0.0.1:{http_port}", **tls_args)
+    tls = ssl.create_default_context()
+    tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
+    ports = [(http_port, None)] + ([(https_port, tls)] if tls_args else [])
+    try:
+        with running_nginx(tmp_path, conf, http_port):
+            for port, context in ports:
+                for host, status in [("evil.example", 421), ("127.0.0.1", None),
+                                     (server_name, None)]:
+                    if host == "_":
+                        continue
+                    conn = (http.client.HTTPSConnection("127.0.0.1", port, timeout=10,
+                                                        context=context) if context
+                            else http.client.HTTPConnection("127.0.0.1", port, timeout=10))
+                    conn.request("GET", "/items", headers={"Host": host})
+                    response = conn.getresponse()
+                    response.read()
+                    conn.close()
+                    expected = status or (301 if tls_args and context is None else 200)
+                    assert response.status == expected, (port, host)
+                    assert "evil" not in (response.getheader("Location") or "")
+            if tls_args:  # the LB's own liveness on :80 (plain HTTP proxies /healthz)
+                conn = http.client.HTTPConnection("127.0.0.1", http_port, timeout=10)
+                conn.request("GET", "/healthz", headers={"Host": "evil.example"})
+                response = conn.getresponse()
+                assert (response.status, response.read()) == (200, b"ok\n")
+    finally:
+        backend.shutdown()
+        backend.server_close()
+
+
 def test_live_placeholder_says_why_it_cannot_serve_yet(tmp_path):
     http_port = free_port()
     site = render_lb_nginx_conf(settings_for("staging"), upstreams=None, server_name="_",

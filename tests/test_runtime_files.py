@@ -298,6 +298,22 @@ def test_healthz_is_200_for_any_host_without_forwarded_proto(web, host):
     assert "Location" not in resp.headers
 
 
+@pytest.mark.parametrize("host", ["evil.example", "127.0.0.1.evil.example", "Evil.Example.:80"])
+def test_a_foreign_host_gets_nginx_421_and_never_reaches_the_app(web, host):
+    """Issue 13: `POST /api/notes` with `Host: evil.example` returned 201 and a Location naming
+    it. Only an IP address (staging has no domain) or the site's name reaches the app."""
+    for method, path in [("POST", "/api/notes?foreign"), ("GET", "/static/site.css")]:
+        resp = request(web.port, path, method=method, body=b'{"body": "x"}',
+                       headers={"Host": host, "Content-Type": "application/json"})
+        assert resp.status == 421, resp.body
+        assert json.loads(resp.body) == {"error": "misdirected request: unknown host"}
+        assert "Location" not in resp.headers
+        assert "evil" not in str(resp.headers).lower()
+    assert "foreign" not in web.gunicorn_log.read_text()  # the app never saw it
+    by_address = request(web.port, "/no-such-endpoint", headers={"Host": "10.20.0.5"})
+    assert by_address.status == 404  # the app's: an address reaches it
+
+
 def test_hsts_only_when_the_load_balancer_saw_https(web):
     assert "Strict-Transport-Security" not in request(web.port, "/healthz").headers
     assert "Strict-Transport-Security" not in request(
@@ -423,7 +439,8 @@ def echo(request, tmp_path_factory) -> Iterator[tuple[int, tuple[str, ...]]]:
     thread.start()
     try:
         port = free_port()
-        site = render_nginx_site(make_settings(), listen=f"127.0.0.1:{port}",
+        # A stack with a domain: its site is www.example.com.
+        site = render_nginx_site(make_settings(domain="example.com"), listen=f"127.0.0.1:{port}",
                                  upstream=f"127.0.0.1:{server.server_port}",
                                  static_dir=str(tmp), metrics_allow=[], trusted_proxies=trusted)
         conf = nginx_conf(tmp, site)
