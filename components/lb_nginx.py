@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import yaml
 
 from components.render import render_template
+from components.runtime import SECURITY_HEADERS
 from components.settings import Settings
 
 UPSTREAM_NAME = "webstack_app"
@@ -43,6 +44,21 @@ CONNECT_TIMEOUT = "2s"
 READ_TIMEOUT = "35s"
 NEXT_UPSTREAM_TRIES = 2
 NEXT_UPSTREAM_TIMEOUT = "10s"
+CLIENT_TIMEOUT = "10s"
+"""client_header_timeout, client_body_timeout and send_timeout: a client that sends or reads
+nothing for this long is cut off (a whole request header must arrive within it)."""
+TLS_CIPHERS = ":".join((
+    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
+    "DHE-RSA-AES128-GCM-SHA256", "DHE-RSA-AES256-GCM-SHA384", "DHE-RSA-CHACHA20-POLY1305",
+))
+"""Mozilla's "intermediate" TLS 1.2 cipher list (ssl-config.mozilla.org, guidelines 5.7):
+forward secrecy and AEAD only, so no CBC suite such as AES128-SHA. TLS 1.3's suites are
+OpenSSL's defaults, all of them fine."""
+LB_SECURITY_HEADERS = tuple(h for h in SECURITY_HEADERS if h[0] != "Strict-Transport-Security")
+"""The droplet site's headers, on the LB's own responses too (its redirect, 502, 504); HSTS is
+added by the TLS server alone."""
 
 _SERVER = re.compile(r"^(\[[0-9A-Fa-f:]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$")
 _LISTEN = re.compile(r"^((\[[0-9A-Fa-f:]+\]|[0-9.]+|localhost):)?[0-9]{1,5}$")
@@ -64,7 +80,8 @@ def _render(*, upstreams: Sequence[str] | None, site: bool, **site_context) -> s
         max_fails=MAX_FAILS, fail_timeout=FAIL_TIMEOUT,
         connect_timeout=CONNECT_TIMEOUT, read_timeout=READ_TIMEOUT,
         next_upstream_tries=NEXT_UPSTREAM_TRIES, next_upstream_timeout=NEXT_UPSTREAM_TIMEOUT,
-        **site_context,
+        client_timeout=CLIENT_TIMEOUT, tls_ciphers=TLS_CIPHERS,
+        security_headers=LB_SECURITY_HEADERS, **site_context,
     )
 
 
