@@ -17,6 +17,7 @@ Functions of settings and plain values only, no Pulumi types: same input, same b
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Sequence
 
@@ -44,6 +45,10 @@ CONNECT_TIMEOUT = "2s"
 READ_TIMEOUT = "35s"
 NEXT_UPSTREAM_TRIES = 2
 NEXT_UPSTREAM_TIMEOUT = "10s"
+RATE_EXEMPT = ("127.0.0.1", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")
+"""Not counted by the LB's rate limit: loopback and the private ranges, where the VPC is (its
+range may be DigitalOcean's choice, unknown when this config is rendered); no client on the
+internet reaches the LB's public address from a private one."""
 CLIENT_TIMEOUT = "10s"
 """client_header_timeout, client_body_timeout and send_timeout: a client that sends or reads
 nothing for this long is cut off (a whole request header must arrive within it)."""
@@ -103,6 +108,7 @@ def render_lb_nginx_conf(
     listen_https: str | None = "443",
     certificate: tuple[str, str] | None = None,
     static_dir: str | None = None,
+    rate_exempt: Sequence[str] = ("127.0.0.1",),
 ) -> str:
     """The load balancer's nginx config (http context, for `conf.d/`).
 
@@ -113,6 +119,7 @@ def render_lb_nginx_conf(
     certificate: (certificate, key) paths. With it, :80 serves only ACME challenges and the LB's
       own /healthz and redirects the rest to HTTPS on `listen_https`; without it, plain HTTP.
     static_dir: a directory served at /static/ by the LB; None proxies /static/ to the app.
+    rate_exempt: addresses or CIDRs `frontend.rateLimit` does not count (the VPC, loopback).
     """
     _check(listen_http, _LISTEN, "listen_http")
     if certificate is not None:
@@ -123,6 +130,8 @@ def render_lb_nginx_conf(
             _check(path, _PATH, "certificate path")
     if static_dir is not None:
         _check(static_dir.rstrip("/"), _PATH, "static_dir")
+    for source in rate_exempt:
+        ipaddress.ip_network(source)  # ValueError names the bad address
     if not re.fullmatch(r"_|[a-z0-9.-]+", server_name):
         raise ValueError(f"server_name: {server_name!r} must be a DNS name or _")
     https_port = (listen_https or "443").rsplit(":", 1)[-1]
@@ -131,6 +140,7 @@ def render_lb_nginx_conf(
         server_name=server_name, listen_http=listen_http, listen_https=listen_https,
         certificate=certificate, https_port_suffix="" if https_port == "443" else f":{https_port}",
         static_dir=static_dir.rstrip("/") if static_dir else None, acme_webroot=ACME_WEBROOT,
+        rate_limit=settings.frontend.rate_limit, rate_exempt=list(rate_exempt),
     )
 
 
@@ -155,6 +165,7 @@ def render_lb_cloud_config(settings: Settings) -> str:
     site = render_lb_nginx_conf(
         settings, upstreams=None, server_name=fqdn or "_",
         certificate=(TLS_CERT, TLS_KEY) if fqdn else None,
+        rate_exempt=RATE_EXEMPT,
     )
     files = [
         {"path": SITE_PATH, "content": site},

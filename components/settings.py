@@ -159,6 +159,17 @@ class FrontendSettings:
     nginx_droplet_size: str
     nginx_droplet_count: int
     """nginx mode: LB droplets; the reserved IP points at the first, the others are warm spares."""
+    rate_limit: RateLimitSettings
+
+
+@dataclass(frozen=True, kw_only=True)
+class RateLimitSettings:
+    """Per client address, in the droplet site and the nginx load balancer (the VPC exempt)."""
+
+    requests_per_second: int
+    burst: int
+    """Requests over the rate served at once before the rest get 429."""
+    connections: int
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -393,6 +404,13 @@ KEYS: dict[str, Key] = {key.name: key for key in [
         choices=_DROPLET_SIZES, allowed_text="as `app.dropletSize`"),
     Key("frontend.nginxDropletCount", "int", "nginx mode: the reserved IP's droplet plus warm"
         " spares", 1, bounds=(1, 3)),
+    Key("frontend.rateLimit.requestsPerSecond", "int", "requests a second per client address, in"
+        " the droplet site and the nginx LB (the VPC and the health checks exempt); over it, 429",
+        20, bounds=(1, 10000)),
+    Key("frontend.rateLimit.burst", "int", "requests over the rate served at once before 429",
+        40, bounds=(0, 100000)),
+    Key("frontend.rateLimit.connections", "int", "open connections per client address; over"
+        " it, 429", 50, bounds=(1, 10000)),
     Key("database.version", "choice", "PostgreSQL major version (15 matches the local tests);"
         " 14 reached end of life on 2026-11-12 and new clusters can no longer use it", "15",
         choices=PG_VERSIONS),
@@ -621,6 +639,13 @@ def _app(r: _Reader) -> AppSettings:
     return app
 
 
+def _rate_limit(r: _Reader) -> RateLimitSettings:
+    limit = RateLimitSettings(requests_per_second=r.int("requestsPerSecond"), burst=r.int("burst"),
+                              connections=r.int("connections"))
+    r.done()
+    return limit
+
+
 def _frontend(r: _Reader) -> FrontendSettings:
     frontend = FrontendSettings(
         mode=r.choice("mode"),
@@ -628,6 +653,7 @@ def _frontend(r: _Reader) -> FrontendSettings:
         health_check=_health_check(r.obj("healthCheck")),
         nginx_droplet_size=r.choice("nginxDropletSize"),
         nginx_droplet_count=r.int("nginxDropletCount"),
+        rate_limit=_rate_limit(r.obj("rateLimit")),
     )
     r.done()
     return frontend

@@ -295,6 +295,39 @@ def test_live_lb_edge_tls_profile_server_tokens_headers_and_slow_clients(tmp_pat
         assert cut_after < timeout + 5, "still open after the header timeout"
 
 
+def test_live_lb_rate_limit_answers_429_and_exempts_its_sources(tmp_path):
+    """1 request a second with a burst of 2: of 8 quick requests from 127.0.0.1 some get 429;
+    an exempt source (the VPC's stand-in, 127.0.0.2) never does."""
+    backend = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    http_port = free_port()
+    conf = render_lb_nginx_conf(
+        make_settings(frontend={"rateLimit": {"requestsPerSecond": 1, "burst": 2}}),
+        upstreams=[f"127.0.0.1:{backend.server_address[1]}"], server_name="_",
+        listen_http=f"127.0.0.1:{http_port}", rate_exempt=["127.0.0.2"])
+
+    def statuses(source: str) -> list[int]:
+        found = []
+        for _ in range(8):
+            conn = http.client.HTTPConnection("127.0.0.1", http_port, timeout=10,
+                                              source_address=(source, 0))
+            conn.request("GET", "/items")
+            response = conn.getresponse()
+            response.read()
+            conn.close()
+            found.append(response.status)
+        return found
+
+    try:
+        with running_nginx(tmp_path, conf, http_port):
+            limited = statuses("127.0.0.1")
+            assert limited[0] == 200 and set(limited) == {200, 429}, limited
+            assert set(statuses("127.0.0.2")) == {200}
+    finally:
+        backend.shutdown()
+        backend.server_close()
+
+
 def test_live_placeholder_says_why_it_cannot_serve_yet(tmp_path):
     http_port = free_port()
     site = render_lb_nginx_conf(settings_for("staging"), upstreams=None, server_name="_",

@@ -271,7 +271,8 @@ def web(tmp_path_factory) -> Iterator[Web]:
     /metrics is allowed from 127.0.0.2 only, so requests from 127.0.0.1 show the refusal.
     """
     tmp = tmp_path_factory.mktemp("web")
-    settings = make_settings()
+    # No rate limit to speak of: the tests here send bursts from 127.0.0.1 (see test_rate_limit).
+    settings = make_settings(frontend={"rateLimit": {"requestsPerSecond": 10000, "burst": 10000}})
     app_port, web_port = free_port(), free_port()
     bind = f"127.0.0.1:{app_port}"
     env = {
@@ -477,6 +478,33 @@ def test_app_sees_one_client_address_and_keepalive_connection(echo):
     client = "198.51.100.7" if trusted else "127.0.0.1"  # only a trusted LB is believed
     assert headers["X-Forwarded-For"] == headers["X-Real-IP"] == client
     assert got["version"] == "HTTP/1.1" and "Connection" not in headers  # reusable upstream
+
+
+def test_rate_limit_answers_429_per_client_and_exempts_the_vpc_and_health_checks(tmp_path):
+    """Issue 13: no per-client limit anywhere. 1 request a second with a burst of 2: of 8 quick
+    requests from one address some get 429; the exempt address (the VPC's stand-in) and
+    /healthz never do."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = free_port()
+    settings = make_settings(frontend={"rateLimit": {"requestsPerSecond": 1, "burst": 2}})
+    site = render_nginx_site(settings, listen=f"127.0.0.1:{port}",
+                             upstream=f"127.0.0.1:{server.server_port}", static_dir=str(tmp_path),
+                             metrics_allow=[], trusted_proxies=["127.0.0.2"])
+    try:
+        with running(nginx_command(nginx_conf(tmp_path, site), "-g", "daemon off;"), port=port,
+                     log=tmp_path / "nginx.log"):
+            limited = [request(port, "/anything") for _ in range(8)]
+            assert limited[0].status == 200
+            assert {r.status for r in limited} == {200, 429}, [r.status for r in limited]
+            refused = next(r for r in limited if r.status == 429)
+            assert json.loads(refused.body) == {"error": "too many requests"}
+            exempt = [request(port, "/anything", source="127.0.0.2").status for _ in range(8)]
+            checks = [request(port, "/healthz").status for _ in range(8)]
+            assert set(exempt) == set(checks) == {200}
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_upstream_down_gives_json_502(tmp_path):
