@@ -10,7 +10,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from flask import Flask
+from flask import Flask, request
+from flask.sessions import SecureCookieSessionInterface
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app import api, errors, health, metrics
@@ -27,6 +28,15 @@ class Services:
     metrics: metrics.Metrics
 
 
+class _SessionInterface(SecureCookieSessionInterface):
+    """The session cookie is `Secure` when the request came over HTTPS (the load balancer's
+    X-Forwarded-Proto, through ProxyFix), so a site served over HTTPS never sends it in clear,
+    while a domain-less staging (plain HTTP) still gets one."""
+
+    def get_cookie_secure(self, app: Flask) -> bool:
+        return bool(app.config["SESSION_COOKIE_SECURE"]) or request.is_secure
+
+
 def create_app(config: Mapping[str, object] | None = None) -> Flask:
     """Build the app. ``config`` overrides environment variables (and may set TESTING)."""
     overrides = dict(config or {})
@@ -39,7 +49,9 @@ def create_app(config: Mapping[str, object] | None = None) -> Flask:
         SECRET_KEY=settings.secret_key,
         MAX_CONTENT_LENGTH=settings.max_body_mb * 1024 * 1024,  # >= a note, JSON-escaped
         SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_HTTPONLY=True,
     )
+    app.session_interface = _SessionInterface()
     # One proxy hop in front of gunicorn (nginx, which passes on the load balancer's
     # X-Forwarded-Proto): trust exactly one X-Forwarded-For/-Proto/-Host value.
     app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1)

@@ -17,12 +17,14 @@ Functions of settings and plain values only, no Pulumi types: same input, same b
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Sequence
 
 import yaml
 
 from components.render import render_template
+from components.runtime import SECURITY_HEADERS
 from components.settings import Settings
 
 UPSTREAM_NAME = "webstack_app"
@@ -43,6 +45,25 @@ CONNECT_TIMEOUT = "2s"
 READ_TIMEOUT = "35s"
 NEXT_UPSTREAM_TRIES = 2
 NEXT_UPSTREAM_TIMEOUT = "10s"
+RATE_EXEMPT = ("127.0.0.1", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")
+"""Not counted by the LB's rate limit: loopback and the private ranges, where the VPC is (its
+range may be DigitalOcean's choice, unknown when this config is rendered); no client on the
+internet reaches the LB's public address from a private one."""
+CLIENT_TIMEOUT = "10s"
+"""client_header_timeout, client_body_timeout and send_timeout: a client that sends or reads
+nothing for this long is cut off (a whole request header must arrive within it)."""
+TLS_CIPHERS = ":".join((
+    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
+    "DHE-RSA-AES128-GCM-SHA256", "DHE-RSA-AES256-GCM-SHA384", "DHE-RSA-CHACHA20-POLY1305",
+))
+"""Mozilla's "intermediate" TLS 1.2 cipher list (ssl-config.mozilla.org, guidelines 5.7):
+forward secrecy and AEAD only, so no CBC suite such as AES128-SHA. TLS 1.3's suites are
+OpenSSL's defaults, all of them fine."""
+LB_SECURITY_HEADERS = tuple(h for h in SECURITY_HEADERS if h[0] != "Strict-Transport-Security")
+"""The droplet site's headers, on the LB's own responses too (its redirect, 502, 504); HSTS is
+added by the TLS server alone."""
 
 _SERVER = re.compile(r"^(\[[0-9A-Fa-f:]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$")
 _LISTEN = re.compile(r"^((\[[0-9A-Fa-f:]+\]|[0-9.]+|localhost):)?[0-9]{1,5}$")
@@ -64,7 +85,8 @@ def _render(*, upstreams: Sequence[str] | None, site: bool, **site_context) -> s
         max_fails=MAX_FAILS, fail_timeout=FAIL_TIMEOUT,
         connect_timeout=CONNECT_TIMEOUT, read_timeout=READ_TIMEOUT,
         next_upstream_tries=NEXT_UPSTREAM_TRIES, next_upstream_timeout=NEXT_UPSTREAM_TIMEOUT,
-        **site_context,
+        client_timeout=CLIENT_TIMEOUT, tls_ciphers=TLS_CIPHERS,
+        security_headers=LB_SECURITY_HEADERS, **site_context,
     )
 
 
@@ -86,6 +108,7 @@ def render_lb_nginx_conf(
     listen_https: str | None = "443",
     certificate: tuple[str, str] | None = None,
     static_dir: str | None = None,
+    rate_exempt: Sequence[str] = ("127.0.0.1",),
 ) -> str:
     """The load balancer's nginx config (http context, for `conf.d/`).
 
@@ -96,6 +119,7 @@ def render_lb_nginx_conf(
     certificate: (certificate, key) paths. With it, :80 serves only ACME challenges and the LB's
       own /healthz and redirects the rest to HTTPS on `listen_https`; without it, plain HTTP.
     static_dir: a directory served at /static/ by the LB; None proxies /static/ to the app.
+    rate_exempt: addresses or CIDRs `frontend.rateLimit` does not count (the VPC, loopback).
     """
     _check(listen_http, _LISTEN, "listen_http")
     if certificate is not None:
@@ -106,6 +130,8 @@ def render_lb_nginx_conf(
             _check(path, _PATH, "certificate path")
     if static_dir is not None:
         _check(static_dir.rstrip("/"), _PATH, "static_dir")
+    for source in rate_exempt:
+        ipaddress.ip_network(source)  # ValueError names the bad address
     if not re.fullmatch(r"_|[a-z0-9.-]+", server_name):
         raise ValueError(f"server_name: {server_name!r} must be a DNS name or _")
     https_port = (listen_https or "443").rsplit(":", 1)[-1]
@@ -114,6 +140,7 @@ def render_lb_nginx_conf(
         server_name=server_name, listen_http=listen_http, listen_https=listen_https,
         certificate=certificate, https_port_suffix="" if https_port == "443" else f":{https_port}",
         static_dir=static_dir.rstrip("/") if static_dir else None, acme_webroot=ACME_WEBROOT,
+        rate_limit=settings.frontend.rate_limit, rate_exempt=list(rate_exempt),
     )
 
 
@@ -138,6 +165,7 @@ def render_lb_cloud_config(settings: Settings) -> str:
     site = render_lb_nginx_conf(
         settings, upstreams=None, server_name=fqdn or "_",
         certificate=(TLS_CERT, TLS_KEY) if fqdn else None,
+        rate_exempt=RATE_EXEMPT,
     )
     files = [
         {"path": SITE_PATH, "content": site},

@@ -128,7 +128,8 @@ def render_nginx_site(
     (`127.0.0.1:8000`). `metrics_allow` lists the addresses or CIDRs that may read /metrics
     directly (the VPC, loopback); everyone else gets 403. `trusted_proxies` lists the load
     balancer's addresses (the VPC): the client address in their X-Forwarded-For becomes
-    nginx's, and the app gets that one address (it trusts one hop). `upstream_keepalive`
+    nginx's, and the app gets that one address (it trusts one hop). Both are exempt from
+    `frontend.rateLimit`. `upstream_keepalive`
     False makes nginx open a connection to gunicorn per request (the bench's comparison).
     """
     for source in [*metrics_allow, *trusted_proxies]:
@@ -151,6 +152,9 @@ def render_nginx_site(
         trusted_proxies=list(trusted_proxies),
         static_dir=static_dir.rstrip("/"),
         security_headers=SECURITY_HEADERS,
+        site_names=[settings.fqdn] if settings.fqdn else [],
+        rate_limit=settings.frontend.rate_limit,
+        rate_exempt=list(dict.fromkeys([*trusted_proxies, *metrics_allow])),
     )
 
 

@@ -165,6 +165,17 @@ class FrontendSettings:
     nginx_droplet_size: str
     nginx_droplet_count: int
     """nginx mode: LB droplets; the reserved IP points at the first, the others are warm spares."""
+    rate_limit: RateLimitSettings
+
+
+@dataclass(frozen=True, kw_only=True)
+class RateLimitSettings:
+    """Per client address, in the droplet site and the nginx load balancer (the VPC exempt)."""
+
+    requests_per_second: int
+    burst: int
+    """Requests over the rate served at once before the rest get 429."""
+    connections: int
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -376,7 +387,9 @@ KEYS: dict[str, Key] = {key.name: key for key in [
     Key("sshPrivateKey", "secret", "deploy steps over SSH: health gates, database grants,"
         " nginx-LB upstreams", allowed_text="a secret OpenSSH/PEM private key; needs `adminCidrs`"),
     Key("adminCidrs", "list", "SSH sources; empty means no SSH rule at all", (),
-        allowed_text="CIDRs, never `/0`"),
+        allowed_text="CIDRs covering together at most a /16's worth of IPv4 and a /48's worth of"
+        " IPv6 addresses (so `0.0.0.0/1` + `128.0.0.0/1` is refused like `/0`; the policy pack"
+        " holds every firewall rule but the LB's web ports to the same cap)"),
     Key("vpcIpRange", "str", "the VPC's range", default_text="chosen by DigitalOcean",
         allowed_text="private, /16 to /24"),
     Key("app.dropletCount", "int", "app droplets", PerEnvironment(1, 3),
@@ -412,6 +425,13 @@ KEYS: dict[str, Key] = {key.name: key for key in [
         choices=_DROPLET_SIZES, allowed_text="as `app.dropletSize`"),
     Key("frontend.nginxDropletCount", "int", "nginx mode: the reserved IP's droplet plus warm"
         " spares", 1, bounds=(1, 3)),
+    Key("frontend.rateLimit.requestsPerSecond", "int", "requests a second per client address, in"
+        " the droplet site and the nginx LB (the VPC and the health checks exempt); over it, 429",
+        20, bounds=(1, 10000)),
+    Key("frontend.rateLimit.burst", "int", "requests over the rate served at once before 429",
+        40, bounds=(0, 100000)),
+    Key("frontend.rateLimit.connections", "int", "open connections per client address; over"
+        " it, 429", 50, bounds=(1, 10000)),
     Key("database.version", "choice", "PostgreSQL major version (15 matches the local tests);"
         " 14 reached end of life on 2026-11-12 and new clusters can no longer use it", "15",
         choices=PG_VERSIONS),
@@ -584,6 +604,26 @@ class _Reader:
             )
 
 
+ADMIN_MAX_PREFIX = {4: 16, 6: 48}
+"""The most SSH may be open to, per IP version: together the admin CIDRs cover at most as many
+addresses as one /16 (IPv4) or one /48 (IPv6), a large office or a provider's block, so a split
+world (`0.0.0.0/1` + `128.0.0.0/1`) is refused as `/0` is. The policy pack holds firewalls to the
+same numbers (`policy/rules.py`, MAX_SOURCE_PREFIX)."""
+
+
+def _admin_cidrs(values: list[Any]) -> tuple[str, ...]:
+    cidrs = tuple(_cidr(f"adminCidrs[{i}]", c) for i, c in enumerate(values))
+    for version, prefix in ADMIN_MAX_PREFIX.items():
+        nets = [n for n in map(ipaddress.ip_network, cidrs) if n.version == version]
+        covered = sum(n.num_addresses for n in ipaddress.collapse_addresses(nets))
+        bits = 32 if version == 4 else 128
+        if covered > 2 ** (bits - prefix):
+            raise ConfigError("adminCidrs", list(cidrs),
+                              f"cover {covered} IPv{version} addresses together; at most a "
+                              f"/{prefix}'s worth ({2 ** (bits - prefix)}) may reach SSH")
+    return cidrs
+
+
 def _cidr(key: str, value: Any) -> str:
     try:
         net = ipaddress.ip_network(value, strict=True)
@@ -631,6 +671,13 @@ def _app(r: _Reader) -> AppSettings:
     return app
 
 
+def _rate_limit(r: _Reader) -> RateLimitSettings:
+    limit = RateLimitSettings(requests_per_second=r.int("requestsPerSecond"), burst=r.int("burst"),
+                              connections=r.int("connections"))
+    r.done()
+    return limit
+
+
 def _frontend(r: _Reader) -> FrontendSettings:
     frontend = FrontendSettings(
         mode=r.choice("mode"),
@@ -638,6 +685,7 @@ def _frontend(r: _Reader) -> FrontendSettings:
         health_check=_health_check(r.obj("healthCheck")),
         nginx_droplet_size=r.choice("nginxDropletSize"),
         nginx_droplet_count=r.int("nginxDropletCount"),
+        rate_limit=_rate_limit(r.obj("rateLimit")),
     )
     r.done()
     return frontend
@@ -841,7 +889,7 @@ def load_settings(
     if hostname != "@" and not all(_LABEL.match(label) for label in hostname.split(".")):
         raise ConfigError("hostname", hostname, "must be a DNS label such as www, or @ for apex")
 
-    admin_cidrs = tuple(_cidr(f"adminCidrs[{i}]", c) for i, c in enumerate(r.list("adminCidrs")))
+    admin_cidrs = _admin_cidrs(r.list("adminCidrs"))
     vpc_ip_range = r.str("vpcIpRange")
     if vpc_ip_range is not None:
         net = ipaddress.ip_network(_cidr("vpcIpRange", vpc_ip_range))

@@ -406,6 +406,7 @@ class Lab:
         conf = render_lb_nginx_conf(
             self.settings, upstreams=self.upstreams, server_name="_",
             listen_http=self.frontend, listen_https=None, certificate=None, static_dir=None,
+            rate_exempt=[LAB_VPC],
         )
         (self.lb_dir / "lb.conf").write_text(conf)
 

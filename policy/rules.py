@@ -32,6 +32,10 @@ HEALTH_PATH = "/healthz"
 PUBLIC_WEB_PORTS = frozenset({"80", "443"})
 """The only ports that may be open to the world, and only on the nginx LB droplets' firewall."""
 HTTPS_PROTOCOLS = frozenset({"https", "http2", "http3"})
+MAX_SOURCE_PREFIX = {4: 16, 6: 48}
+"""The most any inbound rule but the LB's web ports may admit, per IP version: its sources
+together cover at most a /16's worth of IPv4 and a /48's worth of IPv6 addresses (settings hold
+`adminCidrs` to the same numbers, `components/settings.py` ADMIN_MAX_PREFIX)."""
 
 
 def _items(value: Any) -> list[Any]:
@@ -56,6 +60,26 @@ def stack_of(urn: str) -> str:
     return urn.split("::", 1)[0].removeprefix("urn:pulumi:")
 
 
+def _too_wide(sources: Iterable[Any]) -> list[str]:
+    """Per IP version whose sources together cover more than MAX_SOURCE_PREFIX allows, what
+    they cover (unparsable sources count for nothing: the provider refuses them)."""
+    nets = []
+    for source in sources:
+        try:
+            nets.append(ipaddress.ip_network(str(source).strip(), strict=False))
+        except ValueError:
+            continue
+    found = []
+    for version, prefix in MAX_SOURCE_PREFIX.items():
+        same = [n for n in nets if n.version == version]
+        covered = sum(n.num_addresses for n in ipaddress.collapse_addresses(same))
+        limit = 2 ** ((32 if version == 4 else 128) - prefix)
+        if covered > limit:
+            found.append(
+                f"{covered} IPv{version} addresses (more than a /{prefix}'s worth, {limit})")
+    return found
+
+
 def _is_world(cidr: Any) -> bool:
     try:
         return ipaddress.ip_network(str(cidr).strip(), strict=False).prefixlen == 0
@@ -69,7 +93,9 @@ def _is_world(cidr: Any) -> bool:
 def firewall_no_world_ingress(props: Mapping[str, Any], *, stack: str) -> list[str]:
     """No inbound rule open to 0.0.0.0/0 or ::/0, except TCP 80 and 443 on the firewall of the
     nginx load-balancer droplets (the public entry in nginx mode): the firewall whose only
-    target is the stack's LB tag. SSH (or anything else) from the world is never allowed."""
+    target is the stack's LB tag. SSH (or anything else) from the world is never allowed, nor
+    from CIDRs that together cover more than a /16's worth of IPv4 or a /48's worth of IPv6
+    addresses (the world cut in pieces)."""
     public_entry = (
         sorted(_items(props.get("tags"))) == [lb_tag(stack)]
         and not _items(props.get("dropletIds"))
@@ -77,16 +103,21 @@ def firewall_no_world_ingress(props: Mapping[str, Any], *, stack: str) -> list[s
     name = props.get("name") or "firewall"
     found = []
     for rule in _items(props.get("inboundRules")):
-        world = [s for s in _items(rule.get("sourceAddresses")) if _is_world(s)]
-        if not world:
-            continue
+        sources = _items(rule.get("sourceAddresses"))
         protocol, ports = rule.get("protocol"), str(rule.get("portRange") or "all")
         if public_entry and protocol == "tcp" and ports in PUBLIC_WEB_PORTS:
             continue
-        found.append(
-            f"{name}: inbound {protocol} port {ports} is open to {', '.join(world)}; only tcp "
-            f"80/443 on the nginx LB droplets' firewall (tag {lb_tag(stack)}) may be public"
-        )
+        world = [s for s in sources if _is_world(s)]
+        if world:
+            found.append(
+                f"{name}: inbound {protocol} port {ports} is open to {', '.join(world)}; only "
+                f"tcp 80/443 on the nginx LB droplets' firewall (tag {lb_tag(stack)}) may be public"
+            )
+        elif wide := _too_wide(sources):
+            found.append(
+                f"{name}: inbound {protocol} port {ports} sources cover {' and '.join(wide)} "
+                "together; narrow them (adminCidrs for SSH)"
+            )
     return found
 
 

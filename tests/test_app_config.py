@@ -111,3 +111,21 @@ def test_body_limit_is_max_body_mb():
     for size, status in [(limit, 400), (limit + 1, 413)]:
         resp = client.post("/api/notes", data=b"x" * size, content_type="application/json")
         assert resp.status_code == status, (size, resp.get_json())
+
+
+@pytest.mark.parametrize(("proto", "secure"), [("https", True), ("http", False), (None, False)])
+def test_session_cookie_is_httponly_lax_and_secure_over_https(proto, secure):
+    """Issue 13: the cookie had no `Secure` flag even when the request came over HTTPS."""
+    app = create_app({"TESTING": True, "DATABASE_URL": URL})
+
+    @app.get("/set-session")
+    def set_session():
+        from flask import session
+        session["lsn"] = 1
+        return ""
+
+    headers = {"X-Forwarded-Proto": proto} if proto else {}
+    cookie = app.test_client().get("/set-session", headers=headers).headers["Set-Cookie"]
+    flags = {part.strip().split("=")[0].lower(): part for part in cookie.split(";")[1:]}
+    assert "httponly" in flags and flags["samesite"].strip() == "SameSite=Lax"
+    assert ("secure" in flags) is secure

@@ -18,6 +18,8 @@ import pytest
 import yaml
 
 from components.lb_nginx import (
+    CLIENT_TIMEOUT,
+    LB_SECURITY_HEADERS,
     SITE_PATH,
     TLS_CERT,
     TLS_KEY,
@@ -184,6 +186,143 @@ def test_live_lb_redirects_proxies_with_forwarded_headers_and_skips_a_dead_dropl
                 assert headers["x-real-ip"] == "127.0.0.1"
                 assert headers["host"] == "localhost"
                 assert "connection" not in headers or headers["connection"] != "close"
+    finally:
+        backend.shutdown()
+        backend.server_close()
+
+
+@pytest.mark.parametrize("server_name", ["localhost", "_"])
+def test_live_lb_answers_a_foreign_host_itself(tmp_path, server_name):
+    """Issue 13: the redirect echoed any Host (`https://evil.example:.../`). Now a foreign Host
+    gets the LB's own 421 on both ports; the site's name and an IP address (a domain-less
+    staging's reserved IP) still pass, and the TLS LB's own /healthz answers any Host."""
+    backend = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    http_port, https_port = free_port(), free_port()
+    tls_args = {} if server_name == "_" else {
+        "listen_https": f"127.0.0.1:{https_port}", "certificate": self_signed(tmp_path)}
+    conf = render_lb_nginx_conf(
+        settings_for("prod" if tls_args else "staging"),
+        upstreams=[f"127.0.0.1:{backend.server_address[1]}"], server_name=server_name,
+        listen_http=f"127.0.0.1:{http_port}", **tls_args)
+    tls = ssl.create_default_context()
+    tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
+    ports = [(http_port, None)] + ([(https_port, tls)] if tls_args else [])
+    try:
+        with running_nginx(tmp_path, conf, http_port):
+            for port, context in ports:
+                for host, status in [("evil.example", 421), ("127.0.0.1", None),
+                                     (server_name, None)]:
+                    if host == "_":
+                        continue
+                    conn = (http.client.HTTPSConnection("127.0.0.1", port, timeout=10,
+                                                        context=context) if context
+                            else http.client.HTTPConnection("127.0.0.1", port, timeout=10))
+                    conn.request("GET", "/items", headers={"Host": host})
+                    response = conn.getresponse()
+                    response.read()
+                    conn.close()
+                    expected = status or (301 if tls_args and context is None else 200)
+                    assert response.status == expected, (port, host)
+                    assert "evil" not in (response.getheader("Location") or "")
+            if tls_args:  # the LB's own liveness on :80 (plain HTTP proxies /healthz)
+                conn = http.client.HTTPConnection("127.0.0.1", http_port, timeout=10)
+                conn.request("GET", "/healthz", headers={"Host": "evil.example"})
+                response = conn.getresponse()
+                assert (response.status, response.read()) == (200, b"ok\n")
+    finally:
+        backend.shutdown()
+        backend.server_close()
+
+
+def s_client(port: int, *args: str) -> subprocess.CompletedProcess:
+    """`openssl s_client` to 127.0.0.1:`port` (the client at security level 0, so only the
+    server can refuse an old protocol or cipher); returncode 0 means a handshake."""
+    return subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}",
+                           "-servername", "localhost", *args],
+                          input=b"", capture_output=True, timeout=30)
+
+
+def test_live_lb_edge_tls_profile_server_tokens_headers_and_slow_clients(tmp_path):
+    """Issue 13: TLS 1.2 accepted AES128-SHA, `Server:` named nginx's version, the LB's own
+    301/502 had no security headers, and a slow client was never cut off."""
+    http_port, https_port = free_port(), free_port()
+    conf = render_lb_nginx_conf(
+        settings_for("prod"), upstreams=[f"127.0.0.1:{free_port()}"],  # nobody listens: 502
+        server_name="localhost", listen_http=f"127.0.0.1:{http_port}",
+        listen_https=f"127.0.0.1:{https_port}", certificate=self_signed(tmp_path))
+    tls = ssl.create_default_context()
+    tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
+    with running_nginx(tmp_path, conf, http_port):
+        old = "-cipher", "ALL@SECLEVEL=0"
+        assert s_client(https_port, "-tls1_1", *old).returncode != 0
+        assert s_client(https_port, "-tls1_2", "-cipher", "AES128-SHA@SECLEVEL=0").returncode != 0
+        assert s_client(https_port, "-tls1_2", "-cipher",
+                        "ECDHE-RSA-AES128-SHA@SECLEVEL=0").returncode != 0
+        good = s_client(https_port, "-tls1_2", "-cipher", "ECDHE-RSA-AES128-GCM-SHA256")
+        assert good.returncode == 0, good.stderr
+        assert s_client(https_port, "-tls1_3").returncode == 0
+
+        for port, context, status in [(http_port, None, 301), (https_port, tls, 502)]:
+            conn = (http.client.HTTPSConnection("127.0.0.1", port, timeout=20, context=context)
+                    if context else http.client.HTTPConnection("127.0.0.1", port, timeout=20))
+            conn.request("GET", "/items", headers={"Host": "localhost"})
+            response = conn.getresponse()
+            response.read()
+            conn.close()
+            assert response.status == status
+            assert response.getheader("Server") == "nginx", "no version"
+            for name, _ in LB_SECURITY_HEADERS:
+                assert response.getheader(name), (status, name)
+            assert bool(response.getheader("Strict-Transport-Security")) is (status == 502)
+
+        # A request header at 1 byte a second: cut off once the header timeout has passed.
+        timeout = int(CLIENT_TIMEOUT.removesuffix("s"))
+        with socket.create_connection(("127.0.0.1", http_port), timeout=1) as sock:
+            started, cut = time.monotonic(), False
+            for byte in b"GET /items HTTP/1.1\r\nHost: localhost\r\nX-Slow: " + b"a" * 40:
+                try:
+                    sock.sendall(bytes([byte]))
+                    answer = sock.recv(4096)  # waits 1 s: the pace of the bytes
+                except TimeoutError:
+                    continue  # nothing yet: nginx is still waiting
+                except OSError:
+                    answer = b""  # reset
+                cut = answer == b"" or answer.startswith(b"HTTP/1.1 408")
+                break
+            cut_after = time.monotonic() - started
+        assert cut, "nginx answered something else"
+        assert cut_after < timeout + 5, "still open after the header timeout"
+
+
+def test_live_lb_rate_limit_answers_429_and_exempts_its_sources(tmp_path):
+    """1 request a second with a burst of 2: of 8 quick requests from 127.0.0.1 some get 429;
+    an exempt source (the VPC's stand-in, 127.0.0.2) never does."""
+    backend = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    http_port = free_port()
+    conf = render_lb_nginx_conf(
+        make_settings(frontend={"rateLimit": {"requestsPerSecond": 1, "burst": 2}}),
+        upstreams=[f"127.0.0.1:{backend.server_address[1]}"], server_name="_",
+        listen_http=f"127.0.0.1:{http_port}", rate_exempt=["127.0.0.2"])
+
+    def statuses(source: str) -> list[int]:
+        found = []
+        for _ in range(8):
+            conn = http.client.HTTPConnection("127.0.0.1", http_port, timeout=10,
+                                              source_address=(source, 0))
+            conn.request("GET", "/items")
+            response = conn.getresponse()
+            response.read()
+            conn.close()
+            found.append(response.status)
+        return found
+
+    try:
+        with running_nginx(tmp_path, conf, http_port):
+            limited = statuses("127.0.0.1")
+            assert limited[0] == 200 and set(limited) == {200, 429}, limited
+            assert set(statuses("127.0.0.2")) == {200}
     finally:
         backend.shutdown()
         backend.server_close()

@@ -78,6 +78,25 @@ def test_ssh_from_the_world_is_refused_even_on_the_lb_firewall(source):
     assert "firewall-no-world-ingress" in found and "port 22" in found and source in found
 
 
+@pytest.mark.parametrize("halves,family", [
+    (["0.0.0.0/1", "128.0.0.0/1"], "IPv4 addresses (more than a /16's worth, 65536)"),
+    (["::/1", "8000::/1"], "IPv6 addresses (more than a /48's worth"),
+])
+def test_ssh_from_the_world_in_pieces_is_refused(halves, family):
+    fw = firewall([LB_TAG], ("tcp", "80", WORLD), ("tcp", "22", halves))
+    (found,) = violations(fw)
+    assert "port 22" in found and family in found and "adminCidrs" in found
+
+
+def test_ssh_from_a_16_and_a_48_passes():
+    assert violations(firewall([APP_TAG], ("tcp", "22", ["10.1.0.0/16", "2001:db8::/48"]))) == []
+
+
+def test_policy_and_settings_cap_admin_cidrs_alike():
+    from components.settings import ADMIN_MAX_PREFIX
+    assert rules.MAX_SOURCE_PREFIX == ADMIN_MAX_PREFIX
+
+
 @pytest.mark.parametrize("tags,rule", [
     ([APP_TAG], ("tcp", "80", WORLD)),  # the app droplets are never public
     ([LB_TAG, APP_TAG], ("tcp", "443", WORLD)),  # not only the LB droplets

@@ -271,7 +271,8 @@ def web(tmp_path_factory) -> Iterator[Web]:
     /metrics is allowed from 127.0.0.2 only, so requests from 127.0.0.1 show the refusal.
     """
     tmp = tmp_path_factory.mktemp("web")
-    settings = make_settings()
+    # No rate limit to speak of: the tests here send bursts from 127.0.0.1 (see test_rate_limit).
+    settings = make_settings(frontend={"rateLimit": {"requestsPerSecond": 10000, "burst": 10000}})
     app_port, web_port = free_port(), free_port()
     bind = f"127.0.0.1:{app_port}"
     env = {
@@ -296,6 +297,22 @@ def test_healthz_is_200_for_any_host_without_forwarded_proto(web, host):
     resp = request(web.port, web.settings.frontend.health_check.path, headers={"Host": host})
     assert resp.status == 200, resp.body
     assert "Location" not in resp.headers
+
+
+@pytest.mark.parametrize("host", ["evil.example", "127.0.0.1.evil.example", "Evil.Example.:80"])
+def test_a_foreign_host_gets_nginx_421_and_never_reaches_the_app(web, host):
+    """Issue 13: `POST /api/notes` with `Host: evil.example` returned 201 and a Location naming
+    it. Only an IP address (staging has no domain) or the site's name reaches the app."""
+    for method, path in [("POST", "/api/notes?foreign"), ("GET", "/static/site.css")]:
+        resp = request(web.port, path, method=method, body=b'{"body": "x"}',
+                       headers={"Host": host, "Content-Type": "application/json"})
+        assert resp.status == 421, resp.body
+        assert json.loads(resp.body) == {"error": "misdirected request: unknown host"}
+        assert "Location" not in resp.headers
+        assert "evil" not in str(resp.headers).lower()
+    assert "foreign" not in web.gunicorn_log.read_text()  # the app never saw it
+    by_address = request(web.port, "/no-such-endpoint", headers={"Host": "10.20.0.5"})
+    assert by_address.status == 404  # the app's: an address reaches it
 
 
 def test_hsts_only_when_the_load_balancer_saw_https(web):
@@ -423,7 +440,8 @@ def echo(request, tmp_path_factory) -> Iterator[tuple[int, tuple[str, ...]]]:
     thread.start()
     try:
         port = free_port()
-        site = render_nginx_site(make_settings(), listen=f"127.0.0.1:{port}",
+        # A stack with a domain: its site is www.example.com.
+        site = render_nginx_site(make_settings(domain="example.com"), listen=f"127.0.0.1:{port}",
                                  upstream=f"127.0.0.1:{server.server_port}",
                                  static_dir=str(tmp), metrics_allow=[], trusted_proxies=trusted)
         conf = nginx_conf(tmp, site)
@@ -460,6 +478,33 @@ def test_app_sees_one_client_address_and_keepalive_connection(echo):
     client = "198.51.100.7" if trusted else "127.0.0.1"  # only a trusted LB is believed
     assert headers["X-Forwarded-For"] == headers["X-Real-IP"] == client
     assert got["version"] == "HTTP/1.1" and "Connection" not in headers  # reusable upstream
+
+
+def test_rate_limit_answers_429_per_client_and_exempts_the_vpc_and_health_checks(tmp_path):
+    """Issue 13: no per-client limit anywhere. 1 request a second with a burst of 2: of 8 quick
+    requests from one address some get 429; the exempt address (the VPC's stand-in) and
+    /healthz never do."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = free_port()
+    settings = make_settings(frontend={"rateLimit": {"requestsPerSecond": 1, "burst": 2}})
+    site = render_nginx_site(settings, listen=f"127.0.0.1:{port}",
+                             upstream=f"127.0.0.1:{server.server_port}", static_dir=str(tmp_path),
+                             metrics_allow=[], trusted_proxies=["127.0.0.2"])
+    try:
+        with running(nginx_command(nginx_conf(tmp_path, site), "-g", "daemon off;"), port=port,
+                     log=tmp_path / "nginx.log"):
+            limited = [request(port, "/anything") for _ in range(8)]
+            assert limited[0].status == 200
+            assert {r.status for r in limited} == {200, 429}, [r.status for r in limited]
+            refused = next(r for r in limited if r.status == 429)
+            assert json.loads(refused.body) == {"error": "too many requests"}
+            exempt = [request(port, "/anything", source="127.0.0.2").status for _ in range(8)]
+            checks = [request(port, "/healthz").status for _ in range(8)]
+            assert set(exempt) == set(checks) == {200}
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_upstream_down_gives_json_502(tmp_path):

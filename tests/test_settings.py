@@ -78,6 +78,13 @@ BAD = [
     ("staging", STAGING, {"adminCidrs": ["10.0.0.0/8", "::/0"]}, "adminCidrs[1]",
      "whole internet"),
     ("staging", STAGING, {"adminCidrs": ["300.1.1.1/32"]}, "adminCidrs[0]", "CIDR"),
+    # Two halves of the world are the world: the sum per family is capped.
+    ("staging", STAGING, {"adminCidrs": ["0.0.0.0/1", "128.0.0.0/1"]}, "webstack:adminCidrs",
+     "/16's worth (65536)"),
+    ("staging", STAGING, {"adminCidrs": ["::/1", "8000::/1"]}, "webstack:adminCidrs",
+     "/48's worth"),
+    ("staging", STAGING, {"adminCidrs": ["10.0.0.0/17", "10.0.128.0/17", "10.1.0.0/32"]},
+     "webstack:adminCidrs", "cover 65537 IPv4 addresses"),
     ("staging", STAGING, {"sshKeys": []}, "sshKeys", "at least one SSH key"),
     ("staging", STAGING, {"database.nodeCount": 2}, "database.nodeCount", "at least 2 GiB"),
     ("prod", PROD, {"database.replicas": [{"size": "db-s-1vcpu-1gb"}]},
