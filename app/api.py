@@ -46,7 +46,7 @@ MAX_JSON_DEPTH = 32
 EXPIRED_KEYS_PER_WRITE = 100
 """Expired idempotency keys deleted by each write that brings a key."""
 _KEY = re.compile(rf"[\x21-\x7e]{{1,{MAX_IDEMPOTENCY_KEY_LENGTH}}}")
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # unrolled: no per-byte alternation
 _NOT_BRACKETS = bytes(set(range(256)) - set(b"[]{}"))
 
 _keys = idempotency_keys.c

@@ -398,8 +398,9 @@ class Database:
         connection was lost is sent once more, on a fresh connection. ``for_writes``: a
         server in recovery drops the connection and raises ``NotPrimary`` (implied by
         ``write``, which such a server refuses)."""
+        for_writes = for_writes or write
         try:
-            return self._send_once(node, statements, write, for_writes or write)
+            return self._send_once(node, statements, write, for_writes)
         except ConnectionLost as exc:
             if write:
                 raise

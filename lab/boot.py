@@ -192,7 +192,6 @@ class Boot:
         self.servers: Servers | None = None
         self.cluster = None
         self.db_dir: Path | None = None
-        self.notes: dict = {}
 
     # -- state, for the next run to clean up after a crash --------------------------------
 
@@ -391,11 +390,8 @@ class Boot:
         status = status.group(1) if status else "unknown"
         ok = self.check(droplet, "cloud-init", status == "done" and not errors,
                         f"status {status}" + (f"; errors: {'; '.join(errors)}" if errors else ""))
-        deadline = time.monotonic() + (HEALTHY_AFTER_CLOUD_INIT if ok else 20)
-        while self._http(droplet.private_ip, "/healthz")[0] != 200:
-            if time.monotonic() > deadline:
-                return self.check(droplet, "healthz", False, "no 200 from /healthz") and ok
-            time.sleep(0.25)
+        if not self._wait_http(droplet.private_ip, HEALTHY_AFTER_CLOUD_INIT if ok else 20):
+            return self.check(droplet, "healthz", False, "no 200 from /healthz") and ok
         droplet.healthy_seconds = round(time.monotonic() - droplet.started, 1)
         self.check(droplet, "healthz", True,
                    f"200 through the droplet's nginx {droplet.healthy_seconds} s after boot")
