@@ -7,6 +7,7 @@ run for real with stand-ins for cloud-init, curl and sleep.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 from pathlib import Path
@@ -38,10 +39,7 @@ def run_tier(settings, user_data: str = "#cloud-config\n", **args) -> Run:
 
 
 def user_data(settings, bundle: bytes) -> str:
-    return render_app_cloud_config(
-        settings, database_url="postgresql://app:pw@db:25061/app", replica_urls=[],
-        migration_url="postgresql://app:pw@db:25060/app", secret_key="s" * 64,
-        vpc_cidr="10.20.0.0/20", bundle=bundle)
+    return render_app_cloud_config(settings, secrets=None, vpc_cidr="10.20.0.0/20", bundle=bundle)
 
 
 def by_index(resources) -> list:
@@ -100,7 +98,7 @@ def test_the_gate_logs_in_with_the_secret_key_and_waits_for_cloud_init_and_healt
 @pytest.mark.parametrize("args, reason", [({}, "no sshPrivateKey"),
                                           ({"ssh_private_key": KEY}, "adminCidrs is empty")])
 def test_without_a_key_or_admin_cidrs_there_are_no_gates_and_one_warning(args, reason):
-    run = run_tier(settings_for("prod"), **args)
+    run = run_tier(dataclasses.replace(settings_for("prod"), admin_cidrs=()), **args)
     assert not run.of_type(GATE)
     assert len(run.warnings) == 1 and "not health-gated" in run.warnings[0], run.warnings
     assert reason in run.warnings[0]

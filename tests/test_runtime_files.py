@@ -31,6 +31,7 @@ from components.runtime import (
     APP_UNIT,
     MIGRATE_UNIT,
     SECURITY_HEADERS,
+    AppSecrets,
     DropletLayout,
     droplet_files,
     render_app_env,
@@ -73,7 +74,7 @@ def env_file(tmp: Path, settings: Settings, *, bind: str, **values: object) -> P
     values = {"database_url": UNREACHABLE_DB, "replica_urls": [], "secret_key": "test-secret",
               "migration_url": None, **values}
     path = tmp / "app.env"
-    path.write_text(render_app_env(settings, bind=bind, **values))
+    path.write_text(render_app_env(settings, AppSecrets(**values), bind=bind))
     return path
 
 
@@ -114,8 +115,9 @@ def units(tmp: Path) -> list[Path]:
 def test_cloud_config_writes_the_droplet_file_list_and_the_lab_moves_only_its_layout():
     """One list of files: cloud-init writes `droplet_files` as they are; the lab's layout
     changes paths and addresses only, never what a file says otherwise."""
-    values = {"database_url": UNREACHABLE_DB, "replica_urls": [], "migration_url": None,
-              "secret_key": "test-secret", "vpc_cidr": "10.10.0.0/20"}
+    values = {"secrets": AppSecrets(database_url=UNREACHABLE_DB, replica_urls=[],
+                                    migration_url=None, secret_key="test-secret"),
+              "vpc_cidr": "10.10.0.0/20"}
     settings, bundle = make_settings(), b"app bundle"
     files = droplet_files(settings, **values, layout=DropletLayout(), bundle=bundle)
     written = yaml.safe_load(render_app_cloud_config(settings, **values, bundle=bundle))
