@@ -310,3 +310,26 @@ def test_a_restore_switches_the_app_droplets_in_place_one_gate_at_a_time(tmp_pat
     gates = [c for c in restored.of_type("remote:Command") if "-gate-" in c.name]
     assert len(gates) == len(after)
     assert all("prod-db-r1-pool" in gate.inputs["stdin"] for gate in gates)
+
+
+def ssh_sources(run: Run) -> dict[str, list[str]]:
+    """Every firewall's SSH rule sources, by firewall name."""
+    return {fw.name: rule["sourceAddresses"] for fw in run.of_type("index/firewall:Firewall")
+            for rule in fw.inputs.get("inboundRules", []) if rule.get("portRange") == "22"}
+
+
+@pytest.mark.parametrize("mode", PROD_STACKS)
+def test_the_deploying_runner_is_admitted_to_ssh_only_when_given(mode, monkeypatch):
+    """WEBSTACK_EXTRA_ADMIN_CIDR (the deploy workflow's runner): added to the SSH rule of the
+    app and nginx LB firewalls for that `pulumi up`, absent from the next without it."""
+    monkeypatch.delenv("WEBSTACK_EXTRA_ADMIN_CIDR", raising=False)
+    without = ssh_sources(run_program(PROD_STACKS[mode]))
+    assert set(without) == ({"prod-nginx-app-fw", "prod-nginx-web-lb-fw"} if mode == "nginx"
+                            else {"prod-app-fw"})
+    assert all(sources == ["203.0.113.10/32"] for sources in without.values()), without
+    monkeypatch.setenv("WEBSTACK_EXTRA_ADMIN_CIDR", "198.51.100.7/32")
+    given = ssh_sources(run_program(PROD_STACKS[mode]))
+    assert given == {name: ["203.0.113.10/32", "198.51.100.7/32"] for name in without}
+    monkeypatch.setenv("WEBSTACK_EXTRA_ADMIN_CIDR", "198.51.100.0/24")
+    with pytest.raises(Exception, match=r"WEBSTACK_EXTRA_ADMIN_CIDR: .*single host"):
+        run_program(PROD_STACKS[mode])

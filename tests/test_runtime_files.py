@@ -27,6 +27,7 @@ import yaml
 import app.config as app_config
 import app.migrate as app_migrate
 from components.cloud_config import render_app_cloud_config
+from components.metadata_firewall import METADATA_IP
 from components.runtime import (
     APP_UNIT,
     MIGRATE_UNIT,
@@ -207,6 +208,21 @@ def test_units_pass_systemd_analyze_verify(tmp_path):
                                 capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
         assert unit.name not in result.stdout + result.stderr  # no warning about our unit
+
+
+def test_both_units_deny_the_metadata_address_as_systemd_reads_them(tmp_path):
+    """IPAddressDeny= in the [Service] section of both units, with a value systemd parses: the
+    verify above passes silently, and warns for an address it cannot parse. (`systemd-analyze
+    security` rates allow lists only, IPAddressDeny=any: a single denied address shows there as
+    "does not define an IP address allow list", the same as none; docs/boot.md.)"""
+    for unit in units(tmp_path):
+        service = unit.read_text().split("[Service]")[1].split("[Install]")[0]
+        assert f"\nIPAddressDeny={METADATA_IP}\n" in service, unit.name
+        broken = tmp_path / f"broken-{unit.name}"
+        broken.write_text(unit.read_text().replace(f"={METADATA_IP}", f"={METADATA_IP}4"))
+        result = subprocess.run(["systemd-analyze", "verify", str(broken)],
+                                capture_output=True, text=True)
+        assert "Address prefix is invalid" in result.stderr, result.stderr
 
 
 def test_units_sandbox_exposure_is_at_most_2_5(tmp_path):
