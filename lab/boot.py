@@ -449,6 +449,9 @@ class Boot:
             level = float(match.group(1)) if match else None
             self.check(droplet, f"exposure {unit}", level is not None and level < SECURITY_LIMIT,
                        f"{level} (limit {SECURITY_LIMIT})")
+            deny = self.inside(droplet, f"systemctl show -p IPAddressDeny --value {unit}")
+            self.check(droplet, f"IPAddressDeny {unit}", METADATA_IP in deny.stdout,
+                       deny.stdout.strip() or "none")
 
     def _notes(self, droplet: Droplet, address: str, **how) -> None:
         text = f"booted {droplet.name} {time.time():.0f}"
