@@ -136,6 +136,26 @@ def test_cloud_config_writes_the_droplet_file_list_and_the_lab_moves_only_its_la
     assert "    listen 127.0.0.11:8080 default_server;\n" in moved[-1].content
 
 
+def test_without_secrets_the_user_data_has_no_environment_file_and_starts_no_service():
+    """A stack with a deploy key: the gates deliver the environment file and start the services
+    (components/app_tier.py); cloud-init only enables them, so a reboot starts them again."""
+    secrets = AppSecrets(database_url=UNREACHABLE_DB, replica_urls=[], migration_url=None,
+                         secret_key="test-secret")
+    with_env, without = (yaml.safe_load(render_app_cloud_config(
+        make_settings(), secrets=s, vpc_cidr="10.10.0.0/20", bundle=b"app bundle"))
+        for s in (secrets, None))
+    env = DropletLayout().env_file
+    assert [f["path"] for f in with_env["write_files"] if f["path"] != env] == [
+        f["path"] for f in without["write_files"]]
+    assert env in [f["path"] for f in with_env["write_files"]]
+    assert "test-secret" not in yaml.safe_dump(without)
+    enables = [c for c in without["runcmd"] if c[:2] == ["systemctl", "enable"]]
+    assert enables == [["systemctl", "enable", MIGRATE_UNIT, APP_UNIT]]
+    assert [c for c in with_env["runcmd"] if c[:2] == ["systemctl", "enable"]] == [
+        ["systemctl", "enable", "--now", "--no-block", MIGRATE_UNIT],
+        ["systemctl", "enable", "--now", APP_UNIT]]
+
+
 def test_rendering_is_byte_identical_and_follows_settings(tmp_path):
     settings = make_settings(app={"maxBodyMb": 7, "gunicornWorkers": 5, "gunicornThreads": 4})
     assert droplet_site(settings) == droplet_site(settings)
