@@ -533,7 +533,7 @@ class Boot:
                    f"healthy again after {seconds} s: {healthy}; per-instance steps "
                    f"{'not re-run' if before == after else 're-run'}; cloud-init {status}")
 
-    def _metadata(self, droplet: Droplet) -> None:
+    def _metadata(self, droplet: Droplet, when: str = "") -> None:
         """The metadata address from inside the droplet: a stand-in server on the bridge at
         169.254.169.254 (off the droplet, as DigitalOcean's is), routed from the droplet. The
         droplet's firewall (cloud-init's bootcmd) admits root and DigitalOcean's agent user,
@@ -544,16 +544,16 @@ class Boot:
                 f"http://{METADATA_IP}/metadata/v1/hostname")
         for user in (None, AGENT_USER):
             got = self.inside(droplet, curl, user=user).stdout.strip()
-            self.check(droplet, f"metadata for {user or 'root'}", got == "200",
+            self.check(droplet, f"metadata for {user or 'root'}{when}", got == "200",
                        f"{user or 'root'} gets {got}")
         for user in ([DropletLayout().user] if droplet.role == "app" else []) + ["www-data"]:
             got = self.inside(droplet, curl, user=user).stdout.strip()
-            self.check(droplet, f"metadata for {user}", got == "000",
+            self.check(droplet, f"metadata for {user}{when}", got == "000",
                        "refused" if got == "000" else f"{user} gets {got}")
         rules = self.inside(droplet, "nft list table inet webstack_metadata")
         rule = next((line.strip() for line in rules.stdout.splitlines() if "skuid" in line),
                     rules.stderr.strip())
-        self.check(droplet, "metadata firewall", "reject" in rule, rule)
+        self.check(droplet, f"metadata firewall{when}", "reject" in rule, rule)
 
     # -- the run ------------------------------------------------------------------------------
 
@@ -592,6 +592,7 @@ class Boot:
             self._sigkill(apps[0])
             self._metadata(apps[0])
             self._reboot(apps[0])
+            self._metadata(apps[0], " after reboot")  # bootcmd loads it on every boot
 
     def _lb(self, droplet: Droplet) -> None:
         self._wait_boot(droplet)
