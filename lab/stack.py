@@ -66,6 +66,7 @@ from components.runtime import (
     GUNICORN_GRACEFUL_TIMEOUT,
     RUNTIME_DIRECTORY,
     UNIT_ENVIRONMENT,
+    AppSecrets,
     DropletLayout,
     droplet_files,
 )
@@ -209,7 +210,7 @@ class Lab:
         self.pg = self._pg_cluster()
         self.upstreams = [d.site for d in self.droplets]
         """nginx mode: the droplets the LB currently sends to."""
-        self.droplet_values: dict[str, object] = {}
+        self.secrets: AppSecrets | None = None
         """What `droplet_files` takes beyond settings and layout (database URLs, secret key),
         once the database has started."""
 
@@ -249,9 +250,9 @@ class Lab:
                 urls, replicas=urls.replicas[:len(self.settings.database.replicas)])
             if self.db_proxies:
                 urls = self._start_proxies(urls)
-            self.droplet_values = {
-                "database_url": urls.pool, "replica_urls": urls.replicas,
-                "migration_url": urls.primary, "secret_key": secrets.token_urlsafe(32)}
+            self.secrets = AppSecrets(
+                database_url=urls.pool, replica_urls=urls.replicas, migration_url=urls.primary,
+                secret_key=secrets.token_urlsafe(32))
             for droplet in self.droplets:
                 self.write_droplet(droplet)
             self._migrate(self.droplets[0])
@@ -296,7 +297,7 @@ class Lab:
         the lab's addresses and paths (`Droplet.layout`), loopback as the VPC, no app bundle
         (the lab runs the repo's app/), and nginx's main config (Debian's, on a droplet)."""
         layout = droplet.layout
-        for file in droplet_files(settings or self.settings, **self.droplet_values,
+        for file in droplet_files(settings or self.settings, secrets=self.secrets,
                                   vpc_cidr=LAB_VPC, layout=layout,
                                   upstream_keepalive=upstream_keepalive):
             path = Path(file.path)
