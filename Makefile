@@ -43,7 +43,7 @@ chaos: venv system-deps
 	$(PY) -m lab chaos $(STACK) $(CHAOS_ARGS)
 
 drill: venv system-deps
-	$(PY) -m lab.drill $(DRILL_ARGS)
+	$(PY) -m lab.drill $(STACK) $(DRILL_ARGS)
 
 # --- Throughput and latency, layer by layer (docs/benchmarks.md) --------------------------
 # make bench STACK=prod   gunicorn, droplet nginx, frontend, static ceiling, upstream keepalive
