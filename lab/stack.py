@@ -53,6 +53,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -371,6 +372,29 @@ class Lab:
         self.start_gunicorn(droplet)
         self.start_nginx(droplet)
         self.wait_droplet_healthy(droplet)
+
+    def roll(self, droplet: Droplet, *, rewrite: bool = False) -> float:
+        """One droplet's turn in a rolling change: out of the frontend (HAProxy drain until
+        its sessions end / nginx upstream without it), stopped, with `rewrite` its files
+        written again from `droplet_values` (the user data of its replacement), started,
+        healthy, back in the frontend. Returns the seconds it took."""
+        started = time.monotonic()
+        if self.mode == "managed":
+            self.set_server_state(droplet, "drain")
+            wait_until(lambda: int(self.backend_servers()[droplet.name]["scur"]) == 0,
+                       30, f"{droplet.name} drained")
+        else:
+            self.set_upstreams([d.site for d in self.droplets if d is not droplet])
+        self.stop_droplet(droplet)
+        if rewrite:
+            self.write_droplet(droplet)
+        self.restart_droplet(droplet)
+        if self.mode == "managed":
+            self.set_server_state(droplet, "ready")
+            self.wait_frontend_ready([droplet])
+        else:
+            self.set_upstreams([d.site for d in self.droplets])
+        return time.monotonic() - started
 
     def droplet_alive(self, droplet: Droplet) -> bool:
         return running(droplet.gunicorn_pid) and running(droplet.nginx_pid)
