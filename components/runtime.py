@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from components.render import render_template
-from components.settings import Settings
+from components.settings import REPLICA_LAG_SAMPLE_SECONDS, Settings
 
 GUNICORN_TIMEOUT = 30
 """Seconds a worker may stay silent before gunicorn kills and replaces it."""
@@ -229,6 +229,8 @@ def render_app_env(
         db_connect_timeout=DB_CONNECT_TIMEOUT,
         db_statement_timeout_ms=DB_STATEMENT_TIMEOUT_MS,
         db_replica_retry_seconds=DB_REPLICA_RETRY_SECONDS,
+        db_replica_max_lag_seconds=settings.database.max_replica_lag_seconds,
+        db_replica_lag_sample_seconds=REPLICA_LAG_SAMPLE_SECONDS,
         max_body_mb=settings.app.max_body_mb,
     )
 

@@ -58,7 +58,8 @@ def database_args(settings: Settings, **wiring: Any) -> DatabaseClusterArgs:
 
 def alerts_args(settings: Settings, **wiring: Any) -> MonitoringAlertsArgs:
     return MonitoringAlertsArgs(alerts=settings.alerts, stack=settings.stack,
-                                app_tag=settings.app_tag, **wiring)
+                                app_tag=settings.app_tag,
+                                watch_replication=bool(settings.database.replicas), **wiring)
 
 
 # --------------------------------------------------------------------------- the stack
@@ -173,6 +174,7 @@ def build(settings: Settings) -> dict[str, Any]:
         "db_replica_uris": db.replica_uris,
         "alert_policy_ids": alerts.alert_policy_ids,
         "uptime_check_id": alerts.uptime_check_id,
+        "replication_check_id": alerts.replication_check_id,
     }
     outputs.update(manual_grant)
     if frontend.upstream_conf is not None:

@@ -6,7 +6,8 @@
 
 Overrides are stack config keys (camelCase, without `webstack:`); a dict is merged into the
 base's dict of the same key, and None removes the key. `alerts` is marked secret whenever it
-holds a `slackUrl`, as `pulumi config set --secret --path alerts.slackUrl` would.
+holds a `slackUrl`, as `pulumi config set --secret --path alerts.slackUrl` would, and
+`monitoring` whenever it holds `smtp` (its password).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def settings_for(stack: str = "staging", **overrides: Any) -> Settings:
             raw[key] = {**raw[key], **value}
         else:
             raw[key] = value
-    secret = frozenset({"alerts"} if "slackUrl" in raw.get("alerts", {}) else ())
+    secret = frozenset({"alerts"} if "slackUrl" in raw.get("alerts", {}) else ()) | frozenset(
+        {"monitoring"} if "smtp" in raw.get("monitoring", {}) else ())
     return load_settings(raw, stack=stack, secret_keys=secret)
 
 
