@@ -5,8 +5,9 @@ outage or failover cannot mark every droplet down at once, and it gets a thread 
 every database request is stuck (``app.db``, "Bounded database work"). It fails when gunicorn
 cannot serve. ``/readyz`` reports each database server for monitoring and deploy checks: 503
 when the primary does not answer or cannot take writes (in recovery), with the reason, and
-each replica's replication lag as last sampled (unknown: null). ``/readyz/replication`` is the uptime check's: 503 while a
-replica lags past ``DB_REPLICA_MAX_LAG_SECONDS``, 200 otherwise. It sends nothing to the
+each replica's replication lag as last sampled (unknown: null). ``/readyz/replication`` is
+the uptime check's: 503 while a replica lags past ``DB_REPLICA_MAX_LAG_SECONDS``, 200
+otherwise. It sends nothing to the
 database: it reads the lag sampler's last sample (``app.lag``), so a public URL cannot load
 the database, and waits for a first sample only in a process that has none yet.
 """

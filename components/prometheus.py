@@ -234,6 +234,8 @@ class PrometheusServer(pulumi.ComponentResource):
     """Its VPC address."""
     public_ip: pulumi.Output[str]
     """Its public address (9090/9093 and SSH open to `adminCidrs` only)."""
+    droplet_urn: pulumi.Output[str]
+    """Its DigitalOcean URN, for a `digitalocean.Project`."""
     targets: pulumi.Output[str]
     """The scrape targets file (`TARGETS_PATH`) for the current app droplets."""
 
@@ -272,5 +274,7 @@ class PrometheusServer(pulumi.ComponentResource):
         self.droplet_id = droplet.id
         self.private_ip = droplet.ipv4_address_private
         self.public_ip = droplet.ipv4_address
+        self.droplet_urn = droplet.droplet_urn
         self.register_outputs({"droplet_id": self.droplet_id, "private_ip": self.private_ip,
-                               "public_ip": self.public_ip, "targets": self.targets})
+                               "public_ip": self.public_ip, "droplet_urn": self.droplet_urn,
+                               "targets": self.targets})

@@ -97,6 +97,8 @@ STATE_FILE = "state.json"
 FRONTEND_PORT = 8080
 SITE_PORT = 8080
 GUNICORN_PORT = 8000
+NGINX_EXPORTER_PORT = 9113
+"""Each droplet's prometheus-nginx-exporter, behind its nginx's /nginx-metrics."""
 FRONTEND_HOST = 10
 FIRST_DROPLET_HOST = 11
 GUNICORN = Path(sys.executable).parent / "gunicorn"
@@ -174,7 +176,9 @@ class Droplet:
         return DropletLayout(root=str(self.dir), env_file=str(self.dir / "app.env"),
                              gunicorn_bind=self.bind, nginx_listen=self.site,
                              nginx_site=str(self.dir / "site.conf"), units_dir=str(self.dir),
-                             static_dir=self.static_dir)
+                             static_dir=self.static_dir,
+                             nginx_exporter=f"{self.address}:{NGINX_EXPORTER_PORT}",
+                             exporter_defaults=str(self.dir / "nginx-exporter.args"))
 
     @property
     def gunicorn_pid(self) -> int | None:
