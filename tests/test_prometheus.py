@@ -5,12 +5,15 @@ writes them, Alertmanager's routes, and `promtool test rules` over every alert r
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import yaml
 
+from components import cost
 from components.prometheus import (
     ALERTMANAGER_PATH,
     CONFIG_PATH,
@@ -22,8 +25,12 @@ from components.prometheus import (
     render_rules,
     render_targets,
 )
+from components.settings import droplet_size
 from tests.factories import SLACK_URL, settings_for
 from tests.runtime_helpers import cloud_init_schema
+from tools.mocks import run_program
+
+ROOT = Path(__file__).resolve().parent.parent
 
 RULE_TESTS = Path(__file__).with_name("prometheus") / "rules_test.yml"
 SMTP = {"smarthost": "smtp.example.com:587", "from": "alerts@example.com",
@@ -113,3 +120,56 @@ def test_the_unit_tests_catch_alerts_that_fire_too_soon(tmp_path):
 def test_rendering_is_byte_identical():
     settings = _settings(smtp=SMTP)
     assert render_prometheus_cloud_config(settings) == render_prometheus_cloud_config(settings)
+
+
+# --------------------------------------------------------------------------- in the program
+
+
+def _prod_with_prometheus(tmp_path: Path, **monitoring) -> Path:
+    data = yaml.safe_load((ROOT / "Pulumi.prod.yaml").read_text())
+    data["config"]["webstack:monitoring"] = {"prometheus": True, **monitoring}
+    path = tmp_path / "Pulumi.prodprom.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_the_plan_shows_the_droplet_its_firewall_and_its_cost(tmp_path):
+    path = _prod_with_prometheus(tmp_path, prometheusSize="s-1vcpu-2gb")
+    shown = subprocess.run([sys.executable, "-m", "tools.plan", str(path)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0, shown.stderr
+    price = droplet_size("s-1vcpu-2gb").monthly_usd
+    base = cost.price_run(run_program(ROOT / "Pulumi.prod.yaml")).total
+    assert "prodprom-prometheus-droplet" in shown.stdout
+    assert "prodprom-prometheus-fw" in shown.stdout
+    assert re.search(rf"prodprom-prometheus-droplet .*{price}", shown.stdout), shown.stdout
+    assert shown.stdout.rstrip().splitlines()[-3].split()[-1] == f"{base + price:.2f}"
+
+
+def test_prometheus_is_reachable_from_admin_cidrs_only_and_scrapes_over_the_vpc(tmp_path):
+    run = run_program(_prod_with_prometheus(tmp_path))
+    settings = settings_for("prod")
+    [droplet] = [d for d in run.of_type("Droplet") if d.name.endswith("-prometheus-droplet")]
+    assert droplet.inputs["tags"] == ["webstack-prodprom-prometheus"]
+    assert "userData" in droplet.secret_inputs
+    [firewall] = [f for f in run.of_type("Firewall") if f.name.endswith("-prometheus-fw")]
+    admin = yaml.safe_load((ROOT / "Pulumi.prod.yaml").read_text())["config"][
+        "webstack:adminCidrs"]
+    assert [(r["portRange"], r["sourceAddresses"]) for r in firewall.inputs["inboundRules"]] == [
+        ("9090", admin), ("9093", admin), ("22", admin)]
+    [app_fw] = [f for f in run.of_type("Firewall") if f.name.endswith("-app-fw")]
+    assert {"protocol": "tcp", "portRange": "80", "sourceTags": [droplet.inputs["tags"][0]]} in \
+        app_fw.inputs["inboundRules"]
+    [delivery] = [c for c in run.of_type("Command") if c.name.endswith("-prometheus-targets")]
+    ips = run.outputs["app_private_ips"]
+    assert json.loads(delivery.inputs["stdin"]) == [{"targets": [f"{ip}:80" for ip in ips]}]
+    assert json.loads(run.outputs["prometheus_targets"]) == json.loads(delivery.inputs["stdin"])
+    assert run.outputs["prometheus_ip"] == droplet.outputs["ipv4Address"]
+    for secret in (settings.alerts.slack_url, "offline/plan/placeholder"):
+        assert not any(secret in json.dumps(v) for v in run.outputs.values())
+
+
+def test_without_monitoring_prometheus_there_is_none():
+    run = run_program(ROOT / "Pulumi.prod.yaml")
+    assert not [d for d in run.of_type("Droplet") if "prometheus" in d.name]
+    assert not any("prometheus" in key for key in run.outputs)
