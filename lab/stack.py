@@ -71,6 +71,7 @@ from components.runtime import (
 )
 from components.settings import Settings, find_stack_file, settings_for_stack_file
 from lab import pgcluster
+from lab.monitor import stop_monitor
 from lab.process import (
     NGINX,
     START_TIMEOUT,
@@ -520,6 +521,7 @@ def stop_lab(state_dir: Path) -> None:
     """Stop every process of the lab in `state_dir`: frontend, droplets, then the database
     (pgcluster's own stop), and kill whatever is left. Safe to call more than once."""
     state_dir = Path(state_dir).resolve()
+    stop_monitor(state_dir)
     for pidfile in sorted(state_dir.glob("lb/*.pid")):
         terminate(lab_pid(pidfile, state_dir), signal.SIGTERM)
     for droplet_dir in sorted(state_dir.glob("droplet-*")):
