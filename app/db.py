@@ -113,7 +113,7 @@ _FIRST = (
     " pg_is_in_recovery() AS in_recovery, pg_last_wal_replay_lsn()::text AS replayed"
 )
 _WAL_POSITION = "SELECT pg_current_wal_insert_lsn()::text AS lsn"
-_PRIMARY_POSITION = (
+_PRIMARY_POSITION = (  # a server in recovery answers NULL (the message must not fail there)
     "SELECT CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_lsn()::text END AS lsn"
 )
 _COMMIT_AGE = (
@@ -390,11 +390,12 @@ class Database:
         for node in self.nodes:
             node.engine.dispose()
 
-    def _primary_position(self) -> int | None:
-        """The primary's WAL position; None while it is in recovery (``app.lag``)."""
-        reply = self._send(self.primary, (Statement(_PRIMARY_POSITION, {}),), write=False)
-        lsn = reply.rows[0][0].lsn
-        return parse_lsn(lsn) if lsn else None
+    def _primary_position(self) -> int:
+        """The primary's WAL position (``app.lag``). A server in recovery raises
+        ``NotPrimary`` and its connection leaves the pool, as for a write."""
+        reply = self._send(self.primary, (Statement(_PRIMARY_POSITION, {}),), write=False,
+                           for_writes=True)
+        return parse_lsn(reply.rows[0][0].lsn)
 
     def _replayed(self, name: str) -> Replayed:
         """What replica ``name`` has replayed (``app.lag``); ValueError when it is not in

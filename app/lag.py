@@ -66,13 +66,13 @@ class Replayed:
 class ReplicationLag:
     """The last sample of every replica's lag, refreshed by a daemon thread.
 
-    ``primary_position()`` returns the primary's WAL position (None when the server is in
-    recovery); ``replayed(name)`` a replica's ``Replayed``. Either raises when the server does
-    not answer. ``start()`` is idempotent (call it where the lag is needed); ``stop()`` ends
-    the thread.
+    ``primary_position()`` returns the primary's WAL position; ``replayed(name)`` a replica's
+    ``Replayed``. Either raises when its server does not answer or is not what it should be
+    (a "primary" in recovery, a "replica" that is not). ``start()`` is idempotent (call it
+    where the lag is needed); ``stop()`` ends the thread.
     """
 
-    def __init__(self, replicas: Sequence[str], *, primary_position: Callable[[], int | None],
+    def __init__(self, replicas: Sequence[str], *, primary_position: Callable[[], int],
                  replayed: Callable[[str], Replayed], interval: float,
                  max_seconds: float) -> None:
         self.replicas = tuple(replicas)

@@ -19,10 +19,10 @@ itself and Alertmanager.
 Why a targets file and not the addresses in the user data, nor DigitalOcean's service
 discovery: user data forces replacement, so a Prometheus with the app addresses in it would be
 replaced (its history lost) by every rollout; `digitalocean_sd_configs` needs an API token on
-the droplet (at best custom-scoped to reading droplets), which the stack cannot create. The file is written over SSH
-after the new app droplets exist and before the old ones are deleted (Prometheus rereads it by
-itself), so a rolling replacement loses no scrape; without `sshPrivateKey` copy the
-`prometheus_targets` output to `TARGETS_PATH` by hand.
+the droplet (at best custom-scoped to reading droplets), which the stack cannot create. The
+file is written over SSH after the new app droplets exist and before the old ones are deleted
+(Prometheus rereads it by itself), so a rolling replacement loses no scrape; without
+`sshPrivateKey` copy the `prometheus_targets` output to `TARGETS_PATH` by hand.
 
 Renderers are pure functions of settings (and plain values), as for the other droplets;
 tests/test_prometheus.py runs promtool and amtool over what they render.

@@ -18,11 +18,11 @@ class FakeServers:
     """A primary position and one replica's answer, set by the test."""
 
     def __init__(self) -> None:
-        self.primary: int | None = 100
+        self.primary = 100
         self.replayed = Replayed(100, 600.0)
         self.primary_fails = False
 
-    def primary_position(self) -> int | None:
+    def primary_position(self) -> int:
         if self.primary_fails:
             raise OSError("primary unreachable")
         return self.primary
@@ -92,6 +92,7 @@ def test_metrics_and_readyz_show_each_replica_s_lag(pg_cluster, make_app):
     app = make_app(DB_REPLICA_LAG_SAMPLE_SECONDS="0.2")
     client = app.test_client()
     pg_cluster.wait_for_replay(0)
+    assert app.extensions["webstack"].database.lag.wait_sampled(5)
     time.sleep(0.5)  # a sample after the replay
     ready = client.get("/readyz").get_json()
     assert ready["replicas"]["replica-0"]["lag"] == {"seconds": 0.0, "bytes": 0, "stale": False}
