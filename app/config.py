@@ -11,6 +11,9 @@ Environment variables, with defaults:
 - ``DB_STATEMENT_TIMEOUT_MS`` (3000): server-side limit per statement; the client gives up on a
   round trip one second after the limits of the statements it carries (see ``app.db``).
 - ``DB_REPLICA_RETRY_SECONDS`` (5): how long a replica that failed is skipped for reads.
+- ``DB_REPLICA_MAX_LAG_SECONDS`` (30): a replica further behind the primary is skipped for
+  reads until it catches up, and ``/readyz/replication`` answers 503 (see ``app.lag``).
+- ``DB_REPLICA_LAG_SAMPLE_SECONDS`` (2): how often each process measures the replicas' lag.
 - ``DB_CONCURRENCY_LIMIT`` (pool size + overflow): threads per process that may do database
   work at once; keep it below gunicorn's thread count, so a thread stays free for ``/healthz``
   (see ``app.db``, "Bounded database work").
@@ -53,6 +56,8 @@ class Settings:
     connect_timeout: int = 2
     statement_timeout_ms: int = 3000
     replica_retry_seconds: float = 5.0
+    replica_max_lag_seconds: float = 30.0
+    replica_lag_sample_seconds: float = 2.0
     concurrency_limit: int = 4
     max_body_mb: int = 1
 
@@ -90,6 +95,12 @@ class Settings:
             replica_retry_seconds=_number(
                 source, "DB_REPLICA_RETRY_SECONDS", float, cls.replica_retry_seconds, minimum=0
             ),
+            replica_max_lag_seconds=_number(
+                source, "DB_REPLICA_MAX_LAG_SECONDS", float, cls.replica_max_lag_seconds,
+                minimum=0.1),
+            replica_lag_sample_seconds=_number(
+                source, "DB_REPLICA_LAG_SAMPLE_SECONDS", float, cls.replica_lag_sample_seconds,
+                minimum=0.1),
             concurrency_limit=_number(
                 source, "DB_CONCURRENCY_LIMIT", int, pool_size + max_overflow, minimum=1
             ),

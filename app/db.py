@@ -30,7 +30,10 @@ Routing and read-your-writes
     commit: the client's note is visible there. (A position read before the commit, as
     until issue 14, could be passed by a replica that had not replayed the commit yet.) If no
     replica qualifies the read runs on the primary and ``on_fallback`` is told why
-    ("lagging" or "unavailable"). A replica that fails is skipped for
+    ("lagging" or "unavailable"). A replica whose sampled replication lag exceeds
+    ``replica_max_lag_seconds`` (``app.lag``) is skipped too, as "lagging", until a later
+    sample finds it within the bound: it serves no client, not even as a last resort. A
+    replica that fails is skipped for
     ``replica_retry_seconds``, except as a last resort: when the primary fails too, the
     skipped replicas are tried before the read fails. So a client sees its own writes, while
     other clients read from replicas that may lag.
@@ -89,6 +92,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.sql import ClauseElement
 
 from app.config import Settings
+from app.lag import Replayed, ReplicationLag
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +113,13 @@ _FIRST = (
     " pg_is_in_recovery() AS in_recovery, pg_last_wal_replay_lsn()::text AS replayed"
 )
 _WAL_POSITION = "SELECT pg_current_wal_insert_lsn()::text AS lsn"
+_PRIMARY_POSITION = (  # a server in recovery answers NULL (the message must not fail there)
+    "SELECT CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_lsn()::text END AS lsn"
+)
+_COMMIT_AGE = (
+    "SELECT extract(epoch FROM clock_timestamp() - pg_last_xact_replay_timestamp())::float8"
+    " AS age"
+)
 
 
 class NotPrimary(Exception):
@@ -302,6 +313,10 @@ class Database:
         self._on_fallback = on_fallback
         self._turn = itertools.count()
         self.slots = WorkSlots(settings.concurrency_limit)
+        self.lag = ReplicationLag(
+            [node.name for node in self.replicas], primary_position=self._primary_position,
+            replayed=self._replayed, interval=settings.replica_lag_sample_seconds,
+            max_seconds=settings.replica_max_lag_seconds)
 
     @property
     def nodes(self) -> list[Node]:
@@ -321,8 +336,12 @@ class Database:
         """``query``'s rows from a replica that has replayed up to ``min_lsn``, else from the
         primary; when the primary fails too, from a replica that was being skipped."""
         lagging, skipped = False, []
+        self.lag.start()
         with self.slots.hold():
             for node in self._replica_order():
+                if self.lag.stale(node.name):
+                    lagging = True
+                    continue
                 if node.skip_until > time.monotonic():
                     skipped.append(node)
                     continue
@@ -365,9 +384,27 @@ class Database:
         return {"ok": True, "role": "primary" if reply.served_by == "primary" else "replica"}
 
     def dispose(self) -> None:
-        """Close every pooled connection (at shutdown, or in a forked child)."""
+        """Stop the lag sampler and close every pooled connection (at shutdown, or in a
+        forked child)."""
+        self.lag.stop()
         for node in self.nodes:
             node.engine.dispose()
+
+    def _primary_position(self) -> int:
+        """The primary's WAL position (``app.lag``). A server in recovery raises
+        ``NotPrimary`` and its connection leaves the pool, as for a write."""
+        reply = self._send(self.primary, (Statement(_PRIMARY_POSITION, {}),), write=False,
+                           for_writes=True)
+        return parse_lsn(reply.rows[0][0].lsn)
+
+    def _replayed(self, name: str) -> Replayed:
+        """What replica ``name`` has replayed (``app.lag``); ValueError when it is not in
+        recovery (a promoted server is no replica to measure)."""
+        node = next(node for node in self.replicas if node.name == name)
+        reply = self._send(node, (Statement(_COMMIT_AGE, {}),), write=False)
+        if reply.served_by == "primary":
+            raise ValueError("not in recovery")
+        return Replayed(reply.replayed, reply.rows[0][0].age)
 
     def _replica_order(self) -> list[Node]:
         if not self.replicas:

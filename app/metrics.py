@@ -5,7 +5,8 @@ Each app has its own ``CollectorRegistry``, so several apps can live in one proc
 Several gunicorn workers: set ``PROMETHEUS_MULTIPROC_DIR`` to an empty directory writable by
 the workers (e.g. systemd's ``RuntimeDirectory=``, emptied on every start) in the workers'
 environment. Request counters, latencies and fallbacks are then summed over all workers,
-past and present. The pool gauges always describe the worker that answered the scrape.
+past and present. The pool and replication-lag gauges always describe the worker that
+answered the scrape.
 Without it, every metric describes a single worker.
 """
 
@@ -59,6 +60,40 @@ class PoolCollector(Collector):
         yield size
 
 
+class LagCollector(Collector):
+    """Each replica's replication lag, from the lag sampler's last sample (``app.lag``); a
+    replica whose lag is unknown has no sample."""
+
+    def __init__(self, database: Database) -> None:
+        self._lag = database.lag
+
+    def collect(self) -> Iterator[Metric]:
+        self._lag.start()
+        seconds = GaugeMetricFamily(
+            "webstack_db_replica_lag_seconds",
+            "How far the replica's replay is behind the primary, in seconds (an upper bound)",
+            labels=["replica"],
+        )
+        size = GaugeMetricFamily(
+            "webstack_db_replica_lag_bytes",
+            "WAL the primary had written that the replica had not replayed, in bytes",
+            labels=["replica"],
+        )
+        for name in self._lag.replicas:
+            lag = self._lag.of(name)
+            if lag.seconds is not None:
+                seconds.add_metric([name], lag.seconds)
+            if lag.bytes is not None:
+                size.add_metric([name], lag.bytes)
+        yield seconds
+        yield size
+        yield GaugeMetricFamily(
+            "webstack_db_replica_max_lag_seconds",
+            "Lag past which a replica is skipped for reads (DB_REPLICA_MAX_LAG_SECONDS)",
+            value=self._lag.max_seconds,
+        )
+
+
 class Metrics:
     """The app's metrics and the hooks that feed them."""
 
@@ -82,15 +117,16 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
-        self._pools: PoolCollector | None = None
+        self._collectors: list[Collector] = []
 
     def count_fallback(self, reason: str) -> None:
         self.replica_fallbacks.labels(reason=reason).inc()
 
     def watch(self, database: Database) -> None:
-        """Report the pools of ``database``."""
-        self._pools = PoolCollector(database)
-        self.registry.register(self._pools)
+        """Report the pools and the replication lag of ``database``."""
+        self._collectors = [PoolCollector(database), LagCollector(database)]
+        for collector in self._collectors:
+            self.registry.register(collector)
 
     def instrument(self, app: Flask) -> None:
         """Time and count every request of ``app``."""
@@ -102,8 +138,8 @@ class Metrics:
             return generate_latest(self.registry)
         registry = CollectorRegistry()
         MultiProcessCollector(registry)
-        if self._pools is not None:
-            registry.register(self._pools)
+        for collector in self._collectors:
+            registry.register(collector)
         return generate_latest(registry)
 
     def _observe(self, response: Response) -> Response:

@@ -96,6 +96,9 @@ class AppTierArgs:
     """Where SSH is allowed from (none: no SSH rule, and no gates)."""
     web_source: WebSource
     """Who may reach port 80: the frontend's `web_source` (managed LB uid or LB droplets' tag)."""
+    scraper_tags: Sequence[str] = ()
+    """Droplets that scrape `/metrics` on port 80 (the Prometheus droplet's tag); nginx answers
+    `/metrics` to the VPC only."""
     vpc_id: pulumi.Input[str]
     """The VPC the droplets join; the LB and the database reach them over it."""
     ssh_keys: Sequence[pulumi.Input[str]]
@@ -221,6 +224,9 @@ class AppTier(pulumi.ComponentResource):
             protocol="tcp", port_range="80",
             source_load_balancer_uids=list(web.load_balancer_uids) or None,
             source_tags=list(web.tags) or None)]
+        if args.scraper_tags:
+            rules.append(digitalocean.FirewallInboundRuleArgs(
+                protocol="tcp", port_range="80", source_tags=list(args.scraper_tags)))
         if args.admin_cidrs:
             rules.append(digitalocean.FirewallInboundRuleArgs(
                 protocol="tcp", port_range="22", source_addresses=list(args.admin_cidrs)))

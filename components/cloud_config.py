@@ -93,7 +93,7 @@ def render_app_cloud_config(
     document = {
         "bootcmd": [metadata_bootcmd()],
         "package_update": True,
-        "packages": ["nginx", "python3-venv"],
+        "packages": ["nginx", "python3-venv", "prometheus-nginx-exporter"],
         "users": [
             "default",
             # Home /nonexistent (Debian's for system users): libpq looks for a client
@@ -117,6 +117,8 @@ def render_app_cloud_config(
             ["rm", "-f", "/etc/nginx/sites-enabled/default"],
             ["ln", "-sf", layout.nginx_site, "/etc/nginx/sites-enabled/webstack"],
             ["sh", "-c", "nginx -t && systemctl reload nginx"],
+            # The package started it before its arguments were written.
+            ["systemctl", "restart", "prometheus-nginx-exporter"],
         ],
     }
     text = "#cloud-config\n" + yaml.safe_dump(document, sort_keys=False, width=1000)

@@ -41,7 +41,7 @@ import pulumi_digitalocean as digitalocean
 
 from components import ssh
 from components.lb_nginx import APP_PORT, UPSTREAM_PATH, render_lb_upstream
-from components.settings import FrontendSettings
+from components.settings import REPLICATION_PATH, FrontendSettings
 
 ANYWHERE = ["0.0.0.0/0", "::/0"]
 DNS_TTL = 300
@@ -74,6 +74,8 @@ class AlertTargets:
     health_url: pulumi.Input[str]
     """What the uptime check fetches: https://fqdn/healthz, or http://ip/healthz."""
     https: bool
+    replication_url: pulumi.Input[str] | None = None
+    """The app's replication-lag endpoint through the load balancer (the lag uptime check)."""
     load_balancer_ids: Sequence[pulumi.Input[str]] = ()
     """Managed load balancers (5xx rate, latency, droplet health)."""
     droplet_tags: Sequence[str] = ()
@@ -309,6 +311,7 @@ class LoadBalancedFrontend(pulumi.ComponentResource):
         health_path = args.frontend.health_check.path
         self.alert_targets = AlertTargets(
             health_url=self.url.apply(lambda url: f"{url}{health_path}"), https=bool(args.fqdn),
+            replication_url=self.url.apply(lambda url: f"{url}{REPLICATION_PATH}"),
             load_balancer_ids=mode.load_balancer_ids, droplet_tags=mode.droplet_tags)
 
         outputs = {"ip": self.ip, "url": self.url, "lb_droplet_ids": self.lb_droplet_ids,

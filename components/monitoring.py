@@ -8,7 +8,11 @@ the Slack channel (its webhook URL kept secret):
   response time, unhealthy droplets;
 - `MonitorAlert`s on the database cluster (by its id): CPU, memory, disk;
 - an `UptimeCheck` on the health URL from a few regions, with `UptimeAlert`s: down everywhere,
-  slow, and (HTTPS only) certificate expiring.
+  slow, and (HTTPS only) certificate expiring;
+- with read replicas, an `UptimeCheck` on the app's replication-lag endpoint
+  (`/readyz/replication`, 503 while a replica lags past `database.maxReplicaLagSeconds`) with
+  an `UptimeAlert` when it fails everywhere: DigitalOcean's alert policies have no
+  replication-lag type, so the app measures the lag and the uptime check carries the alert.
 
 Every alert policy names its targets (tags or entities): one with neither would watch every
 resource of the account. Thresholds and window come from `alerts.*`.
@@ -49,6 +53,8 @@ class MonitoringAlertsArgs:
     """The frontend's `alert_targets`: its health URL, load balancers or LB droplets."""
     db_cluster_id: pulumi.Input[str]
     """The database cluster's id."""
+    watch_replication: bool
+    """Read replicas exist: check the frontend's `replication_url` too."""
 
 
 class MonitoringAlerts(pulumi.ComponentResource):
@@ -58,6 +64,8 @@ class MonitoringAlerts(pulumi.ComponentResource):
     """The uuids of every alert policy created here."""
     uptime_check_id: pulumi.Output[str] | None
     """The uptime check's id; None with `alerts.uptimeCheck: false`."""
+    replication_check_id: pulumi.Output[str] | None
+    """The replication-lag uptime check's id; None without replicas or uptime checks."""
 
     def __init__(self, name: str, args: MonitoringAlertsArgs,
                  opts: pulumi.ResourceOptions | None = None):
@@ -103,32 +111,44 @@ class MonitoringAlerts(pulumi.ComponentResource):
             alert(f"db-{short}", f"v1/dbaas/alerts/{metric}", percent,
                   f"database {short} above {percent}%", entities=[args.db_cluster_id])
 
-        self.uptime_check_id = self._uptime(name, args, slack_url) if a.uptime_check else None
+        self.uptime_check_id = self.replication_check_id = None
+        if a.uptime_check:
+            https = args.frontend.https
+            self.uptime_check_id = self._uptime(
+                f"{name}-uptime", args.frontend.health_url, args, slack_url, [
+                    ("down", dict(type="down_global", period=UPTIME_DOWN_PERIOD)),
+                    ("latency", dict(type="latency", threshold=a.latency_ms,
+                                     comparison="greater_than", period=a.window)),
+                ] + ([("ssl", dict(type="ssl_expiry", threshold=SSL_EXPIRY_DAYS,
+                                   comparison="less_than", period=SSL_EXPIRY_PERIOD))]
+                     if https else []))
+        if a.uptime_check and args.watch_replication and args.frontend.replication_url:
+            # 503 from every region: a replica lags past the bound (or the site is down,
+            # which the health check reports too).
+            self.replication_check_id = self._uptime(
+                f"{name}-lag", args.frontend.replication_url, args, slack_url,
+                [("down", dict(type="down_global", period=UPTIME_DOWN_PERIOD))])
         self.alert_policy_ids = pulumi.Output.all(*[p.uuid for p in policies])
         self.register_outputs({
             "alert_policy_ids": self.alert_policy_ids, "uptime_check_id": self.uptime_check_id,
+            "replication_check_id": self.replication_check_id,
         })
 
-    def _uptime(self, name: str, args: MonitoringAlertsArgs,
-                slack_url: pulumi.Input[str] | None) -> pulumi.Output[str]:
-        """The uptime check on the health URL and its alerts; returns the check's id."""
+    def _uptime(self, name: str, target: pulumi.Input[str], args: MonitoringAlertsArgs,
+                slack_url: pulumi.Input[str] | None,
+                uptime_alerts: list[tuple[str, dict[str, Any]]]) -> pulumi.Output[str]:
+        """An uptime check on `target` and its alerts; returns the check's id."""
         a, https, child = args.alerts, args.frontend.https, pulumi.ResourceOptions(parent=self)
         check = digitalocean.UptimeCheck(
-            f"{name}-uptime", target=args.frontend.health_url, type="https" if https else "http",
+            name, target=target, type="https" if https else "http",
             regions=list(UPTIME_REGIONS), enabled=True, opts=child)
         notifications = [digitalocean.UptimeAlertNotificationArgs(
             emails=list(a.emails),
             slacks=[digitalocean.UptimeAlertNotificationSlackArgs(
                 channel=a.slack_channel, url=slack_url)] if slack_url else None,
         )]
-        uptime_alerts = [
-            ("down", dict(type="down_global", period=UPTIME_DOWN_PERIOD)),
-            ("latency", dict(type="latency", threshold=a.latency_ms, comparison="greater_than",
-                             period=a.window)),
-        ] + ([("ssl", dict(type="ssl_expiry", threshold=SSL_EXPIRY_DAYS,
-                           comparison="less_than", period=SSL_EXPIRY_PERIOD))] if https else [])
         for suffix, fields in uptime_alerts:
-            digitalocean.UptimeAlert(f"{name}-uptime-{suffix}", check_id=check.id,
+            digitalocean.UptimeAlert(f"{name}-{suffix}", check_id=check.id,
                                      notifications=notifications, opts=child, **fields)
         return check.id
 

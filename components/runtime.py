@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from components.metadata_firewall import METADATA_IP
 from components.render import render_template
-from components.settings import Settings
+from components.settings import REPLICA_LAG_SAMPLE_SECONDS, Settings
 
 GUNICORN_TIMEOUT = 30
 """Seconds a worker may stay silent before gunicorn kills and replaces it."""
@@ -78,6 +78,10 @@ class DropletLayout:
     units_dir: str = "/etc/systemd/system"
     static_dir: str = ""
     """Flask's static folder, served by nginx at /static/; empty: `app_dir`/app/static."""
+    nginx_exporter: str = "127.0.0.1:9113"
+    """Where prometheus-nginx-exporter listens (nginx serves it as NGINX_METRICS_PATH)."""
+    exporter_defaults: str = "/etc/default/prometheus-nginx-exporter"
+    """The exporter's arguments (Debian's and Ubuntu's package read ARGS from it)."""
 
     def __post_init__(self):
         if not self.static_dir:
@@ -105,6 +109,22 @@ class DropletLayout:
         return f"{self.units_dir}/{name}"
 
 
+NGINX_STATUS_PATH = "/nginx_status"
+"""nginx's stub status (connections, requests), for the exporter on loopback only."""
+NGINX_METRICS_PATH = "/nginx-metrics"
+"""The stub status as Prometheus metrics: what Prometheus scrapes, from the VPC only."""
+
+
+def nginx_exporter_args(layout: DropletLayout) -> list[str]:
+    """prometheus-nginx-exporter's arguments: it reads the droplet nginx's stub status and
+    listens on loopback, behind nginx's NGINX_METRICS_PATH. Double dashes: both the stdlib
+    flags of 0.11 (Debian 12) and the kingpin flags of 1.x accept them."""
+    listen = layout.nginx_listen if ":" in layout.nginx_listen else \
+        f"127.0.0.1:{layout.nginx_listen}"
+    return [f"--nginx.scrape-uri=http://{listen}{NGINX_STATUS_PATH}",
+            f"--web.listen-address={layout.nginx_exporter}"]
+
+
 @dataclass(frozen=True)
 class DropletFile:
     """One file an app droplet gets: cloud-init writes it, the lab writes it under its dirs."""
@@ -124,6 +144,7 @@ def render_nginx_site(
     metrics_allow: Sequence[str],
     trusted_proxies: Sequence[str] = (),
     upstream_keepalive: bool = True,
+    nginx_exporter: str = DropletLayout.nginx_exporter,
 ) -> str:
     """The nginx site (a `server` and its `upstream`, included inside `http {}`).
 
@@ -132,7 +153,8 @@ def render_nginx_site(
     directly (the VPC, loopback); everyone else gets 403. `trusted_proxies` lists the load
     balancer's addresses (the VPC): the client address in their X-Forwarded-For becomes
     nginx's, and the app gets that one address (it trusts one hop). Both are exempt from
-    `frontend.rateLimit`. `upstream_keepalive`
+    `frontend.rateLimit`. `nginx_exporter` is prometheus-nginx-exporter's address, served to
+    the same sources as /metrics at NGINX_METRICS_PATH. `upstream_keepalive`
     False makes nginx open a connection to gunicorn per request (the bench's comparison).
     """
     for source in [*metrics_allow, *trusted_proxies]:
@@ -158,6 +180,9 @@ def render_nginx_site(
         site_names=[settings.fqdn] if settings.fqdn else [],
         rate_limit=settings.frontend.rate_limit,
         rate_exempt=list(dict.fromkeys([*trusted_proxies, *metrics_allow])),
+        nginx_status_path=NGINX_STATUS_PATH,
+        nginx_metrics_path=NGINX_METRICS_PATH,
+        nginx_exporter=nginx_exporter,
     )
 
 
@@ -245,6 +270,8 @@ def render_app_env(settings: Settings, secrets: AppSecrets, *, bind: str) -> str
         db_connect_timeout=DB_CONNECT_TIMEOUT,
         db_statement_timeout_ms=DB_STATEMENT_TIMEOUT_MS,
         db_replica_retry_seconds=DB_REPLICA_RETRY_SECONDS,
+        db_replica_max_lag_seconds=settings.database.max_replica_lag_seconds,
+        db_replica_lag_sample_seconds=REPLICA_LAG_SAMPLE_SECONDS,
         max_body_mb=settings.app.max_body_mb,
     )
 
@@ -265,7 +292,9 @@ def droplet_files(
     site = render_nginx_site(
         settings, listen=layout.nginx_listen, upstream=layout.gunicorn_bind,
         static_dir=layout.static_dir, metrics_allow=[vpc_cidr, "127.0.0.1"],
-        trusted_proxies=[vpc_cidr], upstream_keepalive=upstream_keepalive)
+        trusted_proxies=[vpc_cidr], upstream_keepalive=upstream_keepalive,
+        nginx_exporter=layout.nginx_exporter)
+    exporter = f'ARGS="{" ".join(nginx_exporter_args(layout))}"\n'
     files = [DropletFile(layout.bundle, 0o644, bundle)] if bundle is not None else []
     if secrets is not None:
         files.append(DropletFile(layout.env_file, 0o600,
@@ -274,6 +303,7 @@ def droplet_files(
         DropletFile(layout.unit(APP_UNIT), 0o644, render_app_unit(settings, layout)),
         DropletFile(layout.unit(MIGRATE_UNIT), 0o644, render_migrate_unit(layout)),
         DropletFile(layout.nginx_site, 0o644, site),
+        DropletFile(layout.exporter_defaults, 0o644, exporter),
     ]
 
 

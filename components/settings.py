@@ -55,6 +55,12 @@ WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", 
 HEALTH_PATH = "/healthz"
 """What the load balancer checks: the app's liveness endpoint (app/health.py), which the policy
 pack requires too (policy/rules.py). Not a config key: no other path would be served."""
+REPLICATION_PATH = "/readyz/replication"
+"""The app's replication-lag endpoint (app/health.py): 503 while a replica lags past
+`database.maxReplicaLagSeconds`. The lag uptime check fetches it through the load balancer."""
+REPLICA_LAG_SAMPLE_SECONDS = 2
+"""How often each app process measures the replicas' lag (DB_REPLICA_LAG_SAMPLE_SECONDS): the
+bound holds up to one sample late, so `database.maxReplicaLagSeconds` is at least a few."""
 
 _EMAIL = re.compile(r"^[^@\s]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$")
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
@@ -226,6 +232,8 @@ class DatabaseSettings:
     database and user its backup holds. Kept after `restore_from` is removed."""
     restore_from: RestoreSettings | None
     """Set for the run that creates restored cluster number `restores`."""
+    max_replica_lag_seconds: int
+    """A replica further behind is skipped for reads, and the lag endpoint answers 503."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -243,6 +251,31 @@ class AlertSettings:
     """Threshold for the LB p95 latency and uptime latency alerts."""
     uptime_check: bool
     """An uptime check on the site's /healthz from several regions ($1 a month)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SmtpSettings:
+    """An SMTP relay for Alertmanager's emails (STARTTLS, with a login)."""
+
+    smarthost: str
+    """host:port"""
+    sender: str
+    username: str
+    password: Secret
+
+
+@dataclass(frozen=True, kw_only=True)
+class MonitoringSettings:
+    """The optional Prometheus droplet in the VPC."""
+
+    prometheus: bool
+    prometheus_size: str
+    smtp: SmtpSettings | None
+    """How Alertmanager sends `alerts.emails` (droplets cannot send mail on port 25)."""
+
+    @property
+    def size(self) -> Size:
+        return droplet_size(self.prometheus_size)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -274,6 +307,7 @@ class Settings:
     frontend: FrontendSettings
     database: DatabaseSettings
     alerts: AlertSettings
+    monitoring: MonitoringSettings
     budget: BudgetSettings
 
     @property
@@ -301,6 +335,11 @@ class Settings:
     def lb_tag(self) -> str:
         """The tag on the nginx load-balancer droplets (nginx frontend mode)."""
         return f"webstack-{self.stack}-lb"
+
+    @property
+    def prometheus_tag(self) -> str:
+        """The tag on the Prometheus droplet (`monitoring.prometheus`)."""
+        return f"webstack-{self.stack}-prometheus"
 
 
 # --------------------------------------------------------------------------- the keys
@@ -479,6 +518,10 @@ KEYS: dict[str, Key] = {key.name: key for key in [
         default_text="the latest backup",
         allowed_text=f"ISO 8601 UTC (`2026-11-30T08:15:00Z`), within the last {RETENTION_DAYS}"
         " days"),
+    Key("database.maxReplicaLagSeconds", "int", "a replica further behind the primary is"
+        f" skipped for reads until it catches up, and `{REPLICATION_PATH}` (the lag uptime"
+        f" check's) answers 503; measured every {REPLICA_LAG_SAMPLE_SECONDS} s by each app"
+        " process", 30, bounds=(5, 3600)),
     Key("alerts.emails", "list", "alert recipients", required=True, allowed_text="≥1 email"),
     Key("alerts.slackChannel", "str", "Slack notifications",
         allowed_text="a channel, with `slackUrl`"),
@@ -491,8 +534,19 @@ KEYS: dict[str, Key] = {key.name: key for key in [
         bounds=(1, 100)),
     Key("alerts.window", "choice", "alert evaluation window", "5m", choices=ALERT_WINDOWS),
     Key("alerts.latencyMs", "int", "LB p95 and uptime latency alerts", 1000, bounds=(1, 60000)),
-    Key("alerts.uptimeCheck", "bool", f"an uptime check on `{HEALTH_PATH}` (1.00 a month)",
-        True),
+    Key("alerts.uptimeCheck", "bool", f"an uptime check on `{HEALTH_PATH}` and, with replicas,"
+        f" one on `{REPLICATION_PATH}` (1.00 a month each)", True),
+    Key("monitoring.prometheus", "bool", "a Prometheus + Alertmanager droplet in the VPC"
+        " scraping the app droplets ([monitoring.md](monitoring.md))", False),
+    Key("monitoring.prometheusSize", "choice", "the Prometheus droplet's size", "s-1vcpu-1gb",
+        choices=_DROPLET_SIZES, allowed_text="as `app.dropletSize`"),
+    Key("monitoring.smtp.smarthost", "str", "the SMTP relay Alertmanager mails `alerts.emails`"
+        " through (DigitalOcean blocks port 25)", allowed_text="`host:port` (587), with the"
+        " other `smtp` keys"),
+    Key("monitoring.smtp.from", "str", "the alert mails' sender", allowed_text="an email"),
+    Key("monitoring.smtp.username", "str", "the relay's login", allowed_text="a user name"),
+    Key("monitoring.smtp.password", "secret", "the relay's password",
+        allowed_text="set as a secret"),
     Key("budget.monthlyUsd", "number", "the stack's monthly budget", allowed_text="> 0"),
     Key("budget.enforce", "bool", "over budget: an error that stops the preview, else a"
         " warning", _PRODUCTION),
@@ -769,6 +823,7 @@ def _database(r: _Reader, region: str) -> DatabaseSettings:
         version=version, size=size_slug, node_count=node_count, replicas=tuple(replicas),
         pool=pool, maintenance=maintenance, protect=r.bool("protect"), name=name,
         restores=restores, restore_from=restore_from,
+        max_replica_lag_seconds=r.int("maxReplicaLagSeconds"),
     )
     r.done()
     return db
@@ -832,6 +887,38 @@ def _alerts(r: _Reader, secret: bool) -> AlertSettings:
     )
     r.done()
     return alerts
+
+
+def _monitoring(r: _Reader, secret: bool, alerts: AlertSettings) -> MonitoringSettings:
+    prometheus = r.bool("prometheus")
+    monitoring = MonitoringSettings(prometheus=prometheus,
+                                    prometheus_size=r.choice("prometheusSize"),
+                                    smtp=_smtp(r.obj("smtp"), secret))
+    r.done()
+    if prometheus and not monitoring.smtp and not alerts.slack_url:
+        raise ConfigError("monitoring.prometheus", True, "Alertmanager needs somewhere to send"
+                          " alerts: set monitoring.smtp (for alerts.emails) or alerts.slackUrl")
+    return monitoring
+
+
+def _smtp(r: _Reader, secret: bool) -> SmtpSettings | None:
+    values = {name: r.str(name) for name in ("smarthost", "from", "username", "password")}
+    r.done()
+    if not any(values.values()):
+        return None
+    for name, value in values.items():
+        if value is None:
+            raise ConfigError(r.key(name), None, "set smarthost, from, username and password"
+                              " together")
+    if not re.fullmatch(r"[A-Za-z0-9.-]+:\d{1,5}", values["smarthost"]):
+        raise ConfigError(r.key("smarthost"), values["smarthost"], "must be host:port")
+    if not _EMAIL.match(values["from"]):
+        raise ConfigError(r.key("from"), values["from"], "must be an email address")
+    if not secret:
+        raise ConfigError(r.key("password"), "[plain text]", "must be set as a secret: pulumi"
+                          " config set --secret --path monitoring.smtp.password PASSWORD")
+    return SmtpSettings(smarthost=values["smarthost"], sender=values["from"],
+                        username=values["username"], password=Secret(values["password"]))
 
 
 def _budget(r: _Reader) -> BudgetSettings:
@@ -925,6 +1012,7 @@ def load_settings(
         if not net.is_private or not 16 <= net.prefixlen <= 24:
             raise ConfigError("vpcIpRange", vpc_ip_range, "must be a private range from /16 to /24")
 
+    alerts = _alerts(r.obj("alerts"), "alerts" in secret_keys)
     settings = Settings(
         stack=stack,
         environment=environment,
@@ -939,7 +1027,8 @@ def load_settings(
         app=_app(r.obj("app")),
         frontend=_frontend(r.obj("frontend")),
         database=_database(r.obj("database"), region),
-        alerts=_alerts(r.obj("alerts"), "alerts" in secret_keys),
+        alerts=alerts,
+        monitoring=_monitoring(r.obj("monitoring"), "monitoring" in secret_keys, alerts),
         budget=_budget(r.obj("budget")),
     )
     r.done()

@@ -28,6 +28,11 @@ from components.frontend import (
 )
 from components.lb_nginx import render_lb_cloud_config
 from components.monitoring import MonitoringAlerts, MonitoringAlertsArgs
+from components.prometheus import (
+    PrometheusServer,
+    PrometheusServerArgs,
+    render_prometheus_cloud_config,
+)
 from components.runtime import AppSecrets, DropletLayout, render_app_env
 from components.settings import ConfigError, Settings, is_ssh_fingerprint_or_id
 
@@ -36,9 +41,10 @@ from components.settings import ConfigError, Settings, is_ssh_fingerprint_or_id
 
 
 def app_tier_args(settings: Settings, **wiring: Any) -> AppTierArgs:
+    scrapers = [settings.prometheus_tag] if settings.monitoring.prometheus else []
     return AppTierArgs(app=settings.app, health_check=settings.frontend.health_check,
                        region=settings.region, tag=settings.app_tag,
-                       admin_cidrs=settings.ssh_sources, **wiring)
+                       admin_cidrs=settings.ssh_sources, scraper_tags=scrapers, **wiring)
 
 
 def frontend_args(settings: Settings, **wiring: Any) -> LoadBalancedFrontendArgs:
@@ -57,9 +63,18 @@ def database_args(settings: Settings, **wiring: Any) -> DatabaseClusterArgs:
                                region=settings.region, app_tag=settings.app_tag, **wiring)
 
 
+def prometheus_args(settings: Settings, **wiring: Any) -> PrometheusServerArgs:
+    return PrometheusServerArgs(
+        monitoring=settings.monitoring, region=settings.region, tag=settings.prometheus_tag,
+        image=settings.app.image, admin_cidrs=settings.admin_cidrs,
+        ssh_cidrs=settings.ssh_sources,
+        user_data=pulumi.Output.secret(render_prometheus_cloud_config(settings)), **wiring)
+
+
 def alerts_args(settings: Settings, **wiring: Any) -> MonitoringAlertsArgs:
     return MonitoringAlertsArgs(alerts=settings.alerts, stack=settings.stack,
-                                app_tag=settings.app_tag, **wiring)
+                                app_tag=settings.app_tag,
+                                watch_replication=bool(settings.database.replicas), **wiring)
 
 
 # --------------------------------------------------------------------------- the stack
@@ -163,6 +178,9 @@ def build(settings: Settings) -> dict[str, Any]:
 
     alerts = MonitoringAlerts(f"{stack}-alerts", alerts_args(
         settings, frontend=frontend.alert_targets, db_cluster_id=db.cluster_id))
+    prometheus = PrometheusServer(f"{stack}-prometheus", prometheus_args(
+        settings, vpc_id=vpc.id, ssh_keys=ssh_keys, app_private_ips=app.private_ips,
+        ssh_private_key=key)) if settings.monitoring.prometheus else None
 
     do.Project(
         f"{stack}-project",
@@ -171,8 +189,9 @@ def build(settings: Settings) -> dict[str, Any]:
         purpose="Web Application",
         environment="Production" if settings.production else "Staging",
         resources=pulumi.Output.all(
-            app.droplet_urns, frontend.resource_urns, db.cluster_urn
-        ).apply(lambda v: [*v[0], *v[1], v[2]]),
+            app.droplet_urns, frontend.resource_urns, db.cluster_urn,
+            prometheus.droplet_urn if prometheus else None,
+        ).apply(lambda v: [*v[0], *v[1], v[2], *([v[3]] if v[3] else [])]),
     )
 
     outputs: dict[str, Any] = {
@@ -187,9 +206,14 @@ def build(settings: Settings) -> dict[str, Any]:
         "db_replica_uris": db.replica_uris,
         "alert_policy_ids": alerts.alert_policy_ids,
         "uptime_check_id": alerts.uptime_check_id,
+        "replication_check_id": alerts.replication_check_id,
     }
     outputs.update(manual_grant)
     if frontend.upstream_conf is not None:
         outputs["lb_upstream_conf"] = frontend.upstream_conf
+    if prometheus is not None:
+        outputs.update(prometheus_ip=prometheus.public_ip,
+                       prometheus_private_ip=prometheus.private_ip,
+                       prometheus_targets=prometheus.targets)
     outputs.update(cost.finish(tracker, settings.budget))
     return outputs

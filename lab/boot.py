@@ -52,7 +52,7 @@ import yaml
 
 from components.app_tier import health_gate_script
 from components.metadata_firewall import AGENT_USER, METADATA_IP
-from components.runtime import APP_UNIT, DropletLayout
+from components.runtime import APP_UNIT, NGINX_METRICS_PATH, DropletLayout
 from components.settings import settings_for_stack_file
 from lab import pgcluster
 from lab.boot_net import Servers
@@ -443,6 +443,10 @@ class Boot:
         self.check(droplet, "app user", bool(user) and user != "root", f"gunicorn runs as {user!r}")
         stat = self.inside(droplet, "stat -c '%a %U:%G' /etc/webstack/app.env").stdout.strip()
         self.check(droplet, "env file", stat == "600 root:root", stat or "missing")
+        for path in ("/metrics", NGINX_METRICS_PATH):  # what Prometheus scrapes (VPC only)
+            code = self.inside(droplet, "curl -s -o /dev/null -w '%{http_code}'"
+                               f" http://127.0.0.1{path}").stdout.strip()
+            self.check(droplet, f"scrape {path}", code == "200", f"{code} from the droplet")
         for unit in ("webstack-app.service", "webstack-migrate.service"):
             out = self.inside(droplet, f"systemd-analyze security --no-pager {unit}").stdout
             match = re.search(r"Overall exposure level for \S+: ([0-9.]+)", out)

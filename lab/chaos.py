@@ -37,6 +37,11 @@ a table goes to stdout. Exit status 1 when a criterion fails.
                     committed, the client gets an error); clients retry with their
                     Idempotency-Key: every acknowledged note exists exactly once, and no
                     key made two notes.
+11 replica-lag-alert the Prometheus droplet's Prometheus and Alertmanager (`lab/monitor.py`)
+                    scrape every droplet (all targets up); with replicas, replay held back past
+                    `database.maxReplicaLagSeconds`: reads leave the replica, the lag endpoint
+                    answers 503 through the frontend, ReplicaLagging fires and reaches
+                    Alertmanager; replay released: reads return, 200, the alert resolves.
 
 The droplets reach the database through one delay proxy per endpoint (`lab/proxy.py`).
 """
@@ -65,8 +70,9 @@ from components.runtime import (
     DB_REPLICA_RETRY_SECONDS,
     DB_STATEMENT_TIMEOUT_MS,
 )
-from components.settings import database_size, pool_connection_budget
+from components.settings import REPLICATION_PATH, database_size, pool_connection_budget
 from lab.load import FAILURES, Client, Load, Request, Sample, counts
+from lab.monitor import Monitor, stop_monitor
 from lab.process import http_status, terminate_on_signal, wait_until
 from lab.stack import LABS_DIR, ROOT, Lab, stack_file, stop_lab
 
@@ -568,6 +574,75 @@ def retry_after_commit(lab: Lab, result: Result, clients: int = 8, seconds: floa
     result.check(replayed > 0, "no retry met a committed note: the fault was not injected")
 
 
+LAG_ALERT_MARGIN = 30.0
+"""Seconds past `database.maxReplicaLagSeconds` the lag alert may take to fire (a 2 s sample,
+the lab's 1 s scrape and evaluation, its 3 s hold), and to resolve once replay is released."""
+
+
+def replica_lag_alert(lab: Lab, result: Result) -> None:
+    monitor = Monitor(lab)
+    monitor.start()
+    try:
+        expected = 2 * len(lab.droplets) + 2  # app and nginx per droplet, itself, Alertmanager
+        settle(lambda: list(monitor.targets().values()) == ["up"] * expected, 30, "targets up")
+        targets = monitor.targets()
+        result.details["targets"] = targets
+        result.check(len(targets) == expected and set(targets.values()) == {"up"},
+                     f"not every target is up: {targets}")
+        if not lab.settings.database.replicas:
+            result.note = "lag alert skipped: the stack has no read replica"
+            return
+        _lag_alert(lab, monitor, result)
+    finally:
+        stop_monitor(lab.state_dir)
+
+
+def _lag_alert(lab: Lab, monitor: Monitor, result: Result) -> None:
+    bound = lab.settings.database.max_replica_lag_seconds
+    replicas = range(len(lab.settings.database.replicas))
+    reader = Client(lab.url, cookies=False)  # no session: any primary read is the lag's doing
+
+    def lag_status() -> int | None:
+        return reader.send(Request("GET", REPLICATION_PATH, tag="lag")).status
+
+    def firing() -> bool:
+        return any(a["state"] == "firing" for a in monitor.alerts("ReplicaLagging"))
+
+    before = lag_status()
+    started = time.monotonic()
+    for index in replicas:
+        lab.pg.set_apply_delay(index, 3600)
+    try:
+        Client(lab.url).send(write(0))  # a commit the replicas hold back
+        settle(firing, bound + LAG_ALERT_MARGIN, "ReplicaLagging firing")
+        fired = time.monotonic() - started
+        during = lag_status()
+        served = Counter(reader.send(read(n)).served_by for n in range(10))
+        settle(lambda: bool(monitor.received("ReplicaLagging")), 10, "Alertmanager")
+        received = bool(monitor.received("ReplicaLagging"))
+    finally:
+        for index in replicas:
+            lab.pg.set_apply_delay(index, 0)
+    released = time.monotonic()
+    settle(lambda: not monitor.alerts("ReplicaLagging"), LAG_ALERT_MARGIN, "alert resolved")
+    resolved = time.monotonic() - released
+    after = lag_status()
+    back = Counter(reader.send(read(n)).served_by for n in range(10))
+    result.details.update(
+        max_replica_lag_seconds=bound, lag_endpoint_before=before, fired_after_seconds=round(
+            fired, 1), lag_endpoint_while_lagging=during, reads_while_lagging=dict(served),
+        alertmanager_received=received, resolved_after_release_seconds=round(resolved, 1),
+        lag_endpoint_after=after, reads_after=dict(back))
+    result.check(before == 200, f"the lag endpoint answered {before} before the lag")
+    result.check(fired <= bound + LAG_ALERT_MARGIN, "ReplicaLagging did not fire")
+    result.check(during == 503, f"the lag endpoint answered {during} while lagging")
+    result.check(set(served) == {"primary"}, f"reads while lagging: {dict(served)}")
+    result.check(received, "Alertmanager did not receive ReplicaLagging")
+    result.check(resolved <= LAG_ALERT_MARGIN, "ReplicaLagging did not resolve")
+    result.check(after == 200, f"the lag endpoint answered {after} after the catch-up")
+    result.check(back["primary"] < 10, f"reads did not return to the replicas: {dict(back)}")
+
+
 SCENARIOS: list[tuple[str, Callable[[Lab, Result], None], str]] = [
     ("kill-droplet", kill_droplet,
      "kill -9 one droplet's gunicorn+nginx under GET load: nginx frontend 0 failed requests; "
@@ -606,6 +681,12 @@ SCENARIOS: list[tuple[str, Callable[[Lab, Result], None], str]] = [
      "30% of commit replies lost, clients retry with their Idempotency-Key: every acknowledged "
      "note stored exactly once (same id on every answer), no key made two notes, some retries "
      "met a committed note"),
+    ("replica-lag-alert", replica_lag_alert,
+     "Prometheus scrapes every droplet (all targets up); replicas held back past "
+     "database.maxReplicaLagSeconds: reads on the primary, the lag endpoint 503 through the "
+     f"frontend, ReplicaLagging firing within the bound + {LAG_ALERT_MARGIN:.0f} s and received "
+     f"by Alertmanager; replay released: resolved within {LAG_ALERT_MARGIN:.0f} s, 200, reads "
+     "back on the replicas"),
 ]
 
 

@@ -73,6 +73,7 @@ from components.runtime import (
 )
 from components.settings import Settings, find_stack_file, settings_for_stack_file
 from lab import pgcluster
+from lab.monitor import stop_monitor
 from lab.process import (
     NGINX,
     START_TIMEOUT,
@@ -99,6 +100,8 @@ STATE_FILE = "state.json"
 FRONTEND_PORT = 8080
 SITE_PORT = 8080
 GUNICORN_PORT = 8000
+NGINX_EXPORTER_PORT = 9113
+"""Each droplet's prometheus-nginx-exporter, behind its nginx's /nginx-metrics."""
 FRONTEND_HOST = 10
 FIRST_DROPLET_HOST = 11
 GUNICORN = Path(sys.executable).parent / "gunicorn"
@@ -176,7 +179,9 @@ class Droplet:
         return DropletLayout(root=str(self.dir), env_file=str(self.dir / "app.env"),
                              gunicorn_bind=self.bind, nginx_listen=self.site,
                              nginx_site=str(self.dir / "site.conf"), units_dir=str(self.dir),
-                             static_dir=self.static_dir)
+                             static_dir=self.static_dir,
+                             nginx_exporter=f"{self.address}:{NGINX_EXPORTER_PORT}",
+                             exporter_defaults=str(self.dir / "nginx-exporter.args"))
 
     @property
     def gunicorn_pid(self) -> int | None:
@@ -541,6 +546,7 @@ def stop_lab(state_dir: Path) -> None:
     """Stop every process of the lab in `state_dir`: frontend, droplets, then the database
     (pgcluster's own stop), and kill whatever is left. Safe to call more than once."""
     state_dir = Path(state_dir).resolve()
+    stop_monitor(state_dir)
     for pidfile in sorted(state_dir.glob("lb/*.pid")):
         terminate(lab_pid(pidfile, state_dir), signal.SIGTERM)
     for droplet_dir in sorted(state_dir.glob("droplet-*")):

@@ -8,7 +8,7 @@
 Overrides are stack config keys (camelCase, without `webstack:`); a dict is merged into the
 base's dict of the same key, and None removes the key. `alerts` is marked secret whenever it
 holds a `slackUrl`, as `pulumi config set --secret --path alerts.slackUrl` would, and
-`sshPrivateKey` whenever it is set.
+`sshPrivateKey` whenever it is set, and `monitoring` whenever it holds `smtp` (its password).
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ def settings_for(stack: str = "staging", **overrides: Any) -> Settings:
         else:
             raw[key] = value
     secret = frozenset({"alerts"} if "slackUrl" in raw.get("alerts", {}) else ()) | (
-        {"sshPrivateKey"} if "sshPrivateKey" in raw else set())
+        {"sshPrivateKey"} if "sshPrivateKey" in raw else set()) | (
+        {"monitoring"} if "smtp" in raw.get("monitoring", {}) else set())
     return load_settings(raw, stack=stack, secret_keys=secret)
 
 

@@ -133,13 +133,16 @@ def test_healthz_is_ok_whatever_the_host(client, headers):
     assert response.mimetype == "text/plain"
 
 
-def test_readyz_reports_each_server(client):
+def test_readyz_reports_each_server(pg_cluster, app, client):
+    pg_cluster.wait_for_replay(0)
+    assert app.extensions["webstack"].database.lag.wait_sampled(5)
     response = client.get("/readyz")
     assert response.status_code == 200
     assert response.get_json() == {
         "status": "ready",
         "primary": {"ok": True, "role": "primary"},
-        "replicas": {"replica-0": {"ok": True, "role": "replica"}},
+        "replicas": {"replica-0": {"ok": True, "role": "replica", "lag": {
+            "seconds": 0.0, "bytes": 0, "stale": False}}},
     }
 
 

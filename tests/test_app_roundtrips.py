@@ -23,7 +23,7 @@ from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy.engine import make_url
 
-from app.db import Statement
+from app.db import _COMMIT_AGE, _PRIMARY_POSITION, Statement
 from tests.pg_fixtures import pgcluster
 from tests.test_app_api import _metric
 
@@ -33,6 +33,8 @@ REQUESTS = 10
 """Requests counted per kind, after one that warms the pool up."""
 
 _ENTRY = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+ \S+ \[\d+\] ", re.MULTILINE)
+_LAG_SAMPLES = (_COMMIT_AGE, _PRIMARY_POSITION)
+"""The lag sampler's messages (app/lag.py), sent in the background, not by a request."""
 _APP_MESSAGE = re.compile(r"^webstack@webstack LOG:  (?:statement|execute [^:]*): (.*)", re.DOTALL)
 
 
@@ -81,7 +83,8 @@ class StatementLog:
         with self._path.open(encoding="utf-8", errors="replace") as log:
             log.seek(self._offset)
             entries = _ENTRY.split(log.read())
-        return [match[1].strip() for entry in entries if (match := _APP_MESSAGE.match(entry))]
+        return [match[1].strip() for entry in entries if (match := _APP_MESSAGE.match(entry))
+                and not any(sql in match[1] for sql in _LAG_SAMPLES)]
 
     def _set(self, sql: str, value: str) -> None:
         self._run_sql(sql, node=self._node)
@@ -90,6 +93,15 @@ class StatementLog:
         while self._run_sql("SHOW log_statement", node=self._node) != [(value,)]:
             assert time.monotonic() < deadline, f"log_statement not {value} on {self._node}"
             time.sleep(0.05)
+
+
+@pytest.fixture
+def app(make_app):
+    """The lag sampler samples once, before the test, not while round trips are counted or
+    connections closed."""
+    app = make_app(DB_REPLICA_LAG_SAMPLE_SECONDS="3600")
+    assert app.extensions["webstack"].database.lag.wait_sampled(5)
+    return app
 
 
 @pytest.fixture

@@ -233,11 +233,13 @@ def test_the_reference_stack_costs_the_reference_design_to_the_cent():
     assert rows[-1] == "(6 unchanged lines not shown)", rows
 
 
-def test_the_uptime_check_adds_the_tables_figure(tmp_path):
+def test_the_uptime_checks_add_the_tables_figure_each(tmp_path):
+    """The reference design has a replica: one check on /healthz, one on the lag endpoint."""
     base = cost.price_run(run_program(REFERENCE)).total
     checked = run_program(stack_variant(tmp_path, "checked", alerts={"uptimeCheck": True}))
     uptime = Decimal(catalog()["uptime_check"]["monthly_usd"])
-    assert cost.price_run(checked).total - base == uptime == Decimal("1.00")
+    assert len(checked.of_type("UptimeCheck")) == 2
+    assert cost.price_run(checked).total - base == 2 * uptime == Decimal("2.00")
 
 
 def test_weekly_backups_in_config_add_the_tables_figure(tmp_path):

@@ -59,3 +59,17 @@ def test_nginx_frontend_draws_lb_droplets_the_reserved_ip_and_standbys(tmp_path)
     assert source.count('label="app droplet') == 3  # LB droplets are not app servers
     assert source.count('label="DB standby') == 1  # nodeCount 2: primary + 1 standby
     assert "subgraph cluster_vpc" in source
+
+
+def test_the_prometheus_droplet_is_drawn_scraping_the_app_tier(tmp_path):
+    data = yaml.safe_load(REFERENCE.read_text())
+    data["config"]["webstack:monitoring"] = {"prometheus": True}
+    data["config"]["webstack:alerts"] = {
+        **data["config"]["webstack:alerts"], "slackChannel": "#ops",
+        "slackUrl": {"secure": "v1:offline"}}
+    path = tmp_path / "Pulumi.prom.yaml"
+    path.write_text(yaml.safe_dump(data))
+    source = graph(run_program(path), "webstack prom").source
+    assert source.count('label="app droplet') == 3  # Prometheus is not an app server
+    assert source.count('label="Prometheus + Alertmanager') == 1
+    assert "scrapes /metrics" in source

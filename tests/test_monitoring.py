@@ -15,6 +15,17 @@ from tools.mocks import Run, run_function
 
 DB_ID, LB_ID = "db-cluster-7", "lb-3"
 HTTP_URL, HTTPS_URL = "http://203.0.113.9/healthz", "https://www.example.com/healthz"
+LAG_PATH = "/readyz/replication"
+
+
+def health_check(run: Run):
+    [check] = [c for c in run.of_type("UptimeCheck") if c.inputs["target"].endswith("/healthz")]
+    return check
+
+
+def health_alerts(run: Run, check) -> list:
+    """The check's alerts (named after it)."""
+    return [a for a in run.of_type("UptimeAlert") if a.name.startswith(f"{check.name}-")]
 
 
 def build(settings: Settings, *, lb_id: str | None = LB_ID) -> tuple[Run, MonitoringAlerts]:
@@ -27,6 +38,8 @@ def build(settings: Settings, *, lb_id: str | None = LB_ID) -> tuple[Run, Monito
         targets = AlertTargets(
             health_url=pulumi.Output.from_input(HTTPS_URL if settings.fqdn else HTTP_URL),
             https=settings.fqdn is not None,
+            replication_url=pulumi.Output.from_input(
+                (HTTPS_URL if settings.fqdn else HTTP_URL).replace("/healthz", LAG_PATH)),
             load_balancer_ids=[lb_id] if lb_id and not nginx else [],
             droplet_tags=[settings.lb_tag] if nginx else [])
         built["alerts"] = MonitoringAlerts("mon", alerts_args(
@@ -125,10 +138,10 @@ def test_without_slack_only_emails_are_notified():
 
 def test_https_site_gets_an_https_check_and_a_certificate_expiry_alert():
     run, monitoring = build(settings_for("prod"))
-    check = run.one("UptimeCheck")
+    check = health_check(run)
     assert check.inputs["type"] == "https" and check.inputs["target"] == HTTPS_URL
     assert check.inputs["regions"]
-    alerts = {a.inputs["type"]: a for a in run.of_type("UptimeAlert")}
+    alerts = {a.inputs["type"]: a for a in health_alerts(run, check)}
     assert set(alerts) == {"down_global", "latency", "ssl_expiry"}
     assert alerts["ssl_expiry"].inputs["threshold"] == 14
     check_id = _sync_await(monitoring.uptime_check_id.future())
@@ -139,7 +152,8 @@ def test_every_uptime_alert_has_a_period_the_api_accepts():
     """The provider leaves `period` optional and sends an empty one; the API requires one of
     its values for every alert type, ssl_expiry included (it refused prod's expiry alert)."""
     run, _ = build(settings_for("prod"))
-    periods = {a.inputs["type"]: a.inputs.get("period") for a in run.of_type("UptimeAlert")}
+    periods = {a.inputs["type"]: a.inputs.get("period")
+               for a in health_alerts(run, health_check(run))}
     assert set(periods) == {"down_global", "latency", "ssl_expiry"}
     assert all(p in ("2m", "3m", "5m", "10m", "15m", "30m", "1h") for p in periods.values()), \
         periods
@@ -164,3 +178,28 @@ def test_uptime_check_can_be_turned_off():
     assert not run.of_type("UptimeCheck") and not run.of_type("UptimeAlert")
     assert component.uptime_check_id is None
     assert run.of_type("MonitorAlert"), "the alert policies stay"
+
+
+def test_with_replicas_an_uptime_check_on_the_lag_endpoint_alerts_when_it_fails_everywhere():
+    """DigitalOcean has no replication-lag alert policy: the app's endpoint answers 503 while a
+    replica lags past the bound, and its uptime check's alert tells the same people."""
+    run, monitoring = build(settings_for("prod"))
+    [check] = [c for c in run.of_type("UptimeCheck") if c.inputs["target"].endswith(LAG_PATH)]
+    assert check.inputs["target"] == "https://www.example.com/readyz/replication"
+    assert check.inputs["type"] == "https" and check.inputs["regions"]
+    [alert] = health_alerts(run, check)
+    assert (alert.inputs["type"], alert.inputs["period"]) == ("down_global", "2m")
+    assert alert.inputs["notifications"] == [
+        {"emails": ["ops@example.com"], "slacks": [{"channel": "#ops", "url": SLACK_URL}]}]
+    assert "notifications" in alert.secret_inputs
+    check_id = _sync_await(monitoring.replication_check_id.future())
+    assert alert.inputs["checkId"] == check_id
+    assert check_id != _sync_await(monitoring.uptime_check_id.future())
+
+
+def test_without_replicas_there_is_no_lag_check():
+    run, monitoring = build(make_settings())
+    assert [c.inputs["target"] for c in run.of_type("UptimeCheck")] == [HTTP_URL]
+    assert monitoring.replication_check_id is None
+    run, monitoring = build(settings_for("prod", alerts={"uptimeCheck": False}))
+    assert not run.of_type("UptimeCheck") and monitoring.replication_check_id is None

@@ -31,7 +31,7 @@ def test_prints_tree_outputs_and_cost(prod_text):
     assert "  + digitalocean:DatabaseCluster  prod-db-cluster  [protected]" in prod_text
     assert "health: http:80/healthz every 5s timeout 3s unhealthy 2 healthy 3" in prod_text
     assert 'db_pool_uri: "[secret]"' in prod_text and 'db_replica_uris: "[secret]"' in prod_text
-    assert prod_text.rstrip().splitlines()[-3].split()[-1] == "121.00"  # the total
+    assert prod_text.rstrip().splitlines()[-3].split()[-1] == "122.00"  # the total
 
 
 def test_no_secret_is_printed(prod_text):
@@ -43,7 +43,7 @@ def test_no_secret_is_printed(prod_text):
 
 def test_json_carries_the_same_numbers(prod_text):
     data = json.loads(plan("prod", "--json").stdout)
-    assert data["outputs"]["monthly_cost_usd"] == data["cost"]["monthly_cost_usd"] == "121.00"
+    assert data["outputs"]["monthly_cost_usd"] == data["cost"]["monthly_cost_usd"] == "122.00"
     assert data["outputs"]["db_pool_uri"] == "[secret]"
     assert {r["name"] for r in data["resources"]} >= {"prod-db-cluster", "prod-web-lb"}
     lines = {line["resource"]: line["monthly_usd"] for line in data["cost"]["cost_breakdown"]}
@@ -55,7 +55,7 @@ def test_diff_prints_per_line_differences():
     assert result.returncode == 0, result.stderr
     diff = result.stdout.split("Cost difference staging -> prod:", 1)[1]
     assert "db-replica-0" in diff and "+30.00" in diff
-    assert diff.strip().splitlines()[-2].split()[-3:] == ["40.00", "121.00", "+81.00"]
+    assert diff.strip().splitlines()[-2].split()[-3:] == ["40.00", "122.00", "+82.00"]
 
 
 def test_over_an_enforced_budget_the_plan_fails_naming_budget_and_total(tmp_path: Path):
@@ -68,7 +68,7 @@ def test_over_an_enforced_budget_the_plan_fails_naming_budget_and_total(tmp_path
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr
     assert "webstack:budget.monthlyUsd" in lines[0] and "$100.00" in lines[0]
-    assert "$121.00" in lines[0]
+    assert "$122.00" in lines[0]
 
 
 def test_unknown_size_slug_fails_naming_the_slug(tmp_path: Path):
@@ -116,7 +116,7 @@ def test_a_restore_is_shown_plainly_and_priced(tmp_path: Path):
     assert "digitalocean:DatabaseConnectionPool prod-db-r1-pool" in lines[1]
     assert "adopted from the backup, not created: database 'app', user 'app'" in lines[2]
     assert "digitalocean:DatabaseUser" not in result.stdout
-    assert result.stdout.rstrip().splitlines()[-3].split()[-1] == "121.00"  # the same stack
+    assert result.stdout.rstrip().splitlines()[-3].split()[-1] == "122.00"  # the same stack
 
 
 def test_a_restore_from_an_unknown_cluster_fails_naming_the_key(tmp_path: Path):

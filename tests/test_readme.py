@@ -91,16 +91,20 @@ def test_outputs_table_matches_the_program(tmp_path: Path):
     nginx = yaml.safe_load((ROOT / "Pulumi.staging.yaml").read_text())
     nginx["config"]["webstack:frontend"] = {"mode": "nginx"}
     (tmp_path / "Pulumi.nginx.yaml").write_text(yaml.safe_dump(nginx))
+    prom = yaml.safe_load((ROOT / "Pulumi.prod.yaml").read_text())
+    prom["config"]["webstack:monitoring"] = {"prometheus": True}
+    (tmp_path / "Pulumi.prom.yaml").write_text(yaml.safe_dump(prom))
     produced = set()
     for path in (ROOT / "Pulumi.staging.yaml", ROOT / "Pulumi.prod.yaml",
-                 tmp_path / "Pulumi.nginx.yaml"):
+                 tmp_path / "Pulumi.nginx.yaml", tmp_path / "Pulumi.prom.yaml"):
         produced |= set(run_program(path).outputs)
     assert set(table(COMPONENTS_DOC, "## Stack outputs")) == produced
 
 
 COMPONENTS = [("components.app_tier", "AppTier"), ("components.frontend", "LoadBalancedFrontend"),
               ("components.database", "DatabaseCluster"),
-              ("components.monitoring", "MonitoringAlerts")]
+              ("components.monitoring", "MonitoringAlerts"),
+              ("components.prometheus", "PrometheusServer")]
 
 
 @pytest.mark.parametrize("module,name", COMPONENTS)

@@ -128,12 +128,19 @@ def test_cloud_config_writes_the_droplet_file_list_and_the_lab_moves_only_its_la
         (f.path, f"{f.mode:04o}", f.owner, f.content) for f in files]
     lab = DropletLayout(root="/lab/d1", env_file="/lab/d1/app.env", units_dir="/lab/d1",
                         gunicorn_bind="127.0.0.11:8000", nginx_listen="127.0.0.11:8080",
-                        nginx_site="/lab/d1/site.conf")
+                        nginx_site="/lab/d1/site.conf", nginx_exporter="127.0.0.11:9113",
+                        exporter_defaults="/lab/d1/nginx-exporter.args")
     moved = droplet_files(settings, **values, layout=lab)
     assert [f.path for f in moved] == ["/lab/d1/app.env", f"/lab/d1/{APP_UNIT}",
-                                       f"/lab/d1/{MIGRATE_UNIT}", "/lab/d1/site.conf"]
+                                       f"/lab/d1/{MIGRATE_UNIT}", "/lab/d1/site.conf",
+                                       "/lab/d1/nginx-exporter.args"]
     assert [f.mode for f in moved] == [f.mode for f in files[1:]]
-    assert "    listen 127.0.0.11:8080 default_server;\n" in moved[-1].content
+    assert "    listen 127.0.0.11:8080 default_server;\n" in moved[-2].content
+    assert "proxy_pass http://127.0.0.11:9113/metrics;" in moved[-2].content
+    assert moved[-1].content == ('ARGS="--nginx.scrape-uri=http://127.0.0.11:8080/nginx_status'
+                                 ' --web.listen-address=127.0.0.11:9113"\n')
+    assert files[-1].content == ('ARGS="--nginx.scrape-uri=http://127.0.0.1:80/nginx_status'
+                                 ' --web.listen-address=127.0.0.1:9113"\n')
 
 
 def test_without_secrets_the_user_data_has_no_environment_file_and_starts_no_service():
@@ -411,6 +418,20 @@ def test_metrics_only_for_allowed_addresses(web):
     relayed = request(web.port, "/metrics", source="127.0.0.2",
                       headers={"X-Forwarded-For": "198.51.100.7"})
     assert relayed.status == 403  # through the load balancer, from the internet
+
+
+def test_nginx_status_and_its_metrics_only_for_allowed_addresses(web):
+    """The stub status (for the exporter) and /nginx-metrics (for Prometheus) follow /metrics:
+    the VPC's addresses only, never relayed by the load balancer."""
+    for path in ("/nginx_status", "/nginx-metrics"):
+        assert request(web.port, path, source="127.0.0.1").status == 403, path
+        relayed = request(web.port, path, source="127.0.0.2",
+                          headers={"X-Forwarded-For": "198.51.100.7"})
+        assert relayed.status == 403 or path == "/nginx_status", path
+    status = request(web.port, "/nginx_status", source="127.0.0.2")
+    assert status.status == 200 and b"Active connections:" in status.body, status.body
+    # Allowed through to the exporter's address (none runs here: nginx's own 502).
+    assert request(web.port, "/nginx-metrics", source="127.0.0.2").status == 502
 
 
 def test_reload_drops_no_request(web):

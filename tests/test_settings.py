@@ -117,6 +117,16 @@ BAD = [
     ("staging", STAGING, {"frontend.sizeUnit": 101}, "frontend.sizeUnit", "from 1 to 100"),
     ("staging", STAGING, {"alerts.slackUrl": "https://hooks.slack.com/x",
                           "alerts.slackChannel": "#ops"}, "alerts.slackUrl", "--secret"),
+    # The lag bound is sampled every 2 s: a bound under a few samples would flap.
+    ("staging", STAGING, {"database.maxReplicaLagSeconds": 2},
+     "database.maxReplicaLagSeconds", "from 5 to 3600"),
+    ("staging", STAGING, {"monitoring.prometheusSize": "s-64vcpu"}, "monitoring.prometheusSize",
+     "s-1vcpu-1gb"),
+    # Alertmanager without a way to reach anyone (no Slack, no SMTP relay for the emails).
+    ("staging", STAGING, {"monitoring.prometheus": True}, "monitoring.prometheus",
+     "monitoring.smtp"),
+    ("staging", STAGING, {"monitoring.smtp.smarthost": "smtp.example.com:587"},
+     "monitoring.smtp.", "together"),
 ]
 
 
@@ -282,3 +292,14 @@ def test_an_unquoted_yaml_time_reaches_the_reader_as_iso_text(tmp_path):
                     "      at: 2026-11-30T08:15:00Z\n")
     config, _ = stack_config(path)
     assert '"at": "2026-11-30T08:15:00+00:00"' in config["webstack:database"]
+
+
+def test_the_smtp_password_must_be_a_secret_and_stays_masked():
+    smtp = {"smarthost": "smtp.example.com:587", "from": "alerts@example.com",
+            "username": "apikey", "password": "hunter2"}
+    with pytest.raises(ConfigError, match="monitoring.smtp.password.*--secret"):
+        load(STAGING, **{"monitoring.smtp": smtp})
+    settings = load_settings({**STAGING, "monitoring": {"prometheus": True, "smtp": smtp}},
+                             stack="staging", secret_keys=frozenset({"monitoring"}))
+    assert settings.monitoring.prometheus and settings.monitoring.smtp.password == "hunter2"
+    assert "hunter2" not in repr(settings)

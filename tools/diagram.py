@@ -4,9 +4,10 @@
     draw(run, Path("docs/prod.png"), title="webstack prod")   # run: a tools.mocks.Run
 
 The entry (a managed load balancer, or a reserved IP on nginx load-balancer droplets), the app
-droplets, the database primary with one node per standby, its pool and read replicas sit inside
-the VPC boundary; DNS and the users outside it; alert policies and uptime checks in their own
-box. Built with the `graphviz` package; rendering needs Graphviz's `dot` (Debian `graphviz`).
+droplets, the database primary with one node per standby, its pool and read replicas (and the
+optional Prometheus droplet) sit inside the VPC boundary; DNS and the users outside it; alert
+policies and uptime checks in their own box. Built with the `graphviz` package; rendering needs
+Graphviz's `dot` (Debian `graphviz`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import graphviz
 
 FRONTEND = "webstack:index:LoadBalancedFrontend$"
 """Droplets registered under the frontend component are nginx load balancers, not app servers."""
+PROMETHEUS = "webstack:index:PrometheusServer$"
+"""Nor is the Prometheus droplet (`monitoring.prometheus`)."""
 COLORS = {"entry": "#cfe2f3", "app": "#d9ead3", "db": "#fff2cc", "watch": "#eeeeee"}
 
 
@@ -41,7 +44,8 @@ def graph(run: Any, title: str) -> graphviz.Digraph:
     g.attr("edge", fontname="Helvetica", fontsize="9")
     droplets = _of(run, "Droplet")
     lb_droplets = [d for d in droplets if FRONTEND in d.urn]
-    apps = [d for d in droplets if d not in lb_droplets]
+    scrapers = [d for d in droplets if PROMETHEUS in d.urn]
+    apps = [d for d in droplets if d not in lb_droplets and d not in scrapers]
 
     g.node("users", "users", shape="oval", style="filled", fillcolor="white")
     entries = [lb.name for lb in _of(run, "LoadBalancer")]
@@ -68,6 +72,11 @@ def graph(run: Any, title: str) -> graphviz.Digraph:
             for d in apps:
                 _node(tier, d, "app droplet", str(d.inputs.get("size")), "app")
         _database(vpc, run, apps)
+        for d in scrapers:
+            _node(vpc, d, "Prometheus + Alertmanager", f"{d.inputs.get('size')}", "watch")
+            if apps:
+                vpc.edge(d.name, apps[0].name, label="scrapes /metrics", style="dotted",
+                         lhead="cluster_app")
     for ip in _of(run, "ReservedIp"):
         _node(g, ip, "Reserved IP", "", "entry")
         for i, d in enumerate(lb_droplets):
