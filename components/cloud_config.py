@@ -20,7 +20,14 @@ from pathlib import Path
 
 import yaml
 
-from components.runtime import APP_UNIT, MIGRATE_UNIT, DropletFile, DropletLayout, droplet_files
+from components.runtime import (
+    APP_UNIT,
+    MIGRATE_UNIT,
+    NGINX_PACKAGES,
+    DropletFile,
+    DropletLayout,
+    droplet_files,
+)
 from components.settings import Settings
 
 APP_DIR = Path(__file__).resolve().parent.parent / "app"
@@ -68,6 +75,7 @@ def render_app_cloud_config(
     migration_url: str,
     secret_key: str,
     vpc_cidr: str,
+    db_ca: str,
     bundle: bytes | None = None,
     layout: DropletLayout | None = None,
 ) -> str:
@@ -76,11 +84,12 @@ def render_app_cloud_config(
     layout = layout or DropletLayout()
     files = droplet_files(
         settings, database_url=database_url, replica_urls=replica_urls,
-        migration_url=migration_url, secret_key=secret_key, vpc_cidr=vpc_cidr, layout=layout,
+        migration_url=migration_url, secret_key=secret_key, vpc_cidr=vpc_cidr, db_ca=db_ca,
+        layout=layout,
         bundle=bundle)
     document = {
         "package_update": True,
-        "packages": ["nginx", "python3-venv"],
+        "packages": [*NGINX_PACKAGES, "python3-venv"],
         "users": [
             "default",
             # Home /nonexistent (Debian's for system users): libpq looks for a client

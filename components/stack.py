@@ -53,7 +53,8 @@ def frontend_args(settings: Settings, **wiring: Any) -> LoadBalancedFrontendArgs
 
 def database_args(settings: Settings, **wiring: Any) -> DatabaseClusterArgs:
     return DatabaseClusterArgs(database=settings.database, stack=settings.stack,
-                               region=settings.region, app_tag=settings.app_tag, **wiring)
+                               region=settings.region, app_tag=settings.app_tag,
+                               ca_file=DropletLayout().db_ca_file, **wiring)
 
 
 def alerts_args(settings: Settings, **wiring: Any) -> MonitoringAlertsArgs:
@@ -76,7 +77,8 @@ def _grant_app_privileges(
     settings: Settings, db: DatabaseCluster, app: AppTier, key: pulumi.Input[str] | None
 ) -> None:
     """PostgreSQL 15+ lets only a database's owner (doadmin here) create tables in it: doadmin
-    grants the app user its rights once, from the first app droplet, over SSH."""
+    gives the schema to the migrator, which grants the app user its rows, once, from the first
+    app droplet, over SSH."""
     if key is None:
         pulumi.log.warn(
             "webstack: no sshPrivateKey, so the app user's database grants are not applied; "
@@ -88,8 +90,7 @@ def _grant_app_privileges(
         f"{settings.stack}-db-grants",
         connection=ssh.connection(first.ipv4_address, key),
         create=app_grants_script(DropletLayout()),
-        stdin=pulumi.Output.secret(pulumi.Output.all(db.admin_uri).apply(
-            lambda v: f"{v[0]}\n{db.app_grants_sql}\n")),
+        stdin=db.app_grants_steps,
         triggers=[db.cluster_id, first.id],
         opts=pulumi.ResourceOptions(depends_on=[first]),
     )
@@ -119,11 +120,12 @@ def build(settings: Settings) -> dict[str, Any]:
     secret_key = random.RandomPassword(f"{stack}-app-secret-key", length=64, special=False)
     user_data = pulumi.Output.secret(
         pulumi.Output.all(
-            db.pool_uri, db.replica_uris, db.migration_uri, secret_key.result, vpc.ip_range
+            db.pool_uri, db.replica_uris, db.migration_uri, secret_key.result, vpc.ip_range,
+            db.ca_certificate,
         ).apply(
             lambda v: render_app_cloud_config(
                 settings, database_url=v[0], replica_urls=v[1], migration_url=v[2],
-                secret_key=v[3], vpc_cidr=v[4],
+                secret_key=v[3], vpc_cidr=v[4], db_ca=v[5],
             )
         )
     )
@@ -145,7 +147,7 @@ def build(settings: Settings) -> dict[str, Any]:
             settings, vpc_id=vpc.id, ssh_keys=ssh_keys, app_private_ips=app.private_ips,
             ssh_private_key=key))
     _grant_app_privileges(settings, db, app, key)
-    manual_grant = {} if key else {"db_admin_uri": db.admin_uri}  # for the one-time grant
+    manual_grant = {} if key else {"db_grants": db.app_grants_steps}  # the one-time grant
 
     alerts = MonitoringAlerts(f"{stack}-alerts", alerts_args(
         settings, frontend=frontend.alert_targets, db_cluster_id=db.cluster_id))

@@ -66,6 +66,7 @@ from components.runtime import (
     GUNICORN_GRACEFUL_TIMEOUT,
     RUNTIME_DIRECTORY,
     UNIT_ENVIRONMENT,
+    UNIT_UNSET_ENVIRONMENT,
     DropletLayout,
     droplet_files,
 )
@@ -88,7 +89,7 @@ from lab.process import (
     wait_gone,
     wait_until,
 )
-from lab.proxy import DelayProxy
+from lab.proxy import DelayProxy, plain
 
 ROOT = Path(__file__).resolve().parent.parent
 LABS_DIR = ROOT / ".lab"
@@ -172,6 +173,7 @@ class Droplet:
     def layout(self) -> DropletLayout:
         """The droplet's layout with the lab's addresses and every path under `dir`."""
         return DropletLayout(root=str(self.dir), env_file=str(self.dir / "app.env"),
+                             db_ca_file=str(self.dir / "db-ca.pem"),
                              gunicorn_bind=self.bind, nginx_listen=self.site,
                              nginx_site=str(self.dir / "site.conf"), units_dir=str(self.dir),
                              static_dir=self.static_dir)
@@ -251,7 +253,9 @@ class Lab:
                 urls = self._start_proxies(urls)
             self.droplet_values = {
                 "database_url": urls.pool, "replica_urls": urls.replicas,
-                "migration_url": urls.primary, "secret_key": secrets.token_urlsafe(32)}
+                "migration_url": urls.primary, "secret_key": secrets.token_urlsafe(32),
+                # Written as on a droplet; the lab's URLs name the cluster's own copy.
+                "db_ca": self.pg.ca_file.read_text()}
             for droplet in self.droplets:
                 self.write_droplet(droplet)
             self._migrate(self.droplets[0])
@@ -274,11 +278,12 @@ class Lab:
 
     def _start_proxies(self, urls):
         """A DelayProxy in front of the pool and each replica the app uses; `urls` through them
-        (migrations still go straight to the primary)."""
+        (migrations still go straight to the primary), without TLS so that a proxy can lose
+        COMMIT replies (`plain`)."""
         def through(name: str, url: str) -> str:
             parsed = make_url(url)
             self.proxies[name] = DelayProxy((parsed.host, parsed.port)).start()
-            return parsed.set(port=self.proxies[name].port).render_as_string(hide_password=False)
+            return plain(url, self.proxies[name].port)
 
         return dataclasses.replace(
             urls, pool=through("pool", urls.pool),
@@ -321,13 +326,14 @@ class Lab:
     # ------------------------------------------------------------------ droplets
 
     def start_gunicorn(self, droplet: Droplet) -> None:
-        """ExecStart of the unit: gunicorn with the EnvironmentFile and the unit's Environment=,
-        its RuntimeDirectory emptied first."""
+        """ExecStart of the unit: gunicorn with the EnvironmentFile less the unit's
+        UnsetEnvironment=, plus its Environment=, its RuntimeDirectory emptied first."""
         env = {**_base_env(), **unit_environment(droplet.dir / "run")}
         (droplet.dir / "gunicorn.pid").unlink(missing_ok=True)
         with (droplet.dir / "gunicorn.log").open("ab") as log:
             proc = subprocess.Popen(
-                ["bash", "-c", 'set -a; . "$0"; set +a; exec "$@"', str(droplet.dir / "app.env"),
+                ["bash", "-c", f'set -a; . "$0"; set +a; unset {" ".join(UNIT_UNSET_ENVIRONMENT)}; '
+                 'exec "$@"', str(droplet.dir / "app.env"),
                  str(GUNICORN), "--config", str(GUNICORN_CONF),
                  "--pid", str(droplet.dir / "gunicorn.pid"), "app.wsgi:app"],
                 cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,

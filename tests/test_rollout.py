@@ -41,7 +41,7 @@ def user_data(settings, bundle: bytes) -> str:
     return render_app_cloud_config(
         settings, database_url="postgresql://app:pw@db:25061/app", replica_urls=[],
         migration_url="postgresql://app:pw@db:25060/app", secret_key="s" * 64,
-        vpc_cidr="10.20.0.0/20", bundle=bundle)
+        vpc_cidr="10.20.0.0/20", db_ca="a PEM", bundle=bundle)
 
 
 def by_index(resources) -> list:

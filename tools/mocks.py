@@ -25,6 +25,9 @@ from components.settings import stack_config, stack_name
 
 PROJECT = "webstack"
 ROOT = Path(__file__).resolve().parent.parent
+DATABASE_CA = Path(__file__).with_name("database-ca.example.pem")
+"""What `getDatabaseCa` answers: the example certificate of DigitalOcean's API reference
+(openapi@7c1300c4 specification/resources/databases/models/ca.yml, base64-decoded)."""
 _SECRET_SIG = rpc._special_sig_key
 _SECRET_VALUE = rpc._special_secret_sig
 
@@ -126,6 +129,9 @@ def mock_call(token: str, args: Mapping[str, Any]) -> dict[str, Any]:
         if not OWN_CLUSTER.match(name):
             return {"name": name}
         return {"id": _uuid(name), "name": name, "engine": "pg"}
+    if token == "digitalocean:index/getDatabaseCa:getDatabaseCa":
+        return {"id": args["clusterId"], "clusterId": args["clusterId"],
+                "certificate": DATABASE_CA.read_text()}
     if token == "digitalocean:index/getDatabaseUser:getDatabaseUser":
         # The user a restored cluster's backup holds.
         return {"clusterId": args["clusterId"], "name": args["name"], "role": "normal",
