@@ -200,10 +200,18 @@ class PgCluster:
         """The CA certificate every URL verifies the servers with (`sslrootcert`)."""
         return self.base_dir / TLS_DIR / "ca.pem"
 
-    def admin_dsn(self, node: str = "primary", dbname: str = "postgres") -> str:
-        """libpq conninfo for the superuser over the node's unix socket (``replica-0``...)."""
+    def admin_dsn(self, node: str = "primary", dbname: str = "postgres",
+                  user: str = SUPERUSER) -> str:
+        """libpq conninfo over the node's unix socket (``replica-0``...), where every role logs
+        in without a password: the superuser's, or ``user``'s."""
         port = self._node_port(node)
-        return f"host={self._socket_dir} port={port} user={SUPERUSER} dbname={dbname}"
+        return f"host={self._socket_dir} port={port} user={user} dbname={dbname}"
+
+    def add_user(self, name: str, password: str) -> None:
+        """A login role with ``password`` and no rights of its own (a DigitalOcean user)."""
+        with psycopg.connect(self.admin_dsn(), autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                sql.Identifier(name), sql.Literal(password)))
 
     def start_primary(self) -> None:
         self._pg_ctl("primary", "start")
