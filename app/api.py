@@ -109,7 +109,9 @@ def create_note() -> tuple[Response, int, dict[str, str]]:
             abort(422, description="this Idempotency-Key was used with a different body")
         replayed = not created
     session["lsn"] = max(_session_lsn(), result.lsn)
-    headers = {"Location": url_for("api.get_note", note_id=note.id, _external=True)}
+    # A path, not a URL: nothing absolute is built from the request's Host (issue 13), and a
+    # client resolves it against the URL it asked for (RFC 9110, 10.2.2).
+    headers = {"Location": url_for("api.get_note", note_id=note.id)}
     if replayed:
         headers["Idempotent-Replayed"] = "true"
     return _served(jsonify(_note_json(note)), result), 201, headers

@@ -27,6 +27,7 @@ from components.metadata_firewall import metadata_bootcmd
 from components.runtime import (
     APP_UNIT,
     MIGRATE_UNIT,
+    NGINX_PACKAGES,
     AppSecrets,
     DropletFile,
     DropletLayout,
@@ -76,6 +77,7 @@ def render_app_cloud_config(
     *,
     secrets: AppSecrets | None,
     vpc_cidr: str,
+    db_ca: str,
     bundle: bytes | None = None,
     layout: DropletLayout | None = None,
 ) -> str:
@@ -83,8 +85,8 @@ def render_app_cloud_config(
     delivered over SSH). Raises ValueError if it exceeds DigitalOcean's limit."""
     bundle = app_bundle() if bundle is None else bundle
     layout = layout or DropletLayout()
-    files = droplet_files(settings, secrets=secrets, vpc_cidr=vpc_cidr, layout=layout,
-                          bundle=bundle)
+    files = droplet_files(settings, secrets=secrets, vpc_cidr=vpc_cidr, db_ca=db_ca,
+                          layout=layout, bundle=bundle)
     # Migrations first, without blocking boot: the unit retries until they succeed. Without
     # the environment file the services cannot start: enabled only, until it arrives.
     services = [["systemctl", "enable", "--now", "--no-block", MIGRATE_UNIT],
@@ -93,7 +95,7 @@ def render_app_cloud_config(
     document = {
         "bootcmd": [metadata_bootcmd()],
         "package_update": True,
-        "packages": ["nginx", "python3-venv", "prometheus-nginx-exporter"],
+        "packages": [*NGINX_PACKAGES, "python3-venv", "prometheus-nginx-exporter"],
         "users": [
             "default",
             # Home /nonexistent (Debian's for system users): libpq looks for a client

@@ -26,7 +26,7 @@ import yaml
 
 from components.metadata_firewall import METADATA_IP, metadata_bootcmd
 from components.render import render_template
-from components.runtime import SECURITY_HEADERS
+from components.runtime import NGINX_PACKAGES, SECURITY_HEADERS
 from components.settings import Settings
 
 UPSTREAM_NAME = "webstack_app"
@@ -143,6 +143,7 @@ def render_lb_nginx_conf(
         certificate=certificate, https_port_suffix="" if https_port == "443" else f":{https_port}",
         static_dir=static_dir.rstrip("/") if static_dir else None, acme_webroot=ACME_WEBROOT,
         rate_limit=settings.frontend.rate_limit, rate_exempt=list(rate_exempt),
+        body_timeout=settings.frontend.body_timeout_seconds,
     )
 
 
@@ -176,7 +177,7 @@ def render_lb_cloud_config(settings: Settings) -> str:
     ]
     # Debian's default site also claims port 80; nginx is restarted once ours is in place.
     runcmd = ["rm -f /etc/nginx/sites-enabled/default"]
-    packages = ["nginx", "curl"]
+    packages = [*NGINX_PACKAGES, "curl"]
     if fqdn:
         packages.append("certbot")
         values = {"fqdn": fqdn, "cert": TLS_CERT, "key": TLS_KEY, "webroot": ACME_WEBROOT,

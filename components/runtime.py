@@ -45,6 +45,14 @@ PROXY_TIMEOUT = max(GUNICORN_TIMEOUT, GUNICORN_GRACEFUL_TIMEOUT) + 15
 STOP_TIMEOUT = GUNICORN_GRACEFUL_TIMEOUT + 15
 """systemd's TimeoutStopSec: gunicorn drains its workers before systemd sends SIGKILL."""
 
+NGINX_PACKAGES = ["nginx", "libnginx-mod-http-lua"]
+"""What the rendered nginx configs need (Debian): the Lua module bounds a request body's time
+(`frontend.bodyTimeoutSeconds`, cloud-init/nginx-body-deadline.conf.j2)."""
+NGINX_MODULES = ("/usr/lib/nginx/modules/ndk_http_module.so",
+                 "/usr/lib/nginx/modules/ngx_http_lua_module.so")
+"""Their modules, loaded in this order; Debian's nginx.conf loads them from modules-enabled/,
+the lab's and the tests' nginx.conf by path (lab/process.py)."""
+
 SECURITY_HEADERS = (
     ("X-Content-Type-Options", '"nosniff"'),
     ("X-Frame-Options", '"DENY"'),
@@ -70,6 +78,8 @@ class DropletLayout:
     env_file: str = "/etc/webstack/app.env"
     """The service's EnvironmentFile (`render_app_env`): secrets, root-owned, mode 0600; in the
     user data, or over SSH after boot with a deploy key (`install_env_script`)."""
+    db_ca_file: str = "/etc/webstack/db-ca.pem"
+    """The database cluster's CA certificate (not secret): the URIs' `sslrootcert`."""
     gunicorn_bind: str = "127.0.0.1:8000"
     """Where gunicorn listens and nginx proxies to: loopback only."""
     nginx_listen: str = "80"
@@ -179,6 +189,7 @@ def render_nginx_site(
         security_headers=SECURITY_HEADERS,
         site_names=[settings.fqdn] if settings.fqdn else [],
         rate_limit=settings.frontend.rate_limit,
+        body_timeout=settings.frontend.body_timeout_seconds,
         rate_exempt=list(dict.fromkeys([*trusted_proxies, *metrics_allow])),
         nginx_status_path=NGINX_STATUS_PATH,
         nginx_metrics_path=NGINX_METRICS_PATH,
@@ -193,6 +204,8 @@ RUNTIME_DIRECTORY = "webstack"
 UNIT_ENVIRONMENT = {"GUNICORN_WORKER_TMP_DIR": f"%t/{RUNTIME_DIRECTORY}",
                     "PROMETHEUS_MULTIPROC_DIR": f"%t/{RUNTIME_DIRECTORY}"}
 """The app unit's Environment=, added to its EnvironmentFile by systemd."""
+UNIT_UNSET_ENVIRONMENT = ("DATABASE_MIGRATION_URL",)
+"""The app unit's UnsetEnvironment=: in the EnvironmentFile for the migration unit only."""
 
 
 def render_migrate_unit(layout: DropletLayout) -> str:
@@ -218,6 +231,7 @@ def render_app_unit(settings: Settings, layout: DropletLayout) -> str:
         runtime_directory=RUNTIME_DIRECTORY,
         environment=UNIT_ENVIRONMENT,
         metadata_ip=METADATA_IP,
+        unset_environment=UNIT_UNSET_ENVIRONMENT,
     )
 
 
@@ -281,14 +295,16 @@ def droplet_files(
     *,
     secrets: AppSecrets | None,
     vpc_cidr: str,
+    db_ca: str,
     layout: DropletLayout,
     bundle: bytes | None = None,
     upstream_keepalive: bool = True,
 ) -> list[DropletFile]:
     """Every file an app droplet gets, at `layout`'s paths: the app bundle (when given; the
     lab runs the repo's app/ in place), the environment file (with `secrets`; None: it is
-    delivered over SSH after boot, `install_env_script`), both units and the nginx site.
-    `vpc_cidr` is where the load balancer and Prometheus connect from."""
+    delivered over SSH after boot, `install_env_script`), the database's CA certificate
+    `db_ca` (PEM), both units and the nginx site. `vpc_cidr` is where the load balancer and
+    Prometheus connect from."""
     site = render_nginx_site(
         settings, listen=layout.nginx_listen, upstream=layout.gunicorn_bind,
         static_dir=layout.static_dir, metrics_allow=[vpc_cidr, "127.0.0.1"],
@@ -300,6 +316,7 @@ def droplet_files(
         files.append(DropletFile(layout.env_file, 0o600,
                                  render_app_env(settings, secrets, bind=layout.gunicorn_bind)))
     return files + [
+        DropletFile(layout.db_ca_file, 0o644, db_ca),
         DropletFile(layout.unit(APP_UNIT), 0o644, render_app_unit(settings, layout)),
         DropletFile(layout.unit(MIGRATE_UNIT), 0o644, render_migrate_unit(layout)),
         DropletFile(layout.nginx_site, 0o644, site),

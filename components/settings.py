@@ -46,6 +46,9 @@ ALERT_WINDOWS = tuple(
 NAME_LENGTH = (contract.rules(POOL, "name")["min_length"],
                contract.rules(POOL, "name")["max_length"])
 """database.name is also the pool's name: the API allows pool names of 3 to 60 characters."""
+MIGRATOR = "migrator"
+"""The database user that owns the schema and runs the migrations (components/database.py):
+`database.name`, the app's user, may not be it."""
 RETENTION_DAYS = 7
 """How far back a PostgreSQL cluster can be restored: backups are kept for seven days
 (https://docs.digitalocean.com/products/databases/postgresql/how-to/restore-from-backups/; the
@@ -173,6 +176,8 @@ class FrontendSettings:
     nginx_droplet_count: int
     """nginx mode: LB droplets; the reserved IP points at the first, the others are warm spares."""
     rate_limit: RateLimitSettings
+    body_timeout_seconds: int
+    """The longest a client may take to send a whole request body (droplet site, nginx LB)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -483,6 +488,9 @@ KEYS: dict[str, Key] = {key.name: key for key in [
         40, bounds=(0, 100000)),
     Key("frontend.rateLimit.connections", "int", "open connections per client address; over"
         " it, 429", 50, bounds=(1, 10000)),
+    Key("frontend.bodyTimeoutSeconds", "int", "the longest a client may take to send a whole"
+        " request body (droplet site and nginx LB), however slowly it trickles in; then nginx"
+        " closes the connection (408)", 30, bounds=(1, 600)),
     Key("database.version", "choice", "PostgreSQL major version (15 matches the local tests);"
         " 14 reached end of life on 2026-11-12 and new clusters can no longer use it", "15",
         choices=PG_VERSIONS),
@@ -506,7 +514,8 @@ KEYS: dict[str, Key] = {key.name: key for key in [
         _PRODUCTION),
     Key("database.name", "str", "the app's database, user and pool (the API allows pool names"
         " of 60 characters at most)", "app",
-        allowed_text=f"{NAME_LENGTH[0]}-{NAME_LENGTH[1]} lowercase characters, not doadmin"),
+        allowed_text=f"{NAME_LENGTH[0]}-{NAME_LENGTH[1]} lowercase characters, not doadmin"
+        f" or {MIGRATOR}"),
     Key("database.restores", "int", "times this stack's cluster was restored from a backup:"
         " 0 creates the app database and user; n ≥ 1 is the nth restored cluster, which adopts"
         " them (raise it with `restoreFrom`, keep it after)", 0, bounds=(0, 99)),
@@ -763,6 +772,7 @@ def _frontend(r: _Reader) -> FrontendSettings:
         nginx_droplet_size=r.choice("nginxDropletSize"),
         nginx_droplet_count=r.int("nginxDropletCount"),
         rate_limit=_rate_limit(r.obj("rateLimit")),
+        body_timeout_seconds=r.int("bodyTimeoutSeconds"),
     )
     r.done()
     return frontend
@@ -808,11 +818,11 @@ def _database(r: _Reader, region: str) -> DatabaseSettings:
     name = r.str("name")
     lo, hi = NAME_LENGTH
     if not re.fullmatch(rf"[a-z_][a-z0-9_]{{{lo - 1},{hi - 1}}}", name) or \
-            name in ("doadmin", "defaultdb"):
+            name in ("doadmin", "defaultdb", MIGRATOR):
         raise ConfigError(
             r.key("name"), name,
             f"must be a lowercase identifier of {lo} to {hi} characters (the connection pool"
-            " shares it, and the API allows pool names of 60 at most), not doadmin",
+            f" shares it, and the API allows pool names of 60 at most), not doadmin or {MIGRATOR}",
         )
     restores = r.int("restores")
     restore_from = _restore_from(r.obj("restoreFrom"))

@@ -60,7 +60,8 @@ def frontend_args(settings: Settings, **wiring: Any) -> LoadBalancedFrontendArgs
 
 def database_args(settings: Settings, **wiring: Any) -> DatabaseClusterArgs:
     return DatabaseClusterArgs(database=settings.database, stack=settings.stack,
-                               region=settings.region, app_tag=settings.app_tag, **wiring)
+                               region=settings.region, app_tag=settings.app_tag,
+                               ca_file=DropletLayout().db_ca_file, **wiring)
 
 
 def prometheus_args(settings: Settings, **wiring: Any) -> PrometheusServerArgs:
@@ -92,7 +93,8 @@ def _grant_app_privileges(
     settings: Settings, db: DatabaseCluster, app: AppTier, key: pulumi.Input[str] | None
 ) -> None:
     """PostgreSQL 15+ lets only a database's owner (doadmin here) create tables in it: doadmin
-    grants the app user its rights once, from the first app droplet, over SSH."""
+    gives the schema to the migrator, which grants the app user its rows, once, from the first
+    app droplet, over SSH."""
     if key is None:
         pulumi.log.warn(
             "webstack: no sshPrivateKey, so the app user's database grants are not applied; "
@@ -104,16 +106,15 @@ def _grant_app_privileges(
         f"{settings.stack}-db-grants",
         connection=ssh.connection(first.ipv4_address, key),
         create=app_grants_script(DropletLayout()),
-        stdin=pulumi.Output.secret(pulumi.Output.all(db.admin_uri).apply(
-            lambda v: f"{v[0]}\n{db.app_grants_sql}\n")),
+        stdin=db.app_grants_steps,
         triggers=[db.cluster_id, first.id],
         opts=pulumi.ResourceOptions(depends_on=[first]),
     )
 
 
 def _app_user_data(
-    settings: Settings, secrets: pulumi.Output[AppSecrets], vpc_cidr: pulumi.Output[str], *,
-    over_ssh: bool,
+    settings: Settings, secrets: pulumi.Output[AppSecrets], vpc_cidr: pulumi.Output[str],
+    db_ca: pulumi.Output[str], *, over_ssh: bool,
 ) -> tuple[pulumi.Output[str], pulumi.Output[str] | None]:
     """The app droplets' user data, and the environment file their gates deliver over SSH.
 
@@ -121,12 +122,13 @@ def _app_user_data(
     data holds none and a new password or SECRET_KEY updates the droplets in place; in the user
     data without one (staging; README "What the user data holds")."""
     if not over_ssh:
-        return pulumi.Output.secret(pulumi.Output.all(secrets, vpc_cidr).apply(
-            lambda v: render_app_cloud_config(settings, secrets=v[0], vpc_cidr=v[1]))), None
+        return pulumi.Output.secret(pulumi.Output.all(secrets, vpc_cidr, db_ca).apply(
+            lambda v: render_app_cloud_config(settings, secrets=v[0], vpc_cidr=v[1],
+                                              db_ca=v[2]))), None
     app_env = pulumi.Output.secret(secrets.apply(
         lambda s: render_app_env(settings, s, bind=DropletLayout().gunicorn_bind)))
-    user_data = vpc_cidr.apply(
-        lambda cidr: render_app_cloud_config(settings, secrets=None, vpc_cidr=cidr))
+    user_data = pulumi.Output.all(vpc_cidr, db_ca).apply(
+        lambda v: render_app_cloud_config(settings, secrets=None, vpc_cidr=v[0], db_ca=v[1]))
     return user_data, app_env
 
 
@@ -157,7 +159,8 @@ def build(settings: Settings) -> dict[str, Any]:
     ).apply(lambda v: AppSecrets(database_url=v[0], replica_urls=v[1], migration_url=v[2],
                                  secret_key=v[3]))
     key = pulumi.Output.secret(settings.ssh_private_key) if settings.ssh_private_key else None
-    user_data, app_env = _app_user_data(settings, secrets, vpc.ip_range, over_ssh=key is not None)
+    user_data, app_env = _app_user_data(settings, secrets, vpc.ip_range, db.ca_certificate,
+                                        over_ssh=key is not None)
 
     def app_tier(web_source: WebSource) -> AppTier:
         return AppTier(f"{stack}-app", app_tier_args(
@@ -174,7 +177,7 @@ def build(settings: Settings) -> dict[str, Any]:
             settings, vpc_id=vpc.id, ssh_keys=ssh_keys, app_private_ips=app.private_ips,
             ssh_private_key=key))
     _grant_app_privileges(settings, db, app, key)
-    manual_grant = {} if key else {"db_admin_uri": db.admin_uri}  # for the one-time grant
+    manual_grant = {} if key else {"db_grants": db.app_grants_steps}  # the one-time grant
 
     alerts = MonitoringAlerts(f"{stack}-alerts", alerts_args(
         settings, frontend=frontend.alert_targets, db_cluster_id=db.cluster_id))

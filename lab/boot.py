@@ -18,9 +18,12 @@ How (README, "Booting the droplets"):
   Debian's mirrors and PyPI) and the database endpoints, which stand on the bridge at
   addresses the droplets' /etc/hosts give the user data's database host names.
 - The database: the lab's PostgreSQL (`lab/pgcluster.py`) with the stack's replicas and
-  pgbouncer, behind TLS forwarders (`sslmode=require`), the app role's passwords set to the
+  pgbouncer, behind TLS forwarders, the app role's and the migrator's passwords set to the
   ones the app's environment file carries (in the user data, or in the gates' stdin with a
-  deploy key).
+  deploy key) and the one-time grant applied. The program runs with a CA of the boot's own as
+  the cluster's (`getDatabaseCa`), so the user data's `db-ca.pem` is that CA and the forwarders
+  present a certificate it signed for the database host names: the droplets'
+  `sslmode=verify-full` holds.
 - Deploy steps the program registers (`command:remote:Command`: health gates, the nginx LB's
   upstream) run inside the droplet they target, as root, with their own script and stdin; a
   gate that delivers the environment file runs as soon as cloud-init is done.
@@ -38,6 +41,7 @@ import json
 import os
 import platform
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -48,9 +52,11 @@ import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psycopg
 import yaml
 
 from components.app_tier import health_gate_script
+from components.database import migrator_grants_sql, owner_grants_sql
 from components.metadata_firewall import AGENT_USER, METADATA_IP
 from components.runtime import APP_UNIT, NGINX_METRICS_PATH, DropletLayout
 from components.settings import settings_for_stack_file
@@ -58,7 +64,7 @@ from lab import pgcluster
 from lab.boot_net import Servers
 from lab.process import running
 from lab.stack import LABS_DIR, ROOT, stack_file
-from tools.mocks import run_program
+from tools.mocks import DATABASE_CA, run_program
 
 BRIDGE = "wsboot0"
 BOOT_LOCK = "/tmp/webstack-boot.lock"
@@ -135,10 +141,11 @@ def break_user_data(text: str) -> str:
     return "#cloud-config\n" + yaml.safe_dump(document, sort_keys=False, width=1000)
 
 
-def registered(stack: str) -> tuple[object, str, list[dict]]:
-    """The program's run under the mocks, the VPC range and its droplets (app first)."""
+def registered(stack: str, database_ca: Path = DATABASE_CA) -> tuple[object, str, list[dict]]:
+    """The program's run under the mocks (`database_ca`: the cluster's CA certificate), the
+    VPC range and its droplets (app first)."""
     path = stack_file(stack)
-    run = run_program(path)
+    run = run_program(path, database_ca=database_ca)
     vpc = run.one("index/vpc:Vpc").outputs["ipRange"]
     droplets = []
     stdin = {r.inputs["connection"]["host"]: r.inputs.get("stdin", "")
@@ -187,7 +194,10 @@ class Boot:
         self.stack = stack
         self.broken = broken
         self.state_dir = state_dir
-        self.run, self.vpc_range, found = registered(stack)
+        # Outside state_dir, which start() empties; removed with the database by stop().
+        self.db_ca_dir = Path(tempfile.mkdtemp(prefix="webstack-boot-ca-"))
+        self.db_ca = pgcluster.make_ca(self.db_ca_dir, "webstack boot database CA")
+        self.run, self.vpc_range, found = registered(stack, self.db_ca[0])
         settings = settings_for_stack_file(stack_file(stack))
         self.fqdn, self.pool_size = settings.fqdn, settings.database.pool.size
         self.health_check = settings.frontend.health_check
@@ -269,7 +279,7 @@ class Boot:
             return
         endpoints = database_endpoints(app.env)
         replicas = sorted(k for k in endpoints if k.startswith("DATABASE_REPLICA_URLS"))
-        user, database = endpoints["DATABASE_MIGRATION_URL"][2], endpoints["DATABASE_URL"][4]
+        user, database = endpoints["DATABASE_URL"][2], endpoints["DATABASE_URL"][4]
         # PostgreSQL runs as `postgres`: its directory must be one that user can traverse,
         # which a clone in a private directory (mktemp -d) is not.
         self.db_dir = Path(tempfile.mkdtemp(prefix="webstack-boot-db-"))
@@ -278,22 +288,31 @@ class Boot:
                                            user=user, stop_at_exit=False,
                                            pool_size=self.pool_size)
         self.cluster.start()
-        # The user data's passwords: the role's (direct connections) and the pool's.
-        role_password = endpoints["DATABASE_MIGRATION_URL"][3]
-        pool_password = endpoints["DATABASE_URL"][3]
-        self.cluster.set_passwords(role_password, pool_password)
+        # The user data's passwords: the app role's (direct connections to the replicas; any
+        # without one), the pool's, and the migrator's, whose grants the deploy's grant step
+        # gives (lab/pgcluster.py's database is the app role's: the superuser runs doadmin's).
+        role_password = next((endpoints[k][3] for k in replicas), secrets.token_urlsafe(18))
+        self.cluster.set_passwords(role_password, endpoints["DATABASE_URL"][3])
+        migrator, migrator_password = endpoints["DATABASE_MIGRATION_URL"][2:4]
+        self.cluster.add_user(migrator, migrator_password)
+        with psycopg.connect(self.cluster.admin_dsn(dbname=database), autocommit=True) as conn:
+            conn.execute(owner_grants_sql(database))
+        with psycopg.connect(self.cluster.admin_dsn(dbname=database, user=migrator),
+                             autocommit=True) as conn:
+            conn.execute(migrator_grants_sql(database))
         ports = self.cluster.ports
-        cert = self._certificate()
+        cert = self.cluster_certificate(hosts)
         targets = {"DATABASE_URL": ports["pool"], "DATABASE_MIGRATION_URL": ports["primary"]}
         for i, key in enumerate(replicas):
             targets[key] = ports["replicas"][i]
         for key, (host, port, *_) in endpoints.items():
             self.servers.postgres_tls(hosts[host], port, ("127.0.0.1", targets[key]), cert)
 
-    def _certificate(self) -> tuple[str, str]:
-        cert, key = self.state_dir / "db.crt", self.state_dir / "db.key"
-        sh("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-           "-subj", "/CN=webstack-boot-db", "-keyout", str(key), "-out", str(cert))
+    def cluster_certificate(self, hosts: dict[str, str]) -> tuple[str, str]:
+        """The forwarders' certificate: the database host names of the user data, signed by
+        the CA the program was given as the cluster's."""
+        names = ",".join(f"DNS:{host}" for host in hosts)
+        cert, key = pgcluster.sign_server_cert(self.db_ca, self.db_ca_dir, names)
         return str(cert), str(key)
 
     # -- a droplet --------------------------------------------------------------------------
@@ -628,6 +647,7 @@ class Boot:
             self.servers.stop()
         if self.cluster:
             self.cluster.stop_all()
+        shutil.rmtree(self.db_ca_dir, ignore_errors=True)
         Boot.clean(self.state_dir)
 
     def report(self) -> dict:

@@ -3,11 +3,11 @@
 - `proxy`: an HTTP proxy (absolute-URI GET for apt's http sources, CONNECT for pip's https)
   that forwards only to `REGISTRIES`: the droplets' apt and pip use it, as on a corporate
   network. Anything else gets 403, so a droplet reaches registries and the bridge, nothing else.
-- `postgres_tls`: DigitalOcean's database endpoints require TLS (`sslmode=require`); the lab's
-  PostgreSQL and pgbouncer listen on loopback without it. This forwarder listens where the user
-  data's database host resolves to (an address on the bridge), answers PostgreSQL's
-  SSLRequest with TLS (a throwaway self-signed certificate), and relays the plain protocol to
-  the lab's server on loopback.
+- `postgres_tls`: the droplets verify DigitalOcean's database endpoints (`sslmode=verify-full`).
+  This forwarder listens where the user data's database host resolves to (an address on the
+  bridge), answers PostgreSQL's SSLRequest with TLS (the certificate lab/boot.py signs for
+  those host names with the CA the user data carries), and relays the plain protocol to the
+  lab's server on loopback.
 
 `Servers` runs them on an asyncio loop in a thread of the boot process; everything stops with it.
 """

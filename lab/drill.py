@@ -117,7 +117,7 @@ def run_drill(stack_path: Path, state_dir: Path = STATE_DIR, *, rate: float = 40
             load.sleep(seconds)
             lab.pg.archive_current_wal()
             started = time.monotonic()
-            restored.restore(base, archive, point, lab.pg.passwords())
+            restored.restore(base, archive, point, lab.pg.passwords(), lab.pg.tls_dir)
             restore_s = time.monotonic() - started
             urls = restored.start()
             cluster_s = time.monotonic() - started

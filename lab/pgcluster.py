@@ -15,6 +15,13 @@ Everything lives in ``base_dir``: data directories, logs, pgbouncer's files, the
 ports and the generated password so that a later process (``stop``) can find the servers.
 Servers listen on 127.0.0.1 only, on free ports picked at first start and kept afterwards.
 
+TLS everywhere a client connects over TCP, as on DigitalOcean: at first start the cluster
+makes a CA of its own (``ca_file``) and a server certificate it signs for ``localhost`` and
+127.0.0.1 (openssl), which PostgreSQL and pgbouncer present. Every URL says
+``sslmode=verify-full`` with that CA, so a client refuses any other server; pgbouncer verifies
+PostgreSQL the same way (``server_tls_sslmode``). The superuser's unix socket has no TLS, nor
+do URLs through a proxy that loses COMMIT replies (``lab.proxy.plain``, the chaos lab's).
+
 PostgreSQL and pgbouncer refuse to run as root: when run as root, every server runs as the
 ``postgres`` system user (created by the Debian package) and ``base_dir`` is handed to it, so
 its parent directories must be traversable by that user (``tempfile.mkdtemp()`` in /tmp is).
@@ -35,6 +42,7 @@ import os
 import pwd
 import random
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -51,6 +59,39 @@ PGBOUNCER = os.environ.get("PGBOUNCER", "/usr/sbin/pgbouncer")
 SUPERUSER = "postgres"
 STATE_FILE = "cluster.json"
 START_TIMEOUT = 30.0
+TLS_DIR = "tls"
+SERVER_NAMES = "DNS:localhost,IP:127.0.0.1"
+"""What the servers' certificate is valid for: a URL naming another host is refused."""
+
+
+def make_ca(directory: Path, name: str = "webstack lab CA") -> tuple[Path, Path]:
+    """A throwaway certificate authority in `directory`: (certificate, key), by openssl."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / "ca.pem", directory / "ca.key"
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+             "-nodes", "-days", "3650", "-subj", f"/CN={name}", "-keyout", key, "-out", cert)
+    return cert, key
+
+
+def sign_server_cert(ca: tuple[Path, Path], directory: Path,
+                     names: str = SERVER_NAMES) -> tuple[Path, Path]:
+    """A server certificate for `names` (subjectAltName syntax) signed by `ca`:
+    (certificate, key) in `directory`."""
+    cert, key, csr = directory / "server.crt", directory / "server.key", directory / "server.csr"
+    ext = directory / "server.ext"
+    ext.write_text(f"subjectAltName={names}\n")
+    _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+             "-nodes", "-subj", "/CN=webstack lab database", "-keyout", key, "-out", csr)
+    _openssl("x509", "-req", "-in", csr, "-CA", ca[0], "-CAkey", ca[1], "-CAcreateserial",
+             "-days", "3650", "-extfile", ext, "-out", cert)
+    return cert, key
+
+
+def _openssl(*args: str | os.PathLike[str]) -> None:
+    result = subprocess.run(["openssl", *map(str, args)], capture_output=True, text=True,
+                            check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"openssl {args[0]} failed:\n{result.stderr}")
 
 
 @dataclass(frozen=True)
@@ -155,10 +196,28 @@ class PgCluster:
             replicas=tuple(self._url(port) for port in ports["replicas"]),
         )
 
-    def admin_dsn(self, node: str = "primary", dbname: str = "postgres") -> str:
-        """libpq conninfo for the superuser over the node's unix socket (``replica-0``...)."""
+    @property
+    def tls_dir(self) -> Path:
+        """The CA and server certificate (the CA's key is gone once the server's is signed)."""
+        return self.base_dir / TLS_DIR
+
+    @property
+    def ca_file(self) -> Path:
+        """The CA certificate every URL verifies the servers with (`sslrootcert`)."""
+        return self.base_dir / TLS_DIR / "ca.pem"
+
+    def admin_dsn(self, node: str = "primary", dbname: str = "postgres",
+                  user: str = SUPERUSER) -> str:
+        """libpq conninfo over the node's unix socket (``replica-0``...), where every role logs
+        in without a password: the superuser's, or ``user``'s."""
         port = self._node_port(node)
-        return f"host={self._socket_dir} port={port} user={SUPERUSER} dbname={dbname}"
+        return f"host={self._socket_dir} port={port} user={user} dbname={dbname}"
+
+    def add_user(self, name: str, password: str) -> None:
+        """A login role with ``password`` and no rights of its own (a DigitalOcean user)."""
+        with psycopg.connect(self.admin_dsn(), autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                sql.Identifier(name), sql.Literal(password)))
 
     def start_primary(self) -> None:
         self._pg_ctl("primary", "start")
@@ -229,7 +288,8 @@ class PgCluster:
         password = self._state["password"]
         if port == self._ports["pool"]:
             password = self._state.get("pool_password", password)
-        return f"postgresql://{self.user}:{password}@127.0.0.1:{port}/{self.database}"
+        return (f"postgresql://{self.user}:{password}@127.0.0.1:{port}/{self.database}"
+                f"?sslmode=verify-full&sslrootcert={self.ca_file}")
 
     def _load_state(self) -> None:
         self._state = json.loads((self.base_dir / STATE_FILE).read_text())
@@ -288,18 +348,23 @@ class PgCluster:
             self._run(pg_ctl, "stop", "-w", "-m", mode, "-D", data)
 
     def _node_conf(self, port: int) -> str:
+        tls = self.base_dir / TLS_DIR
         return "\n".join([
             f"port = {port}",
             "listen_addresses = '127.0.0.1'",
             f"unix_socket_directories = '{self._socket_dir}'",
+            "ssl = on",
+            f"ssl_cert_file = '{tls / 'server.crt'}'",
+            f"ssl_key_file = '{tls / 'server.key'}'",
             "fsync = off",  # a throwaway cluster: speed over crash safety
             "max_connections = 200",
             "log_line_prefix = '%m [%p] %q%u@%d '",
             "",
         ])
 
-    def _prepare(self, passwords: dict[str, str]) -> None:
-        """The directories and `cluster.json`: `passwords`, new ports."""
+    def _prepare(self, passwords: dict[str, str], tls_from: Path | None = None) -> None:
+        """The directories and `cluster.json` (`passwords`, new ports), and the TLS directory:
+        a new CA and server certificate, or a copy of `tls_from`."""
         self.base_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.base_dir, 0o700)
         for sub in (self.base_dir, self._socket_dir, self.base_dir / "logs",
@@ -315,6 +380,11 @@ class PgCluster:
             },
         }
         self._save_state()
+        if tls_from is None:
+            self._make_certificates()
+        else:  # DigitalOcean's CA is the project's: a restored cluster's is the source's
+            shutil.copytree(tls_from, self.base_dir / TLS_DIR)
+            self._own_certificates()
 
     def _init(self) -> None:
         """initdb the primary, create the app's role and database."""
@@ -332,6 +402,21 @@ class PgCluster:
                 f"CREATE ROLE {self.user} LOGIN PASSWORD '{self._state['password']}'"
             )
             conn.execute(f"CREATE DATABASE {self.database} OWNER {self.user}")
+
+    def _make_certificates(self) -> None:
+        """The cluster's CA and the servers' certificate, readable by the server account (the
+        key by it alone, as PostgreSQL requires)."""
+        tls = self.base_dir / TLS_DIR
+        ca = make_ca(tls)
+        sign_server_cert(ca, tls)
+        ca[1].unlink()  # nothing else is ever signed
+        self._own_certificates()
+
+    def _own_certificates(self) -> None:
+        tls = self.base_dir / TLS_DIR
+        for path in [tls, *tls.iterdir()]:
+            os.chown(path, self._account.pw_uid, self._account.pw_gid)
+        os.chmod(tls / "server.key", 0o600)
 
     def _make_replica(self, index: int) -> None:
         """pg_basebackup -R from the running primary, then give the copy its own port."""
@@ -402,14 +487,15 @@ class PgCluster:
         return {k: v for k, v in self._state.items() if k in ("password", "pool_password")}
 
     def restore(self, base: Path, archive: Path, target_time: str,
-                passwords: dict[str, str]) -> None:
+                passwords: dict[str, str], tls_from: Path) -> None:
         """A new cluster's primary in `base_dir`, as a restore on DigitalOcean makes one:
         `base` replayed from `archive` up to `target_time` (recovery_target_time, then
         promote), on ports of its own, with the source's role, database and `passwords`.
         Archiving is off, and the recovery settings are removed once it is promoted (a
         replica copied from it would otherwise stop at that target and promote itself).
-        `start()` then adds its replicas (copies of the restored primary) and its pool."""
-        self._prepare(passwords)
+        `start()` then adds its replicas (copies of the restored primary) and its pool. Its
+        certificates are `tls_from`'s (the source's `tls_dir`)."""
+        self._prepare(passwords, tls_from)
         data = self._data_dir("primary")
         self._run("cp", "-a", base, data)
         self._write(data / "node.conf", self._node_conf(self._ports["primary"]))
@@ -463,6 +549,14 @@ class PgCluster:
             # must not rely on pgbouncer to fail fast. Retrying the server login every second
             # (default 15 s) only shortens recovery after a restart of the primary.
             "server_login_retry = 1",
+            # TLS both ways, as a DigitalOcean pool: clients verify pgbouncer, and pgbouncer
+            # verifies PostgreSQL, with the cluster's CA. A client may go without (`allow`):
+            # only the fault proxies' URLs do, which must read the protocol (lab/proxy.py).
+            "client_tls_sslmode = allow",
+            f"client_tls_cert_file = {self.base_dir / TLS_DIR / 'server.crt'}",
+            f"client_tls_key_file = {self.base_dir / TLS_DIR / 'server.key'}",
+            "server_tls_sslmode = verify-full",
+            f"server_tls_ca_file = {self.ca_file}",
             f"logfile = {home / 'pgbouncer.log'}",
             f"pidfile = {home / 'pgbouncer.pid'}",
             "",

@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from components.runtime import NGINX_MODULES
+
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 START_TIMEOUT = 30.0
 
@@ -26,8 +28,9 @@ def nginx_main_conf(directory: Path, include: Path) -> str:
     user = "user root root;\n" if os.geteuid() == 0 else ""
     temp = "\n".join(f"    {kind}_temp_path {directory}/temp/{kind};"
                      for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    modules = "".join(f"load_module {module};\n" for module in NGINX_MODULES)
     return f"""\
-{user}worker_processes 1;
+{modules}{user}worker_processes 1;
 pid {directory}/nginx.pid;
 error_log {directory}/error.log;
 events {{ worker_connections 1024; }}

@@ -5,6 +5,7 @@
     proxy.delay = 2.0                  # every chunk, either way, forwarded 2 s late
     proxy.retarget(("127.0.0.1", 5433))   # new connections go there (a fail-over's DNS)
     proxy.lose_commits = 0.3           # 30% of PostgreSQL's COMMIT replies never arrive
+                                       # (only on a connection without TLS: `plain`)
     proxy.drop()                       # cut every open connection
     proxy.stop()
 
@@ -21,8 +22,20 @@ import socket
 import threading
 import time
 
+from sqlalchemy.engine import make_url
+
 COMMIT_REPLY = b"C\x00\x00\x00\x0bCOMMIT\x00"
 """PostgreSQL's CommandComplete message for COMMIT (type C, length 11, tag "COMMIT")."""
+
+
+def plain(url: str, port: int) -> str:
+    """`url` through a proxy on 127.0.0.1:`port`, without TLS (`sslmode=disable`): a proxy that
+    loses COMMIT replies must read PostgreSQL's messages, which TLS would hide. Everywhere else
+    the lab's URLs verify the server (lab/pgcluster.py)."""
+    parsed = make_url(url)
+    query = {k: v for k, v in parsed.query.items() if k != "sslrootcert"}
+    return parsed.set(host="127.0.0.1", port=port, query={**query, "sslmode": "disable"}
+                      ).render_as_string(hide_password=False)
 
 
 class DelayProxy:

@@ -67,6 +67,7 @@ from components.runtime import (
     GUNICORN_GRACEFUL_TIMEOUT,
     RUNTIME_DIRECTORY,
     UNIT_ENVIRONMENT,
+    UNIT_UNSET_ENVIRONMENT,
     AppSecrets,
     DropletLayout,
     droplet_files,
@@ -91,7 +92,7 @@ from lab.process import (
     wait_gone,
     wait_until,
 )
-from lab.proxy import DelayProxy
+from lab.proxy import DelayProxy, plain
 
 ROOT = Path(__file__).resolve().parent.parent
 LABS_DIR = ROOT / ".lab"
@@ -177,6 +178,7 @@ class Droplet:
     def layout(self) -> DropletLayout:
         """The droplet's layout with the lab's addresses and every path under `dir`."""
         return DropletLayout(root=str(self.dir), env_file=str(self.dir / "app.env"),
+                             db_ca_file=str(self.dir / "db-ca.pem"),
                              gunicorn_bind=self.bind, nginx_listen=self.site,
                              nginx_site=str(self.dir / "site.conf"), units_dir=str(self.dir),
                              static_dir=self.static_dir,
@@ -217,8 +219,10 @@ class Lab:
         self.upstreams = [d.site for d in self.droplets]
         """nginx mode: the droplets the LB currently sends to."""
         self.secrets: AppSecrets | None = None
-        """What `droplet_files` takes beyond settings and layout (database URLs, secret key),
-        once the database has started."""
+        """The app's environment file's secrets (database URLs, secret key), once the database
+        has started."""
+        self.db_ca = ""
+        """The database's CA certificate (PEM), written to every droplet."""
 
     def _pg_cluster(self):
         """The cluster in `state_dir/pg` (a link to its directory once the lab has started)."""
@@ -259,6 +263,8 @@ class Lab:
             self.secrets = AppSecrets(
                 database_url=urls.pool, replica_urls=urls.replicas, migration_url=urls.primary,
                 secret_key=secrets.token_urlsafe(32))
+            # Written as on a droplet; the lab's URLs name the cluster's own copy.
+            self.db_ca = self.pg.ca_file.read_text()
             for droplet in self.droplets:
                 self.write_droplet(droplet)
             self._migrate(self.droplets[0])
@@ -281,11 +287,12 @@ class Lab:
 
     def _start_proxies(self, urls):
         """A DelayProxy in front of the pool and each replica the app uses; `urls` through them
-        (migrations still go straight to the primary)."""
+        (migrations still go straight to the primary), without TLS so that a proxy can lose
+        COMMIT replies (`plain`)."""
         def through(name: str, url: str) -> str:
             parsed = make_url(url)
             self.proxies[name] = DelayProxy((parsed.host, parsed.port)).start()
-            return parsed.set(port=self.proxies[name].port).render_as_string(hide_password=False)
+            return plain(url, self.proxies[name].port)
 
         return dataclasses.replace(
             urls, pool=through("pool", urls.pool),
@@ -304,6 +311,7 @@ class Lab:
         (the lab runs the repo's app/), and nginx's main config (Debian's, on a droplet)."""
         layout = droplet.layout
         for file in droplet_files(settings or self.settings, secrets=self.secrets,
+                                  db_ca=self.db_ca,
                                   vpc_cidr=LAB_VPC, layout=layout,
                                   upstream_keepalive=upstream_keepalive):
             path = Path(file.path)
@@ -328,13 +336,14 @@ class Lab:
     # ------------------------------------------------------------------ droplets
 
     def start_gunicorn(self, droplet: Droplet) -> None:
-        """ExecStart of the unit: gunicorn with the EnvironmentFile and the unit's Environment=,
-        its RuntimeDirectory emptied first."""
+        """ExecStart of the unit: gunicorn with the EnvironmentFile less the unit's
+        UnsetEnvironment=, plus its Environment=, its RuntimeDirectory emptied first."""
         env = {**_base_env(), **unit_environment(droplet.dir / "run")}
         (droplet.dir / "gunicorn.pid").unlink(missing_ok=True)
         with (droplet.dir / "gunicorn.log").open("ab") as log:
             proc = subprocess.Popen(
-                ["bash", "-c", 'set -a; . "$0"; set +a; exec "$@"', str(droplet.dir / "app.env"),
+                ["bash", "-c", f'set -a; . "$0"; set +a; unset {" ".join(UNIT_UNSET_ENVIRONMENT)}; '
+                 'exec "$@"', str(droplet.dir / "app.env"),
                  str(GUNICORN), "--config", str(GUNICORN_CONF),
                  "--pid", str(droplet.dir / "gunicorn.pid"), "app.wsgi:app"],
                 cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,

@@ -4,9 +4,9 @@
 # its own instances on loopback, in temp directories.
 set -euo pipefail
 
-PACKAGES=(nginx pgbouncer cloud-init haproxy graphviz postgresql-15 postgresql-client-15 wrk systemd
-          openssl procps debootstrap systemd-container iproute2 curl nftables
-          prometheus prometheus-alertmanager prometheus-nginx-exporter)
+PACKAGES=(nginx libnginx-mod-http-lua pgbouncer cloud-init haproxy graphviz postgresql-15
+          postgresql-client-15 wrk systemd openssl procps debootstrap systemd-container iproute2
+          curl nftables prometheus prometheus-alertmanager prometheus-nginx-exporter)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

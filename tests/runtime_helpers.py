@@ -9,10 +9,12 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from lab.process import NGINX, nginx_main_conf
@@ -106,3 +108,63 @@ def request(port: int, path: str, *, method: str = "GET", headers: Mapping[str, 
         return Response(resp.status, resp.headers, resp.read())
     finally:
         conn.close()
+
+
+class _Sink(BaseHTTPRequestHandler):
+    """An app stand-in: answers a POST 200 once it has the whole body, and records its size."""
+
+    protocol_version = "HTTP/1.1"
+    received: list[int]
+
+    def do_POST(self):  # noqa: N802 (http.server's naming)
+        self.received.append(len(self.rfile.read(int(self.headers["Content-Length"]))))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@contextmanager
+def body_sink() -> Iterator[tuple[int, list[int]]]:
+    """An HTTP server on loopback behind the nginx under test: (its port, the sizes of the
+    bodies it received, in order)."""
+    received: list[int] = []
+    handler = type("Sink", (_Sink,), {"received": received})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_port, received
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+SLOW_BODY_TIMEOUT = 3
+"""frontend.bodyTimeoutSeconds in the slow-body tests (test_runtime_files, test_lb_nginx)."""
+
+
+def trickle(sock: socket.socket, size: int, *, host: str = "localhost") -> tuple[str, float]:
+    """POST a `size`-byte body over the connected `sock` at 1 byte a second. Returns how it
+    ended, "cut" (nginx closed or reset the connection, or answered 408) or the status line
+    nginx answered with, and after how many seconds."""
+    sock.settimeout(1)
+    sock.sendall(f"POST /api/notes HTTP/1.1\r\nHost: {host}\r\nContent-Type: text/plain\r\n"
+                 f"Content-Length: {size}\r\n\r\n".encode())
+    started = time.monotonic()
+    for _ in range(size):
+        try:
+            sock.sendall(b"x")
+            answer = sock.recv(4096)  # waits 1 s: the pace of the bytes
+        except TimeoutError:
+            continue  # nothing yet: nginx is still reading
+        except OSError:
+            answer = b""  # reset
+        break
+    else:
+        sock.settimeout(10)
+        answer = sock.recv(4096)
+    line = answer.split(b"\r\n", 1)[0].decode()
+    cut = not answer or line.startswith("HTTP/1.1 408")
+    return ("cut" if cut else line), time.monotonic() - started

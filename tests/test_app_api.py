@@ -146,21 +146,25 @@ def test_readyz_reports_each_server(pg_cluster, app, client):
     }
 
 
-def test_forwarded_proto_and_host_from_one_proxy_are_honoured(client):
-    response = client.post(
-        "/api/notes",
-        json=NOTE,
-        headers={"X-Forwarded-Proto": "https", "X-Forwarded-Host": "notes.example.com"},
-    )
-    assert response.headers["Location"].startswith("https://notes.example.com/api/notes/")
+@pytest.mark.parametrize("headers", [
+    {"Host": "evil.example"},
+    {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "evil.example"},
+])
+def test_location_names_no_host(client, headers):
+    """Issue 13: `Location` echoed the request's Host (`http://evil.example/api/notes/2`)."""
+    response = client.post("/api/notes", json=NOTE, headers=headers)
+    assert response.status_code == 201
+    assert response.headers["Location"] == f"/api/notes/{response.get_json()['id']}"
+    assert "evil" not in str(response.headers)
 
 
-def test_only_the_last_forwarded_value_is_trusted(client):
-    """A client cannot spoof the scheme by prepending its own X-Forwarded-Proto value."""
-    response = client.post(
-        "/api/notes", json=NOTE, headers={"X-Forwarded-Proto": "https, http"}
-    )
-    assert response.headers["Location"].startswith("http://")
+@pytest.mark.parametrize(("proto", "secure"), [("https", True), ("https, http", False)])
+def test_only_the_last_forwarded_value_is_trusted(client, proto, secure):
+    """A client cannot spoof the scheme by prepending its own X-Forwarded-Proto value: the
+    session cookie is `Secure` only when the one proxy hop said https."""
+    response = client.post("/api/notes", json=NOTE, headers={"X-Forwarded-Proto": proto})
+    cookie = response.headers["Set-Cookie"].lower()
+    assert ("; secure" in cookie) is secure
 
 
 def _metric(body: str, name: str, **labels: str) -> float:

@@ -1,6 +1,7 @@
 """The app under real gunicorn workers: ``app.wsgi``, engines built after the fork, and
 metrics summed over workers with PROMETHEUS_MULTIPROC_DIR."""
 
+import http.client
 import json
 import os
 import re
@@ -82,3 +83,17 @@ def test_workers_serve_notes_and_share_metrics(server):
             r'webstack_http_requests_total\{endpoint="/api/notes",method="POST",status="201"\}'
             r" (\S+)", text)
         assert posts and float(posts.group(1)) == 6
+
+
+def test_a_foreign_host_is_never_echoed(server):
+    """Issue 13, straight to gunicorn (no nginx in front): `POST /api/notes` with
+    `Host: evil.example` answered `Location: http://evil.example/api/notes/2`."""
+    conn = http.client.HTTPConnection(server.removeprefix("http://"), timeout=10)
+    conn.request("POST", "/api/notes", body=json.dumps({"text": "foreign"}),
+                 headers={"Host": "evil.example", "Content-Type": "application/json"})
+    response = conn.getresponse()
+    body = json.loads(response.read())
+    conn.close()
+    assert response.status == 201
+    assert response.getheader("Location") == f"/api/notes/{body['id']}"
+    assert "evil" not in str(response.headers).lower()

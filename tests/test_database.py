@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 from typing import Any
 
@@ -11,10 +12,11 @@ import pytest
 from pulumi.runtime.sync_await import _sync_await
 
 from components.database import DatabaseCluster
-from components.settings import Settings, database_size, pool_connection_budget
+from components.runtime import DropletLayout
+from components.settings import MIGRATOR, Settings, database_size, pool_connection_budget
 from components.stack import database_args
 from tests.factories import make_settings, settings_for
-from tools.mocks import Run, run_function
+from tools.mocks import DATABASE_CA, Run, run_function
 
 VPC = "vpc-0d1e"
 
@@ -120,8 +122,8 @@ def test_app_database_user_and_transaction_pool_within_the_budget():
     run, _ = build(settings)
     name = settings.database.name
     assert run.one("databaseDb:DatabaseDb").inputs["name"] == name
-    user = run.one("databaseUser:DatabaseUser")
-    assert user.inputs["name"] == name != "doadmin"
+    users = {u.name: u.inputs["name"] for u in run.of_type("databaseUser:DatabaseUser")}
+    assert users == {"db-user": name, "db-migrator": MIGRATOR} and name != "doadmin"
     pool = run.one("DatabaseConnectionPool")
     assert pool.inputs["mode"] == "transaction"
     assert pool.inputs["user"] == name and pool.inputs["dbName"] == name
@@ -135,35 +137,52 @@ def test_pool_mode_and_size_come_from_settings():
     assert (pool.inputs["mode"], pool.inputs["size"]) == ("session", 5)
 
 
-def test_app_uris_are_secret_private_and_use_the_app_user():
+VERIFIED = f"sslmode=verify-full&sslrootcert={DropletLayout().db_ca_file}"
+
+
+def test_app_uris_are_secret_private_verify_the_server_and_use_the_app_user():
     settings = settings_for("prod", database={"name": "shop", "replicas": [{}, {}]})
     run, db = build(settings)
     cluster = run.one("databaseCluster:DatabaseCluster")
-    password = run.one("databaseUser:DatabaseUser").outputs["password"]
+    passwords = {u.inputs["name"]: u.outputs["password"]
+                 for u in run.of_type("databaseUser:DatabaseUser")}
 
     pool_uri, secret = resolve(db.pool_uri)
-    assert secret and pool_uri == run.one("DatabaseConnectionPool").outputs["privateUri"]
+    private_uri = run.one("DatabaseConnectionPool").outputs["privateUri"]
+    assert secret and pool_uri == private_uri.replace("sslmode=require", VERIFIED)
 
     migration_uri, secret = resolve(db.migration_uri)
     assert secret
-    assert migration_uri == (f"postgresql://shop:{password}@{cluster.outputs['privateHost']}:"
-                             f"{cluster.outputs['port']}/shop?sslmode=require")
+    assert migration_uri == (f"postgresql://{MIGRATOR}:{passwords[MIGRATOR]}@"
+                             f"{cluster.outputs['privateHost']}:{cluster.outputs['port']}/shop?"
+                             + VERIFIED)
 
     replica_uris, secret = resolve(db.replica_uris)
     assert secret
     hosts = [r.outputs["privateHost"] for r in run.of_type("DatabaseReplica")]
     assert sorted(replica_uris) == sorted(
-        f"postgresql://shop:{password}@{host}:25060/shop?sslmode=require" for host in hosts)
+        f"postgresql://shop:{passwords['shop']}@{host}:25060/shop?{VERIFIED}" for host in hosts)
     assert not any("doadmin" in uri for uri in [pool_uri, migration_uri, *replica_uris])
 
 
-def test_the_grant_for_postgres_15_targets_the_app_database_and_its_admin_uri_is_secret():
+def test_the_ca_certificate_comes_from_the_provider_and_is_not_secret():
+    _, db = build(settings_for("prod"))
+    pem, secret = resolve(db.ca_certificate)
+    assert not secret and pem == DATABASE_CA.read_text()
+    assert pem.startswith("-----BEGIN CERTIFICATE-----")
+
+
+def test_the_grant_steps_run_as_doadmin_then_as_the_migrator_and_are_secret():
     run, db = build(make_settings(database={"name": "shop"}))
-    assert 'GRANT USAGE, CREATE ON SCHEMA public TO "shop";' in db.app_grants_sql
-    admin_uri, secret = resolve(db.admin_uri)
+    steps, secret = resolve(db.app_grants_steps)
+    (admin_uri, owner_sql), (migrator_uri, migrator_sql) = json.loads(steps)
     host = run.one("databaseCluster:DatabaseCluster").outputs["privateHost"]
     assert secret and admin_uri.startswith("postgresql://doadmin:")
-    assert admin_uri.endswith(f"@{host}:25060/shop?sslmode=require")
+    assert admin_uri.endswith(f"@{host}:25060/shop?{VERIFIED}")
+    assert (migrator_uri, secret) == resolve(db.migration_uri)
+    assert f'GRANT USAGE, CREATE ON SCHEMA public TO "{MIGRATOR}";' in owner_sql
+    assert 'REVOKE CREATE ON SCHEMA public FROM "shop";' in owner_sql
+    assert 'GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO "shop";' in migrator_sql
 
 
 def test_no_uri_or_password_in_plain_inputs():
@@ -207,13 +226,14 @@ def test_restore_creates_a_new_cluster_from_the_backup_and_adopts_the_database_a
     assert cluster.ignore_changes == ("backupRestore",)
     assert cluster.protect
     assert run.of_type("databaseDb:DatabaseDb") == []
-    assert run.of_type("databaseUser:DatabaseUser") == []
+    assert run.of_type("databaseUser:DatabaseUser") == []  # app user and migrator adopted
     pool = run.one("databaseConnectionPool:DatabaseConnectionPool")
     assert (pool.inputs["dbName"], pool.inputs["user"]) == ("app", "app")
     assert len(run.of_type("databaseFirewall:DatabaseFirewall")) == 2  # cluster + replica
     assert len(run.of_type("databaseReplica:DatabaseReplica")) == 1
     uri, secret = resolve(db.migration_uri)
-    assert secret and uri.startswith("postgresql://app:mock-restored-app-password@private-")
+    assert secret and uri.startswith(
+        f"postgresql://{MIGRATOR}:mock-restored-{MIGRATOR}-password@private-")
     for resource in run.resources:
         plain = {k: v for k, v in resource.inputs.items() if k not in resource.secret_inputs}
         assert not any("password" in text for text in plain_strings(plain)), resource.name
@@ -246,7 +266,7 @@ def test_a_never_restored_cluster_keeps_its_name_and_creates_database_and_user()
     assert run.one("databaseCluster:DatabaseCluster").name == "db-cluster"
     assert run.one("databaseCluster:DatabaseCluster").ignore_changes == ()
     assert len(run.of_type("databaseDb:DatabaseDb")) == 1
-    assert len(run.of_type("databaseUser:DatabaseUser")) == 1
+    assert len(run.of_type("databaseUser:DatabaseUser")) == 2  # the app's and the migrator
 
 
 def test_an_unknown_source_cluster_is_refused_naming_the_key():

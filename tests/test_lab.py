@@ -144,6 +144,12 @@ def test_prod_lab_starts_serves_fails_closed_and_stops_without_a_trace():
         haproxy = int((directory / "lb" / "haproxy.pid").read_text().split()[0])
         assert haproxy in pids and len(lab.droplets) == 3
         assert all(group_members(d.gunicorn_pid) for d in lab.droplets)
+        # gunicorn runs without the migrator's URI (the unit's UnsetEnvironment=), its
+        # database URLs verifying the server.
+        environ = Path(f"/proc/{lab.droplets[0].gunicorn_pid}/environ").read_bytes().split(b"\0")
+        names = {item.split(b"=", 1)[0] for item in environ}
+        assert b"DATABASE_URL" in names and b"DATABASE_MIGRATION_URL" not in names
+        assert b"sslmode=verify-full" in next(i for i in environ if i.startswith(b"DATABASE_URL="))
 
         # Every droplet dead: the emulated LB fails closed with a 503, as DigitalOcean's does.
         for droplet in lab.droplets:

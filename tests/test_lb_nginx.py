@@ -30,7 +30,14 @@ from components.lb_nginx import (
 )
 from lab.process import free_port
 from tests.factories import make_settings, settings_for
-from tests.runtime_helpers import cloud_init_schema, nginx_command, nginx_conf
+from tests.runtime_helpers import (
+    SLOW_BODY_TIMEOUT,
+    body_sink,
+    cloud_init_schema,
+    nginx_command,
+    nginx_conf,
+    trickle,
+)
 
 
 def nginx_t(tmp: Path, body: str) -> None:
@@ -293,6 +300,36 @@ def test_live_lb_edge_tls_profile_server_tokens_headers_and_slow_clients(tmp_pat
             cut_after = time.monotonic() - started
         assert cut, "nginx answered something else"
         assert cut_after < timeout + 5, "still open after the header timeout"
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
+def test_live_lb_cuts_a_body_sent_at_one_byte_a_second_at_the_body_timeout(tmp_path, tls):
+    """Issue 13: a 1-byte-a-second body stayed open indefinitely (client_body_timeout is per
+    read). The LB's Lua deadline cuts it, over HTTPS too, before it reaches a droplet; a body
+    sent at once passes."""
+    settings = make_settings(frontend={"bodyTimeoutSeconds": SLOW_BODY_TIMEOUT})
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with body_sink() as (upstream, received):
+        http_port, https_port = free_port(), free_port()
+        port = https_port if tls else http_port
+        conf = render_lb_nginx_conf(
+            settings, upstreams=[f"127.0.0.1:{upstream}"], server_name="localhost",
+            listen_http=f"127.0.0.1:{http_port}", listen_https=f"127.0.0.1:{https_port}",
+            certificate=self_signed(tmp_path) if tls else None)
+        with running_nginx(tmp_path, conf, http_port):
+            conn = (http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
+                    if tls else http.client.HTTPConnection("127.0.0.1", port, timeout=10))
+            conn.request("POST", "/api/notes", body=b"x" * 40,
+                         headers={"Host": "localhost", "Content-Type": "text/plain"})
+            sent = conn.getresponse().status
+            conn.close()
+            with socket.create_connection(("127.0.0.1", port)) as raw:
+                sock = context.wrap_socket(raw, server_hostname="localhost") if tls else raw
+                ended, after = trickle(sock, 40)
+    assert sent == 200
+    assert ended == "cut" and SLOW_BODY_TIMEOUT <= after < SLOW_BODY_TIMEOUT + 3, (ended, after)
+    assert received == [40], "only the body sent at once reached a droplet"
 
 
 def test_live_lb_rate_limit_answers_429_and_exempts_its_sources(tmp_path):

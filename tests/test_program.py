@@ -272,10 +272,10 @@ def test_nginx_mode_project_holds_the_reserved_ip_as_the_projects_api_stores_it(
     assert {d.outputs["dropletUrn"] for d in lb_droplets} <= set(resources)
 
 
-def test_doadmin_uri_is_exported_only_for_the_manual_grant_and_secret():
+def test_the_grant_steps_are_exported_only_for_the_manual_grant_and_secret():
     staging, prod = program("staging"), program("prod")  # staging has no deploy key
-    assert "db_admin_uri" in staging.secret_outputs
-    assert "db_admin_uri" not in prod.outputs
+    assert "db_grants" in staging.secret_outputs
+    assert "db_grants" not in prod.outputs
     grants = next(c for c in prod.of_type("remote:Command") if c.name == "prod-db-grants")
     assert "stdin" in grants.secret_inputs and "doadmin" not in grants.inputs["create"]
     assert "GRANT USAGE, CREATE ON SCHEMA public" in grants.inputs["stdin"]

@@ -40,7 +40,8 @@ def run_tier(settings, user_data: str = "#cloud-config\n", **args) -> Run:
 
 
 def user_data(settings, bundle: bytes) -> str:
-    return render_app_cloud_config(settings, secrets=None, vpc_cidr="10.20.0.0/20", bundle=bundle)
+    return render_app_cloud_config(settings, secrets=None, vpc_cidr="10.20.0.0/20",
+                                   db_ca="a PEM", bundle=bundle)
 
 
 def by_index(resources) -> list:

@@ -12,6 +12,7 @@ import base64
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -48,11 +49,14 @@ from tests.runtime_helpers import (
     GUNICORN,
     GUNICORN_CONF,
     ROOT,
+    SLOW_BODY_TIMEOUT,
+    body_sink,
     env_file_values,
     nginx_command,
     nginx_conf,
     request,
     running,
+    trickle,
 )
 
 UNREACHABLE_DB = "postgresql://u:p@127.0.0.1:1/x"
@@ -118,7 +122,7 @@ def test_cloud_config_writes_the_droplet_file_list_and_the_lab_moves_only_its_la
     changes paths and addresses only, never what a file says otherwise."""
     values = {"secrets": AppSecrets(database_url=UNREACHABLE_DB, replica_urls=[],
                                     migration_url=None, secret_key="test-secret"),
-              "vpc_cidr": "10.10.0.0/20"}
+              "vpc_cidr": "10.10.0.0/20", "db_ca": "a PEM"}
     settings, bundle = make_settings(), b"app bundle"
     files = droplet_files(settings, **values, layout=DropletLayout(), bundle=bundle)
     written = yaml.safe_load(render_app_cloud_config(settings, **values, bundle=bundle))
@@ -129,11 +133,12 @@ def test_cloud_config_writes_the_droplet_file_list_and_the_lab_moves_only_its_la
     lab = DropletLayout(root="/lab/d1", env_file="/lab/d1/app.env", units_dir="/lab/d1",
                         gunicorn_bind="127.0.0.11:8000", nginx_listen="127.0.0.11:8080",
                         nginx_site="/lab/d1/site.conf", nginx_exporter="127.0.0.11:9113",
-                        exporter_defaults="/lab/d1/nginx-exporter.args")
+                        exporter_defaults="/lab/d1/nginx-exporter.args",
+                        db_ca_file="/lab/d1/db-ca.pem")
     moved = droplet_files(settings, **values, layout=lab)
-    assert [f.path for f in moved] == ["/lab/d1/app.env", f"/lab/d1/{APP_UNIT}",
-                                       f"/lab/d1/{MIGRATE_UNIT}", "/lab/d1/site.conf",
-                                       "/lab/d1/nginx-exporter.args"]
+    assert [f.path for f in moved] == ["/lab/d1/app.env", "/lab/d1/db-ca.pem",
+                                       f"/lab/d1/{APP_UNIT}", f"/lab/d1/{MIGRATE_UNIT}",
+                                       "/lab/d1/site.conf", "/lab/d1/nginx-exporter.args"]
     assert [f.mode for f in moved] == [f.mode for f in files[1:]]
     assert "    listen 127.0.0.11:8080 default_server;\n" in moved[-2].content
     assert "proxy_pass http://127.0.0.11:9113/metrics;" in moved[-2].content
@@ -149,7 +154,8 @@ def test_without_secrets_the_user_data_has_no_environment_file_and_starts_no_ser
     secrets = AppSecrets(database_url=UNREACHABLE_DB, replica_urls=[], migration_url=None,
                          secret_key="test-secret")
     with_env, without = (yaml.safe_load(render_app_cloud_config(
-        make_settings(), secrets=s, vpc_cidr="10.10.0.0/20", bundle=b"app bundle"))
+        make_settings(), secrets=s, vpc_cidr="10.10.0.0/20", db_ca="a PEM",
+        bundle=b"app bundle"))
         for s in (secrets, None))
     env = DropletLayout().env_file
     assert [f["path"] for f in with_env["write_files"] if f["path"] != env] == [
@@ -564,6 +570,28 @@ def test_rate_limit_answers_429_per_client_and_exempts_the_vpc_and_health_checks
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_body_sent_at_one_byte_a_second_is_cut_at_the_body_timeout(tmp_path):
+    """Issue 13: a body sent at 1 byte a second stayed open indefinitely: client_body_timeout
+    bounds only the pause between two reads (nginx 1.22 took 30 bytes over 29 s with it at
+    3 s). The site's Lua deadline cuts it, the body never reaching the app; a body sent at
+    once passes."""
+    settings = make_settings(frontend={"bodyTimeoutSeconds": SLOW_BODY_TIMEOUT})
+    with body_sink() as (upstream, received):
+        port = free_port()
+        site = render_nginx_site(settings, listen=f"127.0.0.1:{port}",
+                                 upstream=f"127.0.0.1:{upstream}", static_dir=str(tmp_path),
+                                 metrics_allow=[])
+        with running(nginx_command(nginx_conf(tmp_path, site), "-g", "daemon off;"), port=port,
+                     log=tmp_path / "nginx.log"):
+            sent = request(port, "/api/notes", method="POST", body=b"x" * 40,
+                           headers={"Content-Type": "text/plain"})
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                ended, after = trickle(sock, 40, host="127.0.0.1")
+    assert sent.status == 200
+    assert ended == "cut" and SLOW_BODY_TIMEOUT <= after < SLOW_BODY_TIMEOUT + 3, (ended, after)
+    assert received == [40], "only the body sent at once reached the app"
 
 
 def test_upstream_down_gives_json_502(tmp_path):

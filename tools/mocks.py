@@ -25,6 +25,9 @@ from components.settings import stack_config, stack_name
 
 PROJECT = "webstack"
 ROOT = Path(__file__).resolve().parent.parent
+DATABASE_CA = Path(__file__).with_name("database-ca.example.pem")
+"""What `getDatabaseCa` answers: the example certificate of DigitalOcean's API reference
+(openapi@7c1300c4 specification/resources/databases/models/ca.yml, base64-decoded)."""
 _SECRET_SIG = rpc._special_sig_key
 _SECRET_VALUE = rpc._special_secret_sig
 
@@ -106,8 +109,10 @@ def mock_outputs(typ: str, name: str, inputs: Mapping[str, Any]) -> dict[str, An
     return {}
 
 
-def mock_call(token: str, args: Mapping[str, Any]) -> dict[str, Any]:
-    """Answers provider invokes (cloud look-ups) as DigitalOcean would for an existing account."""
+def mock_call(token: str, args: Mapping[str, Any], *,
+              database_ca: Path = DATABASE_CA) -> dict[str, Any]:
+    """Answers provider invokes (cloud look-ups) as DigitalOcean would for an existing account;
+    `database_ca` is the PEM file `getDatabaseCa` answers with."""
     found = contract.violations(token, token, args)
     if found:
         raise contract.ContractError(str(found[0]))
@@ -126,6 +131,9 @@ def mock_call(token: str, args: Mapping[str, Any]) -> dict[str, Any]:
         if not OWN_CLUSTER.match(name):
             return {"name": name}
         return {"id": _uuid(name), "name": name, "engine": "pg"}
+    if token == "digitalocean:index/getDatabaseCa:getDatabaseCa":
+        return {"id": args["clusterId"], "clusterId": args["clusterId"],
+                "certificate": database_ca.read_text()}
     if token == "digitalocean:index/getDatabaseUser:getDatabaseUser":
         # The user a restored cluster's backup holds.
         return {"clusterId": args["clusterId"], "name": args["name"], "role": "normal",
@@ -205,18 +213,21 @@ def _unwrap_secrets(value: Any) -> Any:
 
 
 class _Mocks(pulumi.runtime.Mocks):
+    def __init__(self, database_ca: Path = DATABASE_CA):
+        self.database_ca = database_ca
+
     def new_resource(self, args: pulumi_mocks.MockResourceArgs):
         outputs = mock_outputs(args.typ, args.name, args.inputs)
         resource_id = outputs.pop("id", None) or f"{args.name}-id"
         return resource_id, {**args.inputs, **outputs}
 
     def call(self, args: pulumi_mocks.MockCallArgs):
-        return mock_call(args.token, args.args)
+        return mock_call(args.token, args.args, database_ca=self.database_ca)
 
 
 class _RecordingMonitor(pulumi_mocks.MockMonitor):
-    def __init__(self, run: Run):
-        super().__init__(_Mocks())
+    def __init__(self, run: Run, database_ca: Path = DATABASE_CA):
+        super().__init__(_Mocks(database_ca))
         self.run = run
 
     def RegisterResource(self, request):
@@ -269,11 +280,12 @@ class _Logger:
 
 
 def _run(body: Callable[[], Any], *, stack: str, config: Mapping[str, str],
-         secret_keys: set[str] | frozenset[str] = frozenset(), run: Run | None = None) -> Run:
+         secret_keys: set[str] | frozenset[str] = frozenset(), run: Run | None = None,
+         database_ca: Path = DATABASE_CA) -> Run:
     run = Run() if run is None else run
     pulumi.runtime.set_all_config(dict(config), list(secret_keys))
     pulumi.runtime.settings.ROOT.set(None)  # a fresh root stack: no outputs of a previous run
-    monitor = _RecordingMonitor(run)
+    monitor = _RecordingMonitor(run, database_ca)
     pulumi.runtime.set_mocks(monitor.mocks, project=PROJECT, stack=stack, preview=False,
                              monitor=monitor, logger=_Logger(run))
     _sync_await(pulumi.runtime.stack.run_pulumi_func(body))
@@ -288,15 +300,17 @@ def _run(body: Callable[[], Any], *, stack: str, config: Mapping[str, str],
     return run
 
 
-def run_program(stack_file: Path, *, stack: str | None = None, run: Run | None = None) -> Run:
+def run_program(stack_file: Path, *, stack: str | None = None, run: Run | None = None,
+                database_ca: Path = DATABASE_CA) -> Run:
     """Runs the real `__main__.py` with a stack's config file, as `pulumi preview` would.
 
-    Pass `run` to keep what was registered even when the program raises.
+    Pass `run` to keep what was registered even when the program raises, `database_ca` for the
+    database CA certificate the account holds (the boot's, which its database presents).
     """
     stack = stack or stack_name(stack_file)
     config, secret = stack_config(stack_file)
     return _run(lambda: runpy.run_path(str(ROOT / "__main__.py"), run_name="__main__"),
-                stack=stack, config=config, secret_keys=secret, run=run)
+                stack=stack, config=config, secret_keys=secret, run=run, database_ca=database_ca)
 
 
 def run_function(fn: Callable[[], Any], *, stack: str = "test",
