@@ -103,6 +103,9 @@ def render_app_cloud_config(
             # Migrations first, without blocking boot: the unit retries until they succeed.
             ["systemctl", "enable", "--now", "--no-block", MIGRATE_UNIT],
             ["systemctl", "enable", "--now", APP_UNIT],
+            # The micro-cache's directory (app.microcache), nginx's alone.
+            ["install", "-d", "-o", "www-data", "-g", "www-data", "-m", "0700",
+             layout.cache_dir],
             ["rm", "-f", "/etc/nginx/sites-enabled/default"],
             ["ln", "-sf", layout.nginx_site, "/etc/nginx/sites-enabled/webstack"],
             ["sh", "-c", "nginx -t && systemctl reload nginx"],

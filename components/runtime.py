@@ -43,6 +43,10 @@ PROXY_TIMEOUT = max(GUNICORN_TIMEOUT, GUNICORN_GRACEFUL_TIMEOUT) + 15
 STOP_TIMEOUT = GUNICORN_GRACEFUL_TIMEOUT + 15
 """systemd's TimeoutStopSec: gunicorn drains its workers before systemd sends SIGKILL."""
 
+MICROCACHE_DIR = "/var/cache/nginx/webstack"
+SESSION_COOKIE = "session"
+"""The app's session cookie (Flask's default name): its holder bypasses the micro-cache."""
+
 SECURITY_HEADERS = (
     ("X-Content-Type-Options", '"nosniff"'),
     ("X-Frame-Options", '"DENY"'),
@@ -75,6 +79,8 @@ class DropletLayout:
     units_dir: str = "/etc/systemd/system"
     static_dir: str = ""
     """Flask's static folder, served by nginx at /static/; empty: `app_dir`/app/static."""
+    cache_dir: str = MICROCACHE_DIR
+    """nginx's micro-cache (`app.microcache`); made by the user data, owned by nginx."""
 
     def __post_init__(self):
         if not self.static_dir:
@@ -121,6 +127,7 @@ def render_nginx_site(
     metrics_allow: Sequence[str],
     trusted_proxies: Sequence[str] = (),
     upstream_keepalive: bool = True,
+    cache_dir: str = MICROCACHE_DIR,
 ) -> str:
     """The nginx site (a `server` and its `upstream`, included inside `http {}`).
 
@@ -131,11 +138,14 @@ def render_nginx_site(
     nginx's, and the app gets that one address (it trusts one hop). Both are exempt from
     `frontend.rateLimit`. `upstream_keepalive`
     False makes nginx open a connection to gunicorn per request (the bench's comparison).
+    `cache_dir` holds the micro-cache when `app.microcache` is on.
     """
     for source in [*metrics_allow, *trusted_proxies]:
         ipaddress.ip_network(source)  # ValueError names the bad address
-    if not static_dir.startswith("/"):
-        raise ValueError(f"static_dir {static_dir!r} must be an absolute path")
+    for name, path in (("static_dir", static_dir), ("cache_dir", cache_dir)):
+        if not path.startswith("/"):
+            raise ValueError(f"{name} {path!r} must be an absolute path")
+    cache = settings.app.microcache
     return render_template(
         "nginx-site.conf.j2",
         listen=listen,
@@ -155,6 +165,9 @@ def render_nginx_site(
         site_names=[settings.fqdn] if settings.fqdn else [],
         rate_limit=settings.frontend.rate_limit,
         rate_exempt=list(dict.fromkeys([*trusted_proxies, *metrics_allow])),
+        microcache=cache.seconds and {"seconds": cache.seconds, "paths": cache.paths,
+                                      "dir": cache_dir.rstrip("/")},
+        session_cookie=SESSION_COOKIE,
     )
 
 
@@ -254,7 +267,8 @@ def droplet_files(
     site = render_nginx_site(
         settings, listen=layout.nginx_listen, upstream=layout.gunicorn_bind,
         static_dir=layout.static_dir, metrics_allow=[vpc_cidr, "127.0.0.1"],
-        trusted_proxies=[vpc_cidr], upstream_keepalive=upstream_keepalive)
+        trusted_proxies=[vpc_cidr], upstream_keepalive=upstream_keepalive,
+        cache_dir=layout.cache_dir)
     files = [DropletFile(layout.bundle, 0o644, bundle)] if bundle is not None else []
     return files + [
         DropletFile(layout.env_file, 0o600, env),

@@ -174,7 +174,7 @@ class Droplet:
         return DropletLayout(root=str(self.dir), env_file=str(self.dir / "app.env"),
                              gunicorn_bind=self.bind, nginx_listen=self.site,
                              nginx_site=str(self.dir / "site.conf"), units_dir=str(self.dir),
-                             static_dir=self.static_dir)
+                             static_dir=self.static_dir, cache_dir=str(self.dir / "cache"))
 
     @property
     def gunicorn_pid(self) -> int | None:
@@ -304,6 +304,7 @@ class Lab:
             path.touch(mode=file.mode)
             path.chmod(file.mode)
             path.write_text(file.content)
+        Path(layout.cache_dir).mkdir(mode=0o700, exist_ok=True)  # the user data's `install -d`
         (droplet.dir / "nginx.conf").write_text(
             nginx_main_conf(droplet.dir, Path(layout.nginx_site)))
 
