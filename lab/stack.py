@@ -53,7 +53,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -321,15 +321,16 @@ class Lab:
 
     # ------------------------------------------------------------------ droplets
 
-    def start_gunicorn(self, droplet: Droplet) -> None:
+    def start_gunicorn(self, droplet: Droplet, args: Sequence[str] = ()) -> None:
         """ExecStart of the unit: gunicorn with the EnvironmentFile and the unit's Environment=,
-        its RuntimeDirectory emptied first."""
+        its RuntimeDirectory emptied first. `args` replace `--config app/gunicorn.conf.py`
+        (the bench's original design runs gunicorn with its own command line)."""
         env = {**_base_env(), **unit_environment(droplet.dir / "run")}
         (droplet.dir / "gunicorn.pid").unlink(missing_ok=True)
         with (droplet.dir / "gunicorn.log").open("ab") as log:
             proc = subprocess.Popen(
                 ["bash", "-c", 'set -a; . "$0"; set +a; exec "$@"', str(droplet.dir / "app.env"),
-                 str(GUNICORN), "--config", str(GUNICORN_CONF),
+                 str(GUNICORN), *(args or ("--config", str(GUNICORN_CONF))),
                  "--pid", str(droplet.dir / "gunicorn.pid"), "app.wsgi:app"],
                 cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,
