@@ -508,7 +508,9 @@ def chart(report: dict, path: Path) -> Path:
         measured = [report["measurements"][f"{key}/{t}"] for t in names]
         for row, (figure_name, unit) in enumerate((("rps", "requests/s"), ("p99_ms", "p99 ms"))):
             axis = axes[row][column]
-            axis.barh(names, [m[figure_name] for m in measured], color=colors)
+            bars = axis.barh(names, [m[figure_name] for m in measured], color=colors)
+            axis.bar_label(bars, fmt="%.0f" if figure_name == "rps" else "%.1f", fontsize=8)
+            axis.margins(x=0.15)
             axis.invert_yaxis()
             axis.set_xlabel(unit)
             axis.set_title(f"{PATHS[key]}: {unit}")
