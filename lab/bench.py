@@ -35,7 +35,9 @@ tests/test_app_roundtrips.py counts them (the replica's statement log, pgbouncer
 STATS). With `--db-delay MS` every connection from the app to the database crosses a
 `lab.proxy.DelayProxy` adding MS milliseconds per round trip (half each way), as a network
 between droplets and a managed database would: the bench the worker model is chosen by.
-A PNG chart (rps and p99 per target) is written next to the report.
+`--threads 2 8` adds a gthread gunicorn per count beside droplet 1's (`gunicorn_t2`, ...),
+with the environment the stack gets with that gunicornThreads. A PNG chart (rps and p99 per
+target) is written next to the report.
 
 The extra servers live in `droplet-1-<variant>/` under the state directory, so `stop_lab`
 (and `make lab-down`) stops them with the lab.
@@ -61,6 +63,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -92,6 +95,8 @@ ORIGINAL_GUNICORN = ("--workers", "3", "--threads", "2")
 """The original design's gunicorn command line (and no config file: gunicorn's defaults)."""
 ORIGINAL_TIMEOUTS = {"connect": "60s", "send": "60s", "read": "60s"}
 """The original design's proxy timeouts (nginx's defaults, written out)."""
+THREADS_PORT = 8100
+"""`--threads N`: a gunicorn at THREADS_PORT + N."""
 ROUND_TRIP_REQUESTS = 20
 """Requests counted per kind, after as many again that warm every worker's pools up (a new
 connection's set-up queries are not the request's)."""
@@ -202,12 +207,13 @@ def render_original_site(*, listen: str, upstream: str) -> str:
         listen=listen, upstream=upstream, timeouts=ORIGINAL_TIMEOUTS)
 
 
-def start_variants(lab: Lab) -> dict[str, str]:
+def start_variants(lab: Lab, threads: Sequence[int] = ()) -> dict[str, str]:
     """Beside droplet 1: a sync gunicorn, nginx without the micro-cache, without upstream
     keepalive too, with a static file, and the original design's gunicorn and nginx; their
     base URLs by target name. Each is droplet 1 written again (`Lab.write_droplet`) with
     another port, static directory, setting or renderer switch; the original's nginx site is
-    its own template."""
+    its own template. `threads`: a gthread gunicorn more per count, `gunicorn_t<N>`, with the
+    environment the stack gets with gunicornThreads N (the worker model's comparison)."""
     droplet = lab.droplets[0]
 
     def variant(name: str, **changes) -> Droplet:
@@ -227,9 +233,14 @@ def start_variants(lab: Lab) -> dict[str, str]:
     lab.write_droplet(original, settings=no_cache)
     (original.dir / "site.conf").write_text(  # in place of the rendered site
         render_original_site(listen=original.site, upstream=original.bind))
+    counted = {f"gunicorn_t{n}": variant(f"t{n}", gunicorn_port=THREADS_PORT + n)
+               for n in threads}
+    for n, server in zip(threads, counted.values(), strict=True):
+        lab.write_droplet(server, settings=app_settings(gunicorn_threads=n))
+        lab.start_gunicorn(server)
     lab.start_gunicorn(sync)
     lab.start_gunicorn(original, args=(*ORIGINAL_GUNICORN, "--bind", original.bind))
-    for server in (sync, original):
+    for server in (sync, original, *counted.values()):
         # Its pid file comes before its workers answer: measure only a server that serves.
         wait_until(lambda s=server: http_status(s.bind) == 200, START_TIMEOUT,
                    f"{server.dir.name} gunicorn /healthz")
@@ -255,6 +266,7 @@ def start_variants(lab: Lab) -> dict[str, str]:
         "original_nginx": f"http://{original.site}",
         "frontend": lab.url,
         "static": f"http://{static.site}",
+        **{name: f"http://{server.bind}" for name, server in counted.items()},
     }
 
 
@@ -317,7 +329,8 @@ def round_trips(lab: Lab, requests: int = ROUND_TRIP_REQUESTS) -> dict[str, obje
 def targets(bases: dict[str, str], health_path: str) -> dict[str, str]:
     """Every measurement's URL by its name (`<path>/<target>`)."""
     paths = {**PATHS, "healthz": health_path}
-    found = {f"{key}/{t}": bases[t] + path for key, path in paths.items() for t in APP_TARGETS}
+    found = {f"{key}/{t}": base + path for key, path in paths.items()
+             for t, base in bases.items() if t != "static"}
     found["static"] = f"{bases['static']}/static/{STATIC_FILE}"
     return found
 
@@ -416,13 +429,13 @@ def _wrk_version() -> str | None:
 
 def run_bench(lab: Lab, *, tool: str = "wrk", duration: int = DURATION, repeats: int = REPEATS,
               connections: int = CONNECTIONS, warmup: int = WARMUP,
-              db_delay_ms: float = 0) -> dict[str, object]:
+              db_delay_ms: float = 0, threads: Sequence[int] = ()) -> dict[str, object]:
     """Measure a started lab; the report as a dict."""
     started, load_at_start = time.monotonic(), os.getloadavg()[0]
     for proxy in lab.proxies.values():
         proxy.delay = db_delay_ms / 2000  # each way
     seed_notes(lab.url)
-    urls = targets(start_variants(lab), lab.settings.frontend.health_check.path)
+    urls = targets(start_variants(lab, threads), lab.settings.frontend.health_check.path)
     trips = round_trips(lab)
     runs = measure(urls, tool=tool, duration=duration, repeats=repeats,
                    connections=connections, warmup=warmup)
@@ -501,7 +514,9 @@ def chart(report: dict, path: Path) -> Path:
     matplotlib.use("Agg")  # no display
     from matplotlib import pyplot
 
-    names = [t for t in APP_TARGETS if t not in ORIGINAL_TARGETS] + list(ORIGINAL_TARGETS)
+    names = [name.removeprefix("healthz/") for name in report["measurements"]
+             if name.startswith("healthz/")]
+    names = [t for t in names if t not in ORIGINAL_TARGETS] + list(ORIGINAL_TARGETS)
     colors = ["#8c8c8c" if t in ORIGINAL_TARGETS else "#1f77b4" for t in names]
     figure, axes = pyplot.subplots(2, len(PATHS), figsize=(11, 7), layout="constrained")
     for column, key in enumerate(PATHS):
@@ -540,12 +555,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep the state directory (logs) after the run")
     parser.add_argument("--db-delay", type=float, default=0, metavar="MS",
                         help="milliseconds added to every database round trip (a proxy)")
+    parser.add_argument("--threads", type=int, nargs="*", default=[], metavar="N",
+                        help="a gthread gunicorn more per count: gunicorn_t<N>")
     args = parser.parse_args(argv)
     if not (1 <= args.duration <= 30 and 1 <= args.repeats <= 9
             and 1 <= args.connections <= 256 and 0 <= args.warmup <= 10
-            and 0 <= args.db_delay <= 100):
+            and 0 <= args.db_delay <= 100 and all(2 <= n <= 32 for n in args.threads)):
         parser.error("bounds: duration 1-30 s, repeats 1-9, connections 1-256, warmup 0-10 s,"
-                     " db-delay 0-100 ms")
+                     " db-delay 0-100 ms, threads 2-32")
 
     terminate_on_signal()
     stop_lab(args.dir)  # a previous run that was killed
@@ -555,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         lab.start()
         report = run_bench(lab, tool=args.tool, duration=args.duration, repeats=args.repeats,
                            connections=args.connections, warmup=args.warmup,
-                           db_delay_ms=args.db_delay)
+                           db_delay_ms=args.db_delay, threads=sorted(set(args.threads)))
     finally:
         lab.stop()
     if not args.keep_state:
