@@ -248,7 +248,14 @@ def replica_down(lab: Lab, result: Result) -> None:
     if not lab.settings.database.replicas:
         result.note = "skipped: the stack has no read replica"
         return
-    with Load(lab.url, read, workers=8, rate=40, max_seconds=60) as load:
+    workers = 8
+
+    def plan(n: int) -> Request:
+        """Returning clients: a write each first, so their reads carry a session and reach
+        the app past the droplets' micro-cache (`app.microcache`), where routing happens."""
+        return write(n) if n < workers else read(n)
+
+    with Load(lab.url, plan, workers=workers, rate=40, max_seconds=60, cookies=True) as load:
         load.sleep(3)
         t_stop = load.mark("stop")
         lab.pg.stop_replica(0)
@@ -444,8 +451,10 @@ def db_brownout(lab: Lab, result: Result) -> None:
     for thread in watchers:
         thread.start()
     try:
+        # Clients keep their session (from their writes), so their reads reach the app past
+        # the droplets' micro-cache: the app's failing fast is what is judged here.
         with Load(lab.url, mixed, workers=16, rate=30, max_seconds=40,
-                  timeout=FAST_FAIL_SECONDS + 5) as load:
+                  timeout=FAST_FAIL_SECONDS + 5, cookies=True) as load:
             load.sleep(3)
             t_slow = load.mark("slow")
             for proxy in lab.proxies.values():
