@@ -442,7 +442,6 @@ def _lb_down(lab: Lab, stop: threading.Event, down: set[str]) -> None:
 
 
 def db_brownout(lab: Lab, result: Result) -> None:
-    workers = 16
     probes: list[tuple[str, float, int | None]] = []
     down: set[str] = set()
     stop = threading.Event()
@@ -452,11 +451,8 @@ def db_brownout(lab: Lab, result: Result) -> None:
     for thread in watchers:
         thread.start()
     try:
-        # Returning clients (a write each first, then their session), so their reads reach
-        # the app past the droplets' micro-cache as an anonymous read did before it: the
-        # app's failing fast under the same load is what is judged here.
-        with Load(lab.url, lambda n: write(n) if n < workers else mixed(n), workers=workers,
-                  rate=30, max_seconds=40, timeout=FAST_FAIL_SECONDS + 5, cookies=True) as load:
+        with Load(lab.url, mixed, workers=16, rate=30, max_seconds=40,
+                  timeout=FAST_FAIL_SECONDS + 5) as load:
             load.sleep(3)
             t_slow = load.mark("slow")
             for proxy in lab.proxies.values():
