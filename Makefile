@@ -47,8 +47,9 @@ drill: venv system-deps
 	$(PY) -m lab.drill $(STACK) $(DRILL_ARGS)
 
 # --- Throughput and latency, layer by layer (docs/benchmarks.md) --------------------------
-# make bench STACK=prod   gunicorn, droplet nginx, frontend, static ceiling, upstream keepalive
-#                         on/off, sync/gthread, in a lab of its own; bench-report.json
+# make bench STACK=prod   gunicorn, droplet nginx (micro-cache on/off), frontend, static ceiling,
+#                         upstream keepalive on/off, sync/gthread, the original design, in a lab
+#                         of its own; bench-report.json and .png (BENCH_ARGS="--db-delay 1")
 .PHONY: bench
 
 bench: venv system-deps

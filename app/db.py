@@ -120,6 +120,8 @@ _COMMIT_AGE = (
     "SELECT extract(epoch FROM clock_timestamp() - pg_last_xact_replay_timestamp())::float8"
     " AS age"
 )
+LAG_SAMPLER_QUERIES = (_PRIMARY_POSITION, _COMMIT_AGE)
+"""The lag sampler's messages (app/lag.py): sent in the background, never by a request."""
 
 
 class NotPrimary(Exception):

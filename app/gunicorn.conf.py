@@ -50,8 +50,10 @@ max_requests_jitter = 1000
 # FORWARDED_ALLOW_IPS in the environment cannot widen it).
 forwarded_allow_ips = "127.0.0.1,::1"
 
-# Logs to stdout/stderr, i.e. the journal.
-accesslog = "-"
+# Errors to stderr, i.e. the journal. No access log: nginx in front logs every request (its
+# status, size and time); a second line per request costs gunicorn's CPU and journald's on the
+# same vCPU (docs/benchmarks.md). The LB's health checks are logged by neither.
+accesslog = None
 errorlog = "-"
 
 # systemd reloads (HUP) and stops (TERM) gunicorn; no control socket in a home directory the

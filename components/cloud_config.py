@@ -116,6 +116,9 @@ def render_app_cloud_config(
              "--disable-pip-version-check", "-r", f"{layout.app_dir}/app/requirements.txt"],
             ["systemctl", "daemon-reload"],
             *services,
+            # The micro-cache's directory (app.microcache), nginx's alone.
+            ["install", "-d", "-o", "www-data", "-g", "www-data", "-m", "0700",
+             layout.cache_dir],
             ["rm", "-f", "/etc/nginx/sites-enabled/default"],
             ["ln", "-sf", layout.nginx_site, "/etc/nginx/sites-enabled/webstack"],
             ["sh", "-c", "nginx -t && systemctl reload nginx"],

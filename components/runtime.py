@@ -52,6 +52,9 @@ NGINX_MODULES = ("/usr/lib/nginx/modules/ndk_http_module.so",
                  "/usr/lib/nginx/modules/ngx_http_lua_module.so")
 """Their modules, loaded in this order; Debian's nginx.conf loads them from modules-enabled/,
 the lab's and the tests' nginx.conf by path (lab/process.py)."""
+MICROCACHE_DIR = "/var/cache/nginx/webstack"
+SESSION_COOKIE = "session"
+"""The app's session cookie (Flask's default name): its holder bypasses the micro-cache."""
 
 SECURITY_HEADERS = (
     ("X-Content-Type-Options", '"nosniff"'),
@@ -92,6 +95,8 @@ class DropletLayout:
     """Where prometheus-nginx-exporter listens (nginx serves it as NGINX_METRICS_PATH)."""
     exporter_defaults: str = "/etc/default/prometheus-nginx-exporter"
     """The exporter's arguments (Debian's and Ubuntu's package read ARGS from it)."""
+    cache_dir: str = MICROCACHE_DIR
+    """nginx's micro-cache (`app.microcache`); made by the user data, owned by nginx."""
 
     def __post_init__(self):
         if not self.static_dir:
@@ -155,6 +160,7 @@ def render_nginx_site(
     trusted_proxies: Sequence[str] = (),
     upstream_keepalive: bool = True,
     nginx_exporter: str = DropletLayout.nginx_exporter,
+    cache_dir: str = MICROCACHE_DIR,
 ) -> str:
     """The nginx site (a `server` and its `upstream`, included inside `http {}`).
 
@@ -166,11 +172,14 @@ def render_nginx_site(
     `frontend.rateLimit`. `nginx_exporter` is prometheus-nginx-exporter's address, served to
     the same sources as /metrics at NGINX_METRICS_PATH. `upstream_keepalive`
     False makes nginx open a connection to gunicorn per request (the bench's comparison).
+    `cache_dir` holds the micro-cache when `app.microcache` is on.
     """
     for source in [*metrics_allow, *trusted_proxies]:
         ipaddress.ip_network(source)  # ValueError names the bad address
-    if not static_dir.startswith("/"):
-        raise ValueError(f"static_dir {static_dir!r} must be an absolute path")
+    for name, path in (("static_dir", static_dir), ("cache_dir", cache_dir)):
+        if not path.startswith("/"):
+            raise ValueError(f"{name} {path!r} must be an absolute path")
+    cache = settings.app.microcache
     return render_template(
         "nginx-site.conf.j2",
         listen=listen,
@@ -194,6 +203,9 @@ def render_nginx_site(
         nginx_status_path=NGINX_STATUS_PATH,
         nginx_metrics_path=NGINX_METRICS_PATH,
         nginx_exporter=nginx_exporter,
+        microcache=cache.seconds and {"seconds": cache.seconds, "paths": cache.paths,
+                                      "dir": cache_dir.rstrip("/")},
+        session_cookie=SESSION_COOKIE,
     )
 
 
@@ -309,7 +321,7 @@ def droplet_files(
         settings, listen=layout.nginx_listen, upstream=layout.gunicorn_bind,
         static_dir=layout.static_dir, metrics_allow=[vpc_cidr, "127.0.0.1"],
         trusted_proxies=[vpc_cidr], upstream_keepalive=upstream_keepalive,
-        nginx_exporter=layout.nginx_exporter)
+        nginx_exporter=layout.nginx_exporter, cache_dir=layout.cache_dir)
     exporter = f'ARGS="{" ".join(nginx_exporter_args(layout))}"\n'
     files = [DropletFile(layout.bundle, 0o644, bundle)] if bundle is not None else []
     if secrets is not None:

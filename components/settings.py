@@ -155,6 +155,7 @@ class AppSettings:
     """Droplet backup plan: off, weekly or daily."""
     max_body_mb: int
     """Largest request body: nginx's client_max_body_size and the app's MAX_BODY_MB."""
+    microcache: MicrocacheSettings
 
     @property
     def size(self) -> Size:
@@ -163,6 +164,16 @@ class AppSettings:
     @property
     def workers(self) -> int:
         return self.gunicorn_workers or 2 * self.size.vcpus + 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class MicrocacheSettings:
+    """The droplet's nginx caches anonymous GET responses under `paths` for `seconds`."""
+
+    seconds: int
+    """0: off."""
+    paths: tuple[str, ...]
+    """URI prefixes ("/api/notes"); the cache covers only these."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -462,6 +473,13 @@ KEYS: dict[str, Key] = {key.name: key for key in [
         choices=BACKUP_PLANS),
     Key("app.maxBodyMb", "int", "largest request body, for nginx (`client_max_body_size`) and"
         " the app (`MAX_BODY_MB`)", 1, bounds=(1, 1024)),
+    Key("app.microcache.seconds", "int", "the droplet's nginx caches 200 responses to GETs"
+        " without a session cookie under `app.microcache.paths` for this long, one request"
+        " upstream at a time (stale while it updates; `X-Cache-Status`); 0: off", 0,
+        bounds=(0, 60)),
+    Key("app.microcache.paths", "list", "URI prefixes the micro-cache covers", (),
+        allowed_text="paths such as `/api/notes` (letters, digits, `/._~-`); required when"
+        " `app.microcache.seconds` is above 0"),
     Key("frontend.mode", "choice", "DigitalOcean LB, or nginx LB droplets + reserved IP",
         "managed", choices=FRONTEND_MODES),
     Key("frontend.sizeUnit", "int", "managed LB nodes (~10,000 req/s each; the API allows 100,"
@@ -752,9 +770,28 @@ def _app(r: _Reader) -> AppSettings:
         gunicorn_threads=r.int("gunicornThreads"),
         backups=backups,
         max_body_mb=r.int("maxBodyMb"),
+        microcache=_microcache(r.obj("microcache")),
     )
     r.done()
     return app
+
+
+_CACHE_PATH = re.compile(r"/[A-Za-z0-9._~/-]*")
+
+
+def _microcache(r: _Reader) -> MicrocacheSettings:
+    seconds = r.int("seconds")
+    paths = []
+    for i, path in enumerate(r.list("paths")):
+        if not isinstance(path, str) or not _CACHE_PATH.fullmatch(path):
+            raise ConfigError(r.key(f"paths[{i}]"), path, "must be a path such as /api/notes"
+                              " (letters, digits and /._~- only)")
+        paths.append(path)
+    if seconds and not paths:
+        raise ConfigError(r.key("paths"), [], "list at least one path prefix when"
+                          f" {r.key('seconds')} is above 0")
+    r.done()
+    return MicrocacheSettings(seconds=seconds, paths=tuple(paths))
 
 
 def _rate_limit(r: _Reader) -> RateLimitSettings:

@@ -15,14 +15,29 @@ seeded notes, 20 rows):
     gunicorn             droplet 1's gunicorn, directly (gthread: the stack's threads)
     gunicorn_sync        a second gunicorn beside it, with the environment `render_app_env`
                          gives the stack with gunicornThreads 1 (GUNICORN_THREADS=1: sync)
-    nginx                droplet 1's nginx site (upstream keepalive on, as rendered)
-    nginx_keepalive_off  a second nginx beside it: droplet 1's files on another port, with
-                         `render_nginx_site`'s upstream keepalive switched off
+    original_gunicorn    the original design's gunicorn beside it: the same app and
+                         environment, `gunicorn --workers 3 --threads 2` (no config file)
+    nginx                droplet 1's nginx site as rendered (upstream keepalive on; the
+                         micro-cache where `app.microcache` has it: anonymous, as wrk is)
+    nginx_nocache        droplet 1's files on another port, `app.microcache` off
+    nginx_keepalive_off  the same, with `render_nginx_site`'s upstream keepalive switched off
+    original_nginx       the original design's nginx (`lab/original-site.conf.j2`: least_conn,
+                         no upstream keepalive, its proxy timeouts) in front of
+                         original_gunicorn
     frontend             the stack's frontend (HAProxy for the DigitalOcean LB, or the nginx
                          LB) in front of all the droplets
 
 and `static`: droplet 1's files on a third port, its static directory holding a 1 KiB
 file (no upstream at all): the ceiling nginx itself sets on this machine.
+
+Before the load, the database round trips of a read and of a write are counted as
+tests/test_app_roundtrips.py counts them (the replica's statement log, pgbouncer's SHOW
+STATS). With `--db-delay MS` every connection from the app to the database crosses a
+`lab.proxy.DelayProxy` adding MS milliseconds per round trip (half each way), as a network
+between droplets and a managed database would: the bench the worker model is chosen by.
+`--threads 2 8` adds a gthread gunicorn per count beside droplet 1's (`gunicorn_t2`, ...),
+with the environment the stack gets with that gunicornThreads. A PNG chart (rps and p99 per
+target) is written next to the report.
 
 The extra servers live in `droplet-1-<variant>/` under the state directory, so `stop_lab`
 (and `make lab-down`) stops them with the lab.
@@ -48,11 +63,15 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from app.db import LAG_SAMPLER_QUERIES
+from components.render import template_environment
+from components.settings import MicrocacheSettings, Settings
 from lab.load import Client, Load, Request
 from lab.process import START_TIMEOUT, http_status, terminate_on_signal, wait_until
 from lab.stack import LABS_DIR, ROOT, Droplet, Lab, stack_file, stop_lab
@@ -68,22 +87,40 @@ NET = "127.0.4"
 STATE_DIR = LABS_DIR / "bench"
 REPORT = ROOT / "bench-report.json"
 SYNC_PORT = 8001
+ORIGINAL_GUNICORN_PORT = 8002
 KEEPALIVE_OFF_PORT = 8081
 STATIC_PORT = 8082
+NOCACHE_PORT = 8083
+ORIGINAL_NGINX_PORT = 8084
+ORIGINAL_GUNICORN = ("--workers", "3", "--threads", "2")
+"""The original design's gunicorn command line (and no config file: gunicorn's defaults)."""
+ORIGINAL_TIMEOUTS = {"connect": "60s", "send": "60s", "read": "60s"}
+"""The original design's proxy timeouts (nginx's defaults, written out)."""
+THREADS_PORT = 8100
+"""`--threads N`: a gunicorn at THREADS_PORT + N."""
+ROUND_TRIP_REQUESTS = 20
+"""Requests counted per kind, after as many again that warm every worker's pools up (a new
+connection's set-up queries are not the request's)."""
 STATIC_FILE = "bench.txt"
 WRK = shutil.which("wrk")
 WRK_TIMEOUT = 5
 PATHS = {"healthz": "/healthz", "notes": "/api/notes"}
-APP_TARGETS = ("gunicorn", "gunicorn_sync", "nginx", "nginx_keepalive_off", "frontend")
+APP_TARGETS = ("gunicorn", "gunicorn_sync", "original_gunicorn", "nginx", "nginx_nocache",
+               "nginx_keepalive_off", "original_nginx", "frontend")
+ORIGINAL_TARGETS = ("original_gunicorn", "original_nginx")
 RATIOS = {
-    "nginx_vs_gunicorn": ("nginx", "gunicorn"),
+    "webstack_vs_original": ("nginx_nocache", "original_nginx"),
+    "gunicorn_vs_original": ("gunicorn", "original_gunicorn"),
+    "microcache_vs_original": ("nginx", "original_nginx"),
+    "nginx_vs_gunicorn": ("nginx_nocache", "gunicorn"),
     "frontend_vs_gunicorn": ("frontend", "gunicorn"),
     "frontend_vs_nginx": ("frontend", "nginx"),
-    "keepalive_on_vs_off": ("nginx", "nginx_keepalive_off"),
+    "keepalive_on_vs_off": ("nginx_nocache", "nginx_keepalive_off"),
     "gthread_vs_sync": ("gunicorn", "gunicorn_sync"),
-    "nginx_vs_static": ("nginx", "static"),
+    "nginx_vs_static": ("nginx_nocache", "static"),
 }
-"""Per path: `<path>.<name>` = numerator / denominator, of rps, p50 and p99 each."""
+"""Per path: `<path>.<name>` = numerator / denominator, of rps, p50 and p99 each; and
+`gunicorn.notes_vs_healthz`: a note list against a health check, straight to gunicorn."""
 
 
 @dataclass(frozen=True)
@@ -165,10 +202,19 @@ TOOLS = {"wrk": run_wrk, "python": run_python}
 # --------------------------------------------------------------------------- the variants
 
 
-def start_variants(lab: Lab) -> dict[str, str]:
-    """Beside droplet 1: a sync gunicorn, an nginx without upstream keepalive, and an nginx
-    with a static file; their base URLs by target name. Each is droplet 1 written again
-    (`Lab.write_droplet`) with another port, static directory or renderer switch."""
+def render_original_site(*, listen: str, upstream: str) -> str:
+    return template_environment(Path(__file__).parent).get_template(
+        "original-site.conf.j2").render(
+        listen=listen, upstream=upstream, timeouts=ORIGINAL_TIMEOUTS)
+
+
+def start_variants(lab: Lab, threads: Sequence[int] = ()) -> dict[str, str]:
+    """Beside droplet 1: a sync gunicorn, nginx without the micro-cache, without upstream
+    keepalive too, with a static file, and the original design's gunicorn and nginx; their
+    base URLs by target name. Each is droplet 1 written again (`Lab.write_droplet`) with
+    another port, static directory, setting or renderer switch; the original's nginx site is
+    its own template. `threads`: a gthread gunicorn more per count, `gunicorn_t<N>`, with the
+    environment the stack gets with gunicornThreads N (the worker model's comparison)."""
     droplet = lab.droplets[0]
 
     def variant(name: str, **changes) -> Droplet:
@@ -176,29 +222,52 @@ def start_variants(lab: Lab) -> dict[str, str]:
         directory.mkdir()
         return dataclasses.replace(droplet, dir=directory, **changes)
 
+    def app_settings(**changes) -> Settings:
+        return dataclasses.replace(lab.settings,
+                                   app=dataclasses.replace(lab.settings.app, **changes))
+
+    no_cache = app_settings(microcache=MicrocacheSettings(seconds=0, paths=()))
     sync = variant("sync", gunicorn_port=SYNC_PORT)
-    lab.write_droplet(sync, settings=dataclasses.replace(
-        lab.settings, app=dataclasses.replace(lab.settings.app, gunicorn_threads=1)))
+    lab.write_droplet(sync, settings=app_settings(gunicorn_threads=1))
+    original = variant("original", gunicorn_port=ORIGINAL_GUNICORN_PORT,
+                       site_port=ORIGINAL_NGINX_PORT)
+    lab.write_droplet(original, settings=no_cache)
+    (original.dir / "site.conf").write_text(  # in place of the rendered site
+        render_original_site(listen=original.site, upstream=original.bind))
+    counted = {f"gunicorn_t{n}": variant(f"t{n}", gunicorn_port=THREADS_PORT + n)
+               for n in threads}
+    for n, server in zip(threads, counted.values(), strict=True):
+        lab.write_droplet(server, settings=app_settings(gunicorn_threads=n))
+        lab.start_gunicorn(server)
     lab.start_gunicorn(sync)
-    # Its pid file comes before its workers answer: measure only a server that serves.
-    wait_until(lambda: http_status(sync.bind) == 200, START_TIMEOUT, "sync gunicorn /healthz")
+    lab.start_gunicorn(original, args=(*ORIGINAL_GUNICORN, "--bind", original.bind))
+    for server in (sync, original, *counted.values()):
+        # Its pid file comes before its workers answer: measure only a server that serves.
+        wait_until(lambda s=server: http_status(s.bind) == 200, START_TIMEOUT,
+                   f"{server.dir.name} gunicorn /healthz")
 
     static_dir = lab.state_dir / "static"
     static_dir.mkdir()
     (static_dir / STATIC_FILE).write_text("webstack bench\n" * 68)  # ~1 KiB
+    nocache = variant("nocache", site_port=NOCACHE_PORT)
+    lab.write_droplet(nocache, settings=no_cache)
     keepalive_off = variant("keepalive-off", site_port=KEEPALIVE_OFF_PORT)
-    lab.write_droplet(keepalive_off, upstream_keepalive=False)
+    lab.write_droplet(keepalive_off, settings=no_cache, upstream_keepalive=False)
     static = variant("static", site_port=STATIC_PORT, static_dir=str(static_dir))
     lab.write_droplet(static)
-    for nginx in (keepalive_off, static):
+    for nginx in (nocache, keepalive_off, static, original):
         lab.start_nginx(nginx)
     return {
         "gunicorn": f"http://{droplet.bind}",
         "gunicorn_sync": f"http://{sync.bind}",
+        "original_gunicorn": f"http://{original.bind}",
         "nginx": f"http://{droplet.site}",
+        "nginx_nocache": f"http://{nocache.site}",
         "nginx_keepalive_off": f"http://{keepalive_off.site}",
+        "original_nginx": f"http://{original.site}",
         "frontend": lab.url,
         "static": f"http://{static.site}",
+        **{name: f"http://{server.bind}" for name, server in counted.items()},
     }
 
 
@@ -211,13 +280,58 @@ def seed_notes(url: str, count: int = SEED_NOTES) -> None:
             raise RuntimeError(f"seeding notes: {sample.outcome} {sample.status} {sample.body}")
 
 
+def round_trips(lab: Lab, requests: int = ROUND_TRIP_REQUESTS) -> dict[str, object]:
+    """Database round trips per list read and per note creation through droplet 1's
+    gunicorn, counted by the servers (as tests/test_app_roundtrips.py does): a read by the
+    statement log of the server that answered it (pgbouncer's SHOW STATS for the primary),
+    a write by pgbouncer's SHOW STATS. New visitors each time (no session cookie)."""
+    url = f"http://{lab.droplets[0].bind}"
+
+    def read() -> str:
+        sample = Client(url, cookies=False).send(Request("GET", "/api/notes"))
+        if sample.status != 200:
+            raise RuntimeError(f"round trips: a read got {sample.outcome} {sample.status}")
+        return sample.served_by
+
+    def write() -> None:
+        body = json.dumps({"text": "round trip"}).encode()
+        sample = Client(url, cookies=False).send(Request("POST", "/api/notes", body))
+        if sample.status != 201:
+            raise RuntimeError(f"round trips: a write got {sample.outcome} {sample.status}")
+
+    def per_request(send, count) -> float:
+        for _ in range(requests):
+            send()
+        before = count()
+        for _ in range(requests):
+            send()
+        return (count() - before) / requests
+
+    served_by = read()
+    found: dict[str, object] = {"requests": requests, "read_served_by": served_by}
+    if served_by == "primary":
+        found["read"] = per_request(read, lab.pg.pgbouncer_queries)
+        found["read_counted_by"] = "pgbouncer SHOW STATS"
+    else:
+        log = lab.pg.statement_log(served_by, ignore=LAG_SAMPLER_QUERIES).start()
+        try:
+            found["read"] = per_request(read, lambda: len(log.messages()))
+        finally:
+            log.stop()
+        found["read_counted_by"] = f"{served_by}'s statement log"
+    found["write"] = per_request(write, lab.pg.pgbouncer_queries)
+    found["write_counted_by"] = "pgbouncer SHOW STATS"
+    return found
+
+
 # --------------------------------------------------------------------------- measuring
 
 
 def targets(bases: dict[str, str], health_path: str) -> dict[str, str]:
     """Every measurement's URL by its name (`<path>/<target>`)."""
     paths = {**PATHS, "healthz": health_path}
-    found = {f"{key}/{t}": bases[t] + path for key, path in paths.items() for t in APP_TARGETS}
+    found = {f"{key}/{t}": base + path for key, path in paths.items()
+             for t, base in bases.items() if t != "static"}
     found["static"] = f"{bases['static']}/static/{STATIC_FILE}"
     return found
 
@@ -249,14 +363,18 @@ def median_of(runs: list[Run]) -> dict[str, float]:
 
 
 def ratios(medians: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    def ratio(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+        return {"rps": a["rps"] / b["rps"], "p50": a["p50_ms"] / b["p50_ms"],
+                "p99": a["p99_ms"] / b["p99_ms"]}
+
     found = {}
     for key in PATHS:
         for name, (top, bottom) in RATIOS.items():
-            a = medians["static" if top == "static" else f"{key}/{top}"]
-            b = medians["static" if bottom == "static" else f"{key}/{bottom}"]
-            found[f"{key}.{name}"] = {"rps": a["rps"] / b["rps"],
-                                      "p50": a["p50_ms"] / b["p50_ms"],
-                                      "p99": a["p99_ms"] / b["p99_ms"]}
+            found[f"{key}.{name}"] = ratio(
+                medians["static" if top == "static" else f"{key}/{top}"],
+                medians["static" if bottom == "static" else f"{key}/{bottom}"])
+    found["gunicorn.notes_vs_healthz"] = ratio(medians["notes/gunicorn"],
+                                               medians["healthz/gunicorn"])
     return found
 
 
@@ -268,14 +386,15 @@ def cost(lab: Lab, medians: dict[str, dict[str, float]]) -> dict[str, object]:
     found: dict[str, object] = {
         "droplet_size": size.slug, "droplet_vcpus": size.vcpus, "droplets": count,
         "droplets_monthly_usd": monthly, "lab_cores": cores,
-        "assumption": (f"per-droplet capacity = droplet 1's rps through its nginx x "
+        "assumption": (f"per-droplet capacity = droplet 1's rps through its nginx (no "
+                       f"micro-cache) x "
                        f"{size.vcpus} vCPU / {cores} lab cores (shared with PostgreSQL, "
                        "pgbouncer and the load generator); the lab runs all droplets on this "
                        "one machine, so the frontend's rps is not N real droplets' rps"),
     }
     for key in PATHS:
         frontend = medians[f"{key}/frontend"]["rps"]
-        per_droplet = medians[f"{key}/nginx"]["rps"] * size.vcpus / cores
+        per_droplet = medians[f"{key}/nginx_nocache"]["rps"] * size.vcpus / cores
         found[key] = {
             "lab_frontend_rps": frontend,
             "lab_usd_per_100_rps": monthly / (frontend / 100),
@@ -310,11 +429,15 @@ def _wrk_version() -> str | None:
 
 
 def run_bench(lab: Lab, *, tool: str = "wrk", duration: int = DURATION, repeats: int = REPEATS,
-              connections: int = CONNECTIONS, warmup: int = WARMUP) -> dict[str, object]:
+              connections: int = CONNECTIONS, warmup: int = WARMUP,
+              db_delay_ms: float = 0, threads: Sequence[int] = ()) -> dict[str, object]:
     """Measure a started lab; the report as a dict."""
     started, load_at_start = time.monotonic(), os.getloadavg()[0]
+    for proxy in lab.proxies.values():
+        proxy.delay = db_delay_ms / 2000  # each way
     seed_notes(lab.url)
-    urls = targets(start_variants(lab), lab.settings.frontend.health_check.path)
+    urls = targets(start_variants(lab, threads), lab.settings.frontend.health_check.path)
+    trips = round_trips(lab)
     runs = measure(urls, tool=tool, duration=duration, repeats=repeats,
                    connections=connections, warmup=warmup)
     medians = {name: {**median_of(rs), "url": urls[name], "runs": [dataclasses.asdict(r)
@@ -327,7 +450,12 @@ def run_bench(lab: Lab, *, tool: str = "wrk", duration: int = DURATION, repeats:
         "machine": machine(),
         "stack_shape": {"droplets": app.droplet_count, "droplet_size": app.droplet_size,
                         "gunicorn_workers": app.workers, "gunicorn_threads": app.gunicorn_threads,
-                        "frontend": lab.mode},
+                        "frontend": lab.mode, "microcache": dataclasses.asdict(app.microcache)},
+        "original_design": {"gunicorn": " ".join(ORIGINAL_GUNICORN),
+                            "nginx": "least_conn, no upstream keepalive",
+                            "proxy_timeouts": ORIGINAL_TIMEOUTS},
+        "db_delay_ms": db_delay_ms,
+        "round_trips": trips,
         "load": {"tool": tool, "duration_s": duration, "repeats": repeats,
                  "connections": connections, "warmup_s": warmup,
                  "statistic": "median of the runs, per figure"},
@@ -356,6 +484,12 @@ def table(report: dict) -> str:
         spread = f"({m['rps_min']:.0f}-{m['rps_max']:.0f})"
         lines.append(f"{name:<28} {m['rps']:>7.0f} {spread:>13} {m['p50_ms']:>8.2f} "
                      f"{m['p99_ms']:>8.2f} {m['errors']:>6}")
+    trips = report["round_trips"]
+    lines += ["", f"database round trips per request: read {trips['read']:g} "
+              f"({trips['read_counted_by']}), write {trips['write']:g} "
+              f"({trips['write_counted_by']}), {trips['requests']} of each"]
+    if report["db_delay_ms"]:
+        lines.append(f"database behind a delay of {report['db_delay_ms']:g} ms per round trip")
     lines += ["", f"{'ratio (a / b)':<34} {'rps':>6} {'p50':>6} {'p99':>6}"]
     for name, r in report["ratios"].items():
         lines.append(f"{name:<34} {r['rps']:>6.2f} {r['p50']:>6.2f} {r['p99']:>6.2f}")
@@ -375,6 +509,37 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def chart(report: dict, path: Path) -> Path:
+    """rps and p99 of every target, per path, the original design's beside webstack's."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display
+    from matplotlib import pyplot
+
+    names = [name.removeprefix("healthz/") for name in report["measurements"]
+             if name.startswith("healthz/")]
+    names = [t for t in names if t not in ORIGINAL_TARGETS] + list(ORIGINAL_TARGETS)
+    colors = ["#8c8c8c" if t in ORIGINAL_TARGETS else "#1f77b4" for t in names]
+    figure, axes = pyplot.subplots(2, len(PATHS), figsize=(11, 7), layout="constrained")
+    for column, key in enumerate(PATHS):
+        measured = [report["measurements"][f"{key}/{t}"] for t in names]
+        for row, (figure_name, unit) in enumerate((("rps", "requests/s"), ("p99_ms", "p99 ms"))):
+            axis = axes[row][column]
+            bars = axis.barh(names, [m[figure_name] for m in measured], color=colors)
+            axis.bar_label(bars, fmt="%.0f" if figure_name == "rps" else "%.1f", fontsize=8)
+            axis.margins(x=0.15)
+            axis.invert_yaxis()
+            axis.set_xlabel(unit)
+            axis.set_title(f"{PATHS[key]}: {unit}")
+            axis.grid(axis="x", alpha=0.3)
+    delay = f", database +{report['db_delay_ms']:g} ms" if report["db_delay_ms"] else ""
+    figure.suptitle(f"webstack (blue) and the original design (grey), stack "
+                    f"{report['stack']}, {report['date']}, {report['machine']['nproc']} cores"
+                    f"{delay}")
+    figure.savefig(path, dpi=80)
+    pyplot.close(figure)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lab.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -389,26 +554,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--net", default=NET, help="first three octets of the addresses")
     parser.add_argument("--keep-state", action="store_true",
                         help="keep the state directory (logs) after the run")
+    parser.add_argument("--db-delay", type=float, default=0, metavar="MS",
+                        help="milliseconds added to every database round trip (a proxy)")
+    parser.add_argument("--threads", type=int, nargs="*", default=[], metavar="N",
+                        help="a gthread gunicorn more per count: gunicorn_t<N>")
     args = parser.parse_args(argv)
     if not (1 <= args.duration <= 30 and 1 <= args.repeats <= 9
-            and 1 <= args.connections <= 256 and 0 <= args.warmup <= 10):
-        parser.error("bounds: duration 1-30 s, repeats 1-9, connections 1-256, warmup 0-10 s")
+            and 1 <= args.connections <= 256 and 0 <= args.warmup <= 10
+            and 0 <= args.db_delay <= 100 and all(2 <= n <= 32 for n in args.threads)):
+        parser.error("bounds: duration 1-30 s, repeats 1-9, connections 1-256, warmup 0-10 s,"
+                     " db-delay 0-100 ms, threads 2-32")
 
     terminate_on_signal()
     stop_lab(args.dir)  # a previous run that was killed
-    lab = Lab(stack_file(args.stack), state_dir=args.dir, net=args.net)
+    lab = Lab(stack_file(args.stack), state_dir=args.dir, net=args.net,
+              db_proxies=args.db_delay > 0)
     try:
         lab.start()
         report = run_bench(lab, tool=args.tool, duration=args.duration, repeats=args.repeats,
-                           connections=args.connections, warmup=args.warmup)
+                           connections=args.connections, warmup=args.warmup,
+                           db_delay_ms=args.db_delay, threads=sorted(set(args.threads)))
     finally:
-        stop_lab(args.dir)
+        lab.stop()
     if not args.keep_state:
         shutil.rmtree(args.dir, ignore_errors=True)  # access logs of every request
     report["command"] = "python -m lab.bench " + " ".join(argv or sys.argv[1:])
     args.report.write_text(json.dumps(report, indent=2) + "\n")
+    picture = chart(report, args.report.with_suffix(".png"))
     print(table(report))
-    print(f"report: {args.report}")
+    print(f"report: {args.report}, chart: {picture}")
     return 1 if any(m["errors"] for m in report["measurements"].values()) else 0
 
 

@@ -150,6 +150,12 @@ def _failed(samples: list[Sample]) -> list[Sample]:
     return [s for s in samples if not s.ok]
 
 
+def _reached_app(sample: Sample) -> bool:
+    """The app answered this request now, not the droplet's micro-cache with an answer it
+    gave before (whose X-Served-By says where that one was read)."""
+    return sample.header("X-Cache-Status") in (None, "MISS", "EXPIRED", "BYPASS")
+
+
 def _when(samples: list[Sample]) -> list[float]:
     return [round(s.start, 2) for s in samples][:20]
 
@@ -234,7 +240,14 @@ def replica_down(lab: Lab, result: Result) -> None:
     if not lab.settings.database.replicas:
         result.note = "skipped: the stack has no read replica"
         return
-    with Load(lab.url, read, workers=8, rate=40, max_seconds=60) as load:
+    workers = 8
+
+    def plan(n: int) -> Request:
+        """Returning clients: a write each first, so their reads carry a session and reach
+        the app past the droplets' micro-cache (`app.microcache`), where routing happens."""
+        return write(n) if n < workers else read(n)
+
+    with Load(lab.url, plan, workers=workers, rate=40, max_seconds=60, cookies=True) as load:
         load.sleep(3)
         t_stop = load.mark("stop")
         lab.pg.stop_replica(0)
@@ -248,9 +261,12 @@ def replica_down(lab: Lab, result: Result) -> None:
     samples = load.samples
     result.count(samples)
     failed = _failed(samples)
+    cached = [s for s in samples if not _reached_app(s)]
+    samples = [s for s in samples if _reached_app(s)]
     down = [s for s in samples if t_stop + 0.5 < s.start < t_start]
     back = [s.start - t_start for s in samples if s.start > t_start and s.served_by == "replica-0"]
     result.details.update(
+        from_the_micro_cache=len(cached),
         served_before=dict(Counter(s.served_by for s in samples if s.end < t_stop)),
         served_while_down=dict(Counter(s.served_by for s in down)),
         replica_again_after_seconds=round(min(back), 1) if back else None,

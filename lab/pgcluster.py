@@ -41,6 +41,7 @@ import json
 import os
 import pwd
 import random
+import re
 import secrets
 import shutil
 import signal
@@ -48,6 +49,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -218,6 +220,35 @@ class PgCluster:
         with psycopg.connect(self.admin_dsn(), autocommit=True) as conn:
             conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
                 sql.Identifier(name), sql.Literal(password)))
+
+    def sql(self, query: str, params: tuple = (), node: str = "primary",
+            dbname: str | None = None) -> list[tuple]:
+        """Run `query` as superuser on `node` ("primary", "replica-0"), bypassing the app."""
+        with psycopg.connect(self.admin_dsn(node, dbname or self.database),
+                             autocommit=True) as conn:
+            cursor = conn.execute(query, params)
+            return cursor.fetchall() if cursor.description else []
+
+    def pgbouncer_queries(self) -> int:
+        """pgbouncer's own count of request/reply cycles (`total_query_count` of `SHOW
+        STATS`) for the app's database: one per message, whatever it holds. Read on its admin
+        console, a unix-socket login as "pgbouncer" by the account pgbouncer runs as."""
+        port = self._ports["pool"]
+        owner = os.stat(self._socket_dir / f".s.PGSQL.{port}").st_uid
+        shown = subprocess.run(
+            [str(PG_BINDIR / "psql"), "-X", "-A", "-t", "-F", ",", "-h", str(self._socket_dir),
+             "-p", str(port), "-U", "pgbouncer", "-d", "pgbouncer", "-c", "SHOW STATS"],
+            user=owner if owner != os.geteuid() else None, cwd=self._socket_dir,
+            capture_output=True, text=True, check=True, timeout=30,
+        ).stdout
+        for line in shown.splitlines():
+            database, _xacts, queries, *_ = line.split(",")
+            if database == self.database:
+                return int(queries)
+        raise RuntimeError(f"no {self.database} line in pgbouncer's SHOW STATS:\n{shown}")
+
+    def statement_log(self, node: str, ignore: Sequence[str] = ()) -> StatementLog:
+        return StatementLog(self, node, ignore)
 
     def start_primary(self) -> None:
         self._pg_ctl("primary", "start")
@@ -601,6 +632,53 @@ class PgCluster:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
+
+
+_ENTRY = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+ \S+ \[\d+\] ", re.MULTILINE)
+
+
+class StatementLog:
+    """The messages the app's user sent one server, from that server's own log
+    (`log_statement = all` while started: one entry per simple-query message, one per
+    extended-protocol execute), less those carrying one of `ignore` (background queries)."""
+
+    def __init__(self, cluster: PgCluster, node: str, ignore: Sequence[str] = ()) -> None:
+        self._cluster = cluster
+        self._ignore = tuple(ignore)
+        self._path = cluster.base_dir / "logs" / f"{node}.log"
+        self._node = node
+        self._offset = 0
+        self._message = re.compile(rf"^{re.escape(cluster.user)}@{re.escape(cluster.database)}"
+                                   r" LOG:  (?:statement|execute [^:]*): (.*)", re.DOTALL)
+
+    def start(self) -> StatementLog:
+        self._set("ALTER SYSTEM SET log_statement = 'all'", "all")
+        return self.mark()
+
+    def stop(self) -> None:
+        self._set("ALTER SYSTEM RESET log_statement", "none")
+
+    def mark(self) -> StatementLog:
+        """Count from here on."""
+        self._offset = self._path.stat().st_size
+        return self
+
+    def messages(self) -> list[str]:
+        """The app's messages since the mark, each the text it carried."""
+        with self._path.open(encoding="utf-8", errors="replace") as log:
+            log.seek(self._offset)
+            entries = _ENTRY.split(log.read())
+        return [match[1].strip() for entry in entries if (match := self._message.match(entry))
+                and not any(query in match[1] for query in self._ignore)]
+
+    def _set(self, query: str, value: str) -> None:
+        self._cluster.sql(query, node=self._node, dbname="postgres")
+        self._cluster.sql("SELECT pg_reload_conf()", node=self._node, dbname="postgres")
+        deadline = time.monotonic() + 5
+        while self._cluster.sql("SHOW log_statement", node=self._node) != [(value,)]:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"log_statement not {value} on {self._node}")
+            time.sleep(0.05)
 
 
 def main(argv: list[str] | None = None) -> int:

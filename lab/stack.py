@@ -54,7 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,7 +181,7 @@ class Droplet:
                              db_ca_file=str(self.dir / "db-ca.pem"),
                              gunicorn_bind=self.bind, nginx_listen=self.site,
                              nginx_site=str(self.dir / "site.conf"), units_dir=str(self.dir),
-                             static_dir=self.static_dir,
+                             static_dir=self.static_dir, cache_dir=str(self.dir / "cache"),
                              nginx_exporter=f"{self.address}:{NGINX_EXPORTER_PORT}",
                              exporter_defaults=str(self.dir / "nginx-exporter.args"))
 
@@ -319,6 +319,7 @@ class Lab:
             path.touch(mode=file.mode)
             path.chmod(file.mode)
             path.write_text(file.content)
+        Path(layout.cache_dir).mkdir(mode=0o700, exist_ok=True)  # the user data's `install -d`
         (droplet.dir / "nginx.conf").write_text(
             nginx_main_conf(droplet.dir, Path(layout.nginx_site)))
 
@@ -335,16 +336,18 @@ class Lab:
 
     # ------------------------------------------------------------------ droplets
 
-    def start_gunicorn(self, droplet: Droplet) -> None:
+    def start_gunicorn(self, droplet: Droplet, args: Sequence[str] = ()) -> None:
         """ExecStart of the unit: gunicorn with the EnvironmentFile less the unit's
-        UnsetEnvironment=, plus its Environment=, its RuntimeDirectory emptied first."""
+        UnsetEnvironment=, plus its Environment=, its RuntimeDirectory emptied first. `args`
+        replace `--config app/gunicorn.conf.py` (the bench's original design runs gunicorn
+        with its own command line)."""
         env = {**_base_env(), **unit_environment(droplet.dir / "run")}
         (droplet.dir / "gunicorn.pid").unlink(missing_ok=True)
         with (droplet.dir / "gunicorn.log").open("ab") as log:
             proc = subprocess.Popen(
                 ["bash", "-c", f'set -a; . "$0"; set +a; unset {" ".join(UNIT_UNSET_ENVIRONMENT)}; '
                  'exec "$@"', str(droplet.dir / "app.env"),
-                 str(GUNICORN), "--config", str(GUNICORN_CONF),
+                 str(GUNICORN), *(args or ("--config", str(GUNICORN_CONF))),
                  "--pid", str(droplet.dir / "gunicorn.pid"), "app.wsgi:app"],
                 cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,

@@ -12,7 +12,6 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 from flask import Flask
 from sqlalchemy.engine import make_url
@@ -94,8 +93,6 @@ def run_sql(pg_cluster: pgcluster.PgCluster) -> Callable[..., list[tuple]]:
     """Run SQL as superuser on ``node`` ("primary", "replica-0"), bypassing the app."""
 
     def run(sql: str, params: tuple = (), node: str = "primary", dbname: str = "webstack"):
-        with psycopg.connect(pg_cluster.admin_dsn(node, dbname), autocommit=True) as conn:
-            cursor = conn.execute(sql, params)
-            return cursor.fetchall() if cursor.description else []
+        return pg_cluster.sql(sql, params, node, dbname)
 
     return run

@@ -10,20 +10,15 @@ per extended-protocol execute). Run with ``-s`` to see the figures.
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 from psycopg import errors as pg_errors
-from psycopg.conninfo import conninfo_to_dict
-from sqlalchemy.engine import make_url
 
-from app.db import _COMMIT_AGE, _PRIMARY_POSITION, Statement
+from app.db import LAG_SAMPLER_QUERIES, Statement
 from tests.pg_fixtures import pgcluster
 from tests.test_app_api import _metric
 
@@ -32,67 +27,6 @@ WRITE_BUDGET = 3
 REQUESTS = 10
 """Requests counted per kind, after one that warms the pool up."""
 
-_ENTRY = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+ \S+ \[\d+\] ", re.MULTILINE)
-_LAG_SAMPLES = (_COMMIT_AGE, _PRIMARY_POSITION)
-"""The lag sampler's messages (app/lag.py), sent in the background, not by a request."""
-_APP_MESSAGE = re.compile(r"^webstack@webstack LOG:  (?:statement|execute [^:]*): (.*)", re.DOTALL)
-
-
-def _pgbouncer_queries(cluster: pgcluster.PgCluster) -> int:
-    """pgbouncer's own count of request/reply cycles for the app's database, read on its
-    admin console (a unix-socket login as "pgbouncer" by the account pgbouncer runs as)."""
-    socket_dir = conninfo_to_dict(cluster.admin_dsn())["host"]
-    port = make_url(cluster.urls.pool).port
-    owner = os.stat(Path(socket_dir) / f".s.PGSQL.{port}").st_uid
-    shown = subprocess.run(
-        [str(pgcluster.PG_BINDIR / "psql"), "-X", "-A", "-t", "-F", ",", "-h", socket_dir,
-         "-p", str(port), "-U", "pgbouncer", "-d", "pgbouncer", "-c", "SHOW STATS"],
-        user=owner if owner != os.geteuid() else None, cwd=socket_dir,
-        capture_output=True, text=True, check=True, timeout=30,
-    ).stdout
-    for line in shown.splitlines():
-        database, _xacts, queries, *_ = line.split(",")
-        if database == cluster.database:
-            return int(queries)
-    raise AssertionError(f"no {cluster.database} line in SHOW STATS:\n{shown}")
-
-
-class StatementLog:
-    """The messages the app's user sent one server, from that server's own log."""
-
-    def __init__(self, cluster: pgcluster.PgCluster, run_sql: Callable, node: str) -> None:
-        self._path = cluster.base_dir / "logs" / f"{node}.log"
-        self._run_sql = run_sql
-        self._node = node
-        self._offset = 0
-
-    def start(self) -> StatementLog:
-        self._set("ALTER SYSTEM SET log_statement = 'all'", "all")
-        return self.mark()
-
-    def stop(self) -> None:
-        self._set("ALTER SYSTEM RESET log_statement", "none")
-
-    def mark(self) -> StatementLog:
-        """Count from here on."""
-        self._offset = self._path.stat().st_size
-        return self
-
-    def messages(self) -> list[str]:
-        """The app's messages since the mark, each the text it carried."""
-        with self._path.open(encoding="utf-8", errors="replace") as log:
-            log.seek(self._offset)
-            entries = _ENTRY.split(log.read())
-        return [match[1].strip() for entry in entries if (match := _APP_MESSAGE.match(entry))
-                and not any(sql in match[1] for sql in _LAG_SAMPLES)]
-
-    def _set(self, sql: str, value: str) -> None:
-        self._run_sql(sql, node=self._node)
-        self._run_sql("SELECT pg_reload_conf()", node=self._node)
-        deadline = time.monotonic() + 5
-        while self._run_sql("SHOW log_statement", node=self._node) != [(value,)]:
-            assert time.monotonic() < deadline, f"log_statement not {value} on {self._node}"
-            time.sleep(0.05)
 
 
 @pytest.fixture
@@ -105,9 +39,9 @@ def app(make_app):
 
 
 @pytest.fixture
-def statement_logs(pg_cluster, run_sql) -> Iterator[dict[str, StatementLog]]:
+def statement_logs(pg_cluster) -> Iterator[dict[str, pgcluster.StatementLog]]:
     """Every statement the primary and the replica receive, logged while the test runs."""
-    logs = {node: StatementLog(pg_cluster, run_sql, node).start()
+    logs = {node: pg_cluster.statement_log(node, ignore=LAG_SAMPLER_QUERIES).start()
             for node in ("primary", "replica-0")}
     yield logs
     for log in logs.values():
@@ -146,7 +80,7 @@ def _per_request(send: Callable[[], object], count: Callable[[], int]) -> float:
 def test_round_trips_through_pgbouncer_stay_within_the_budget(pg_cluster, make_app):
     """Reads on the primary (no replica configured) and writes, through pgbouncer."""
     client = make_app(DATABASE_REPLICA_URLS="").test_client()
-    counted = {kind: _per_request(send, lambda: _pgbouncer_queries(pg_cluster))
+    counted = {kind: _per_request(send, lambda: pg_cluster.pgbouncer_queries())
                for kind, send in _kinds(client).items()}
     print("\nround trips per request, pgbouncer SHOW STATS:", counted)
     assert counted.pop("read") <= READ_BUDGET

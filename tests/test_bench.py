@@ -16,6 +16,7 @@ import pytest
 from components.runtime import GUNICORN_KEEPALIVE, render_nginx_site
 from components.settings import settings_for_stack_file
 from lab import bench
+from tests.runtime_helpers import nginx_command, nginx_conf
 from tools.mocks import ROOT
 
 
@@ -43,13 +44,34 @@ def test_bench_measures_every_layer_and_writes_the_report(tmp_path, capsys):
     for name, m in measured.items():
         assert m["rps"] > 0 and m["p50_ms"] > 0 and m["p99_ms"] > 0, name
         assert m["errors"] == 0, f"{name}: {m['errors']} failed requests"
-    assert set(report["ratios"]) == {f"{p}.{r}" for p in bench.PATHS for r in bench.RATIOS}
+    assert set(report["ratios"]) == {f"{p}.{r}" for p in bench.PATHS for r in bench.RATIOS} | {
+        "gunicorn.notes_vs_healthz"}
     assert all(v > 0 for r in report["ratios"].values() for v in r.values())
+    # Counted by the servers: reads on staging's primary through pgbouncer, writes too.
+    trips = report["round_trips"]
+    assert trips["read_served_by"] == "primary" and trips["read"] >= 1 and trips["write"] >= 1
+    assert report["original_design"]["gunicorn"] == "--workers 3 --threads 2"
+    chart = report_path.with_suffix(".png")
+    assert chart.read_bytes().startswith(b"\x89PNG"), "no chart next to the report"
     for path in bench.PATHS:
         figures = report["cost"][path]
         assert figures["lab_usd_per_100_rps"] > 0 and figures["estimated_usd_per_100_rps"] > 0
     assert report["stack_shape"]["droplets"] == 2 and report["machine"]["nproc"] >= 1
-    assert "cost: 2 x s-1vcpu-1gb = 12.00 USD/month" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "cost: 2 x s-1vcpu-1gb = 12.00 USD/month" in out
+    assert "notes.webstack_vs_original" in out and "database round trips per request" in out
+
+
+def test_the_original_design_s_site_is_least_conn_without_upstream_keepalive(tmp_path):
+    site = bench.render_original_site(listen="127.0.0.1:8084", upstream="127.0.0.1:8002")
+    upstream = site[site.index("upstream original_app {"):site.index("}")]
+    assert upstream.split("\n")[1:] == ["    least_conn;", "    server 127.0.0.1:8002;", ""]
+    assert "proxy_http_version" not in site and "keepalive" not in site  # HTTP/1.0, closed
+    for name, value in bench.ORIGINAL_TIMEOUTS.items():
+        assert f"proxy_{name}_timeout {value};" in site
+    conf = nginx_conf(tmp_path, site)
+    checked = subprocess.run(nginx_command(conf, "-t", "-q"), capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
 
 
 def test_keepalive_off_takes_out_upstream_keepalive_only():

@@ -202,7 +202,7 @@ def test_gunicorn_runs_with_the_rendered_environment(tmp_path):
     assert config["bind"] == "['127.0.0.1:8123']"
     assert (config["workers"], config["threads"], config["worker_class"]) == ("5", "5", "gthread")
     assert int(config["max_requests"]) > 0 and int(config["max_requests_jitter"]) > 0
-    assert (config["accesslog"], config["errorlog"]) == ("-", "-")
+    assert (config["accesslog"], config["errorlog"]) == ("None", "-")  # nginx logs requests
     assert config["forwarded_allow_ips"] == "['127.0.0.1', '::1']"
     assert config["preload_app"] == "False"
 
@@ -336,7 +336,10 @@ def web(tmp_path_factory) -> Iterator[Web]:
     site = render_nginx_site(settings, listen=f"127.0.0.1:{web_port}", upstream=bind,
                              static_dir=str(static), metrics_allow=["127.0.0.2"])
     conf = nginx_conf(tmp / "nginx", site)
-    gunicorn = [str(GUNICORN), "-c", str(GUNICORN_CONF), "app.wsgi:app"]
+    # An access log the droplets do not keep (nginx logs requests there): the witness of
+    # what reached the app.
+    gunicorn = [str(GUNICORN), "-c", str(GUNICORN_CONF), "--access-logfile", "-",
+                "app.wsgi:app"]
     with running(gunicorn, port=app_port, env=env, cwd=ROOT, log=tmp / "gunicorn.log") as proc, \
             running(nginx_command(conf, "-g", "daemon off;"), port=web_port,
                     log=tmp / "nginx.log"):
