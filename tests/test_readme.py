@@ -93,7 +93,7 @@ def test_outputs_table_matches_the_program(tmp_path: Path):
     (tmp_path / "Pulumi.nginx.yaml").write_text(yaml.safe_dump(nginx))
     produced = set()
     for path in (ROOT / "Pulumi.staging.yaml", ROOT / "Pulumi.prod.yaml",
-                 tmp_path / "Pulumi.nginx.yaml"):
+                 tmp_path / "Pulumi.nginx.yaml", ROOT / "tests/stacks/Pulumi.prod-autoscale.yaml"):
         produced |= set(run_program(path).outputs)
     assert set(table(COMPONENTS_DOC, "## Stack outputs")) == produced
 
