@@ -16,7 +16,8 @@ Creates:
   `with_droplet_agent` (the template has no `monitoring`; the agent is also what the pool scales
   on), and the template has no backups and no graceful shutdown (settings refuse
   `app.backups` with autoscale; DigitalOcean stops a member and waits 60 s before destroying it).
-  No gates: DigitalOcean creates and destroys members, pulumi never knows their addresses.
+  No gates: DigitalOcean creates and destroys members, pulumi never knows their addresses
+  (docs/design.md, "AppTier: fixed droplets or an autoscale pool").
 
 Rolling replacement: `user_data` forces replacement, so a deploy replaces every droplet; with
 `ssh_private_key`, gate i (cloud-init done, then the LB's health path answered 2xx

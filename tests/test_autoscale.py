@@ -137,3 +137,14 @@ def test_the_plan_shows_the_pool_the_lb_by_tag_and_the_cost_range():
     assert "$115.00 to $139.00" in out
     total = next(line for line in out.splitlines() if line.startswith("total"))
     assert total.split()[1:] == ["115.00", "139.00"]
+
+
+def test_the_readme_worked_example_is_the_plans():
+    readme = (ROOT / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| `prod-autoscale`"))
+    least, most = (cell.strip() for cell in row.strip("|").split("|")[-2:])
+    outputs = stack_run().outputs
+    assert (least, most) == (outputs["monthly_cost_usd"], outputs["monthly_cost_max_usd"])
+    fixed = next(line for line in readme.splitlines() if line.startswith("| `prod`: 3 fixed"))
+    assert fixed.rstrip(" |").endswith(run_program(ROOT / "Pulumi.prod.yaml").outputs[
+        "monthly_cost_usd"])
