@@ -206,7 +206,7 @@ class Lab:
         self.frontend = f"{net}.{FRONTEND_HOST}:{FRONTEND_PORT}"
         self.droplets = [
             Droplet(i, f"{net}.{FIRST_DROPLET_HOST + i - 1}", self.state_dir / f"droplet-{i}")
-            for i in range(1, self.settings.app.droplet_count + 1)
+            for i in range(1, self.settings.app.running_droplets + 1)
         ]
         self.lb_dir = self.state_dir / "lb"
         replicas = len(self.settings.database.replicas)
