@@ -213,8 +213,10 @@ def _droplet(r: Registered) -> list[LineItem]:
 
 
 def _autoscale_pool(r: Registered) -> list[LineItem]:
-    """Members are ordinary droplets billed as such; no separate charge for the pool is listed
-    (docs/runbook.md, "Autoscale"). No backups: the template has none."""
+    """Members are ordinary droplets, billed by the hour like any droplet (Droplet Pricing,
+    https://docs.digitalocean.com/products/droplets/details/pricing); no separate charge for a
+    pool is listed there or in the API description. `minInstances` of them at the least,
+    `maxInstances` all month at the most. No backups: the template has none."""
     slug = _plain(r, "droplet_template", "size")
     size = _entry(r, "droplet_sizes", slug, "droplet_template.size")
     least, most = (_plain(r, "config", key) for key in ("min_instances", "max_instances"))
