@@ -29,8 +29,9 @@ lint: venv
 # make lab STACK=prod     the stack's data plane on loopback, in the background; prints its URL
 # make lab-down           stops every lab process (state and logs stay in .lab/)
 # make chaos STACK=prod   failure scenarios under load in a lab of their own; lab-report.json
-# make drill              restore drill: the primary restored to a point in time (base backup +
-#                         WAL archive), checked write by write (docs/runbook.md)
+# make drill STACK=prod   restore drill: a point in time restored into a new cluster (base backup
+#                         + WAL archive), the app switched to it droplet by droplet, every write
+#                         checked through the app (docs/lab.md, docs/runbook.md)
 .PHONY: lab lab-down chaos drill
 
 lab: venv system-deps
@@ -43,7 +44,7 @@ chaos: venv system-deps
 	$(PY) -m lab chaos $(STACK) $(CHAOS_ARGS)
 
 drill: venv system-deps
-	$(PY) -m lab.drill $(DRILL_ARGS)
+	$(PY) -m lab.drill $(STACK) $(DRILL_ARGS)
 
 # --- Throughput and latency, layer by layer (docs/benchmarks.md) --------------------------
 # make bench STACK=prod   gunicorn, droplet nginx, frontend, static ceiling, upstream keepalive

@@ -10,14 +10,17 @@ Creates:
   VPC, tagged `tag`, monitoring agent on, the caller's cloud-config as user data, IPv6 off,
   backups only when `app.backups` is weekly or daily. Droplets are auto-named by Pulumi (a random
   suffix), so a replacement can be created before the old droplet is deleted.
-- with `ssh_private_key`: one `command.remote.Command` health gate (`{name}-gate-{i}`) per droplet.
+- with `ssh_private_key`: one `command.remote.Command` health gate (`{name}-gate-{i}`) per droplet;
+  with `app_env` too, the gate first installs the environment file (the app's secrets) from its
+  stdin and restarts the services.
 - `app.scaling.mode` autoscale: one `digitalocean.DropletAutoscale` (`{name}-pool`) whose
   template is the same droplet (`droplet_spec`, the one source of both): monitoring becomes
   `with_droplet_agent` (the template has no `monitoring`; the agent is also what the pool scales
   on), and the template has no backups and no graceful shutdown (settings refuse
   `app.backups` with autoscale; DigitalOcean stops a member and waits 60 s before destroying it).
-  No gates: DigitalOcean creates and destroys members, pulumi never knows their addresses
-  (docs/design.md, "AppTier: fixed droplets or an autoscale pool").
+  No gates, so no `app_env`: DigitalOcean creates and destroys members, pulumi never knows their
+  addresses, and a member's secrets are in its user data (docs/design.md, "AppTier: fixed
+  droplets or an autoscale pool").
 
 Rolling replacement: `user_data` forces replacement, so a deploy replaces every droplet; with
 `ssh_private_key`, gate i (cloud-init done, then the LB's health path answered 2xx
@@ -25,6 +28,11 @@ Rolling replacement: `user_data` forces replacement, so a deploy replaces every 
 are deleted only after the last gate. Without a key there are no gates (a warning says so).
 Why the engine orders it that way, and why there are no in-place deploys:
 docs/design.md, "AppTier: the health-gated rollout".
+
+Secrets in place: `app_env` is the gate's stdin, not part of the user data. A new password or
+SECRET_KEY changes the stdin only, so the gates run again (pulumi-command re-runs `create` when
+an input changes) on the droplets as they are, one after the other (gate i+1 waits for gate i),
+each restarting its app and waiting for it to pass the health check again.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ import pulumi_digitalocean as digitalocean
 
 from components import ssh
 from components.frontend import WebSource
+from components.runtime import DropletLayout, install_env_script
 from components.settings import AppSettings, HealthCheckSettings, ScalingSettings
 
 ANYWHERE = ["0.0.0.0/0", "::/0"]
@@ -54,17 +63,21 @@ def health_gate_seconds(health_check: HealthCheckSettings) -> int:
 
 
 def health_gate_script(health_check: HealthCheckSettings,
-                       cloud_init_seconds: int = ssh.CLOUD_INIT_TIMEOUT_SECONDS) -> str:
+                       cloud_init_seconds: int = ssh.CLOUD_INIT_TIMEOUT_SECONDS, *,
+                       install_env: DropletLayout | None = None) -> str:
     """The gate, run as root on an app droplet: 0 once the droplet is ready for traffic.
 
-    Waits for cloud-init, then checks the health path through the droplet's nginx as the LB
-    does: only 2xx counts (a redirect is a failure), `healthyThreshold` answers in a row.
+    Waits for cloud-init; with `install_env` (the droplet's layout), installs the environment
+    file from stdin and restarts the services (`runtime.install_env_script`); then checks the
+    health path through the droplet's nginx as the LB does: only 2xx counts (a redirect is a
+    failure), `healthyThreshold` answers in a row.
     """
     hc = health_check
     url = shlex.quote(f"http://127.0.0.1{hc.path}")
     checks = -(-health_gate_seconds(hc) // hc.interval_seconds)  # rounded up
+    install = install_env_script(install_env) if install_env else ""
     return f"""set -u
-{ssh.wait_for_cloud_init(cloud_init_seconds)}url={url}
+{ssh.wait_for_cloud_init(cloud_init_seconds)}{install}url={url}
 ok=0
 n=0
 while [ "$n" -lt {checks} ]; do
@@ -99,11 +112,15 @@ class AppTierArgs:
     ssh_keys: Sequence[pulumi.Input[str]]
     """SSH key ids or fingerprints, already resolved by the caller."""
     user_data: pulumi.Input[str]
-    """The droplets' rendered cloud-config (a secret Output). Changing it replaces every droplet."""
+    """The droplets' rendered cloud-config (a secret Output when it holds the environment file).
+    Changing it replaces every droplet."""
     ssh_private_key: pulumi.Input[str] | None = None
     """The private key (OpenSSH/PEM text, a secret) of one of `ssh_keys`, used from the machine
     running `pulumi up` (inside `adminCidrs`) to health-gate each droplet, so that replacements
     roll one at a time. None, or no `adminCidrs`: rollouts are not gated (a warning says so)."""
+    app_env: pulumi.Input[str] | None = None
+    """The environment file (`runtime.render_app_env`, a secret) the gates install before they
+    check, when it is not in `user_data`. Needs `ssh_private_key` and `admin_cidrs`."""
 
 
 MONITORING = True
@@ -188,6 +205,9 @@ class AppTier(pulumi.ComponentResource):
 
         self.droplets, self.pool, self.pool_id = [], None, None
         if args.app.autoscale:
+            if args.app_env is not None:
+                raise ValueError("AppTierArgs.app_env is delivered by gates over SSH, and a pool"
+                                 " has none: its members' secrets are in their user data")
             self.pool = digitalocean.DropletAutoscale(
                 f"{name}-pool",
                 config=pool_config(args.app.scaling),
@@ -213,6 +233,9 @@ class AppTier(pulumi.ComponentResource):
     def _fixed(self, name: str, args: AppTierArgs, firewall: digitalocean.Firewall) -> None:
         """`app.droplet_count` droplets, each after the previous one's gate when gated."""
         gated = args.ssh_private_key is not None and bool(args.admin_cidrs)
+        if args.app_env is not None and not gated:
+            raise ValueError("AppTierArgs.app_env is delivered by the gates over SSH: it needs"
+                             " ssh_private_key and admin_cidrs")
         if not gated:
             pulumi.log.warn(
                 "app rollouts are not health-gated ("
@@ -230,7 +253,10 @@ class AppTier(pulumi.ComponentResource):
                 gate = command.remote.Command(
                     f"{name}-gate-{i}",
                     connection=ssh.connection(droplet.ipv4_address, args.ssh_private_key),
-                    create=health_gate_script(args.health_check),
+                    create=health_gate_script(
+                        args.health_check,
+                        install_env=DropletLayout() if args.app_env is not None else None),
+                    stdin=args.app_env,
                     triggers=[droplet.id],
                     opts=pulumi.ResourceOptions(parent=self, depends_on=[firewall]),
                 )

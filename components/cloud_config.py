@@ -1,10 +1,14 @@
 """The app droplet's user data: one pure function from settings and resolved values.
 
 `render_app_cloud_config` returns the `#cloud-config` document every app droplet boots with:
-nginx and a Python venv, an unprivileged service user, the files of `runtime.droplet_files`
-(the `app/` package, bundled so the droplet runs exactly the reviewed commit, the hardened
-systemd units, the nginx site and the environment file with the database URLs; the lab
-writes the same list), then migrations (once, under an advisory lock) and the services.
+the metadata firewall first (`metadata_firewall`, bootcmd), nginx and a Python venv, an
+unprivileged service user, the files of `runtime.droplet_files` (the `app/` package, bundled so
+the droplet runs exactly the reviewed commit, the hardened systemd units, the nginx site and,
+without a deploy key, the environment file with the database URLs and the secret key; the lab
+writes the same list), then migrations (once, under an advisory lock) and the services. With a
+deploy key the environment file, the only file with secrets, is not in the user data: the
+services are enabled, and started by the step that delivers it over SSH
+(`runtime.install_env_script`).
 Built as data and dumped with `yaml.safe_dump`, so identical inputs give byte-identical output
 and droplets are replaced only when something changed.
 """
@@ -15,12 +19,19 @@ import base64
 import gzip
 import io
 import tarfile
-from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
 
-from components.runtime import APP_UNIT, MIGRATE_UNIT, DropletFile, DropletLayout, droplet_files
+from components.metadata_firewall import metadata_bootcmd
+from components.runtime import (
+    APP_UNIT,
+    MIGRATE_UNIT,
+    AppSecrets,
+    DropletFile,
+    DropletLayout,
+    droplet_files,
+)
 from components.settings import Settings
 
 APP_DIR = Path(__file__).resolve().parent.parent / "app"
@@ -63,22 +74,24 @@ def _write_file(file: DropletFile) -> dict[str, object]:
 def render_app_cloud_config(
     settings: Settings,
     *,
-    database_url: str,
-    replica_urls: Sequence[str],
-    migration_url: str,
-    secret_key: str,
+    secrets: AppSecrets | None,
     vpc_cidr: str,
     bundle: bytes | None = None,
     layout: DropletLayout | None = None,
 ) -> str:
-    """The user data of an app droplet. Raises ValueError if it exceeds DigitalOcean's limit."""
+    """The user data of an app droplet; `secrets` None leaves the environment file out (it is
+    delivered over SSH). Raises ValueError if it exceeds DigitalOcean's limit."""
     bundle = app_bundle() if bundle is None else bundle
     layout = layout or DropletLayout()
-    files = droplet_files(
-        settings, database_url=database_url, replica_urls=replica_urls,
-        migration_url=migration_url, secret_key=secret_key, vpc_cidr=vpc_cidr, layout=layout,
-        bundle=bundle)
+    files = droplet_files(settings, secrets=secrets, vpc_cidr=vpc_cidr, layout=layout,
+                          bundle=bundle)
+    # Migrations first, without blocking boot: the unit retries until they succeed. Without
+    # the environment file the services cannot start: enabled only, until it arrives.
+    services = [["systemctl", "enable", "--now", "--no-block", MIGRATE_UNIT],
+                ["systemctl", "enable", "--now", APP_UNIT]] if secrets is not None else [
+        ["systemctl", "enable", MIGRATE_UNIT, APP_UNIT]]
     document = {
+        "bootcmd": [metadata_bootcmd()],
         "package_update": True,
         "packages": ["nginx", "python3-venv"],
         "users": [
@@ -100,9 +113,7 @@ def render_app_cloud_config(
             [f"{layout.venv}/bin/pip", "install", "--no-cache-dir",
              "--disable-pip-version-check", "-r", f"{layout.app_dir}/app/requirements.txt"],
             ["systemctl", "daemon-reload"],
-            # Migrations first, without blocking boot: the unit retries until they succeed.
-            ["systemctl", "enable", "--now", "--no-block", MIGRATE_UNIT],
-            ["systemctl", "enable", "--now", APP_UNIT],
+            *services,
             ["rm", "-f", "/etc/nginx/sites-enabled/default"],
             ["ln", "-sf", layout.nginx_site, "/etc/nginx/sites-enabled/webstack"],
             ["sh", "-c", "nginx -t && systemctl reload nginx"],

@@ -8,9 +8,10 @@
   droplet's user data never contains app IPs: user data forces replacement, and a new LB
   droplet on every app rollout would drop traffic.
 - `render_lb_cloud_config`: the LB droplet's user data (`#cloud-config`, built as data and
-  dumped with `yaml.safe_dump`): nginx (+ certbot, a retrying first-certificate timer and
-  its TLS hook, from `cloud-init/webstack-certbot.*.j2` and `webstack-tls-link.j2`, when the
-  stack has a domain), the site config and a placeholder upstream that answers 503.
+  dumped with `yaml.safe_dump`): the metadata firewall first (`metadata_firewall`), nginx
+  (+ certbot, a retrying first-certificate timer and its TLS hook, from
+  `cloud-init/webstack-certbot.*.j2` and `webstack-tls-link.j2`, when the stack has a
+  domain), the site config and a placeholder upstream that answers 503.
 
 Functions of settings and plain values only, no Pulumi types: same input, same bytes.
 """
@@ -23,6 +24,7 @@ from collections.abc import Sequence
 
 import yaml
 
+from components.metadata_firewall import METADATA_IP, metadata_bootcmd
 from components.render import render_template
 from components.runtime import SECURITY_HEADERS
 from components.settings import Settings
@@ -148,7 +150,8 @@ def render_lb_nginx_conf(
 
 TLS_HOOK = "/usr/local/sbin/webstack-tls-link"
 CERTBOT_UNIT = "webstack-certbot"
-METADATA = "http://169.254.169.254/metadata/v1"
+METADATA = f"http://{METADATA_IP}/metadata/v1"
+"""Read by the certbot unit's ExecCondition, as root (the metadata firewall admits root)."""
 
 
 class _Dumper(yaml.SafeDumper):
@@ -200,6 +203,7 @@ def render_lb_cloud_config(settings: Settings) -> str:
         runcmd += ["systemctl daemon-reload", f"systemctl enable --now {CERTBOT_UNIT}.timer",
                    f"systemctl start --no-block {CERTBOT_UNIT}.service"]
     config = {
+        "bootcmd": [metadata_bootcmd()],
         "package_update": True,
         "packages": packages,
         # Deferred: written after the packages are installed, so nginx's first start (by the

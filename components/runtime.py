@@ -18,9 +18,11 @@ request is cut by gunicorn and reported by nginx rather than dropped halfway:
 from __future__ import annotations
 
 import ipaddress
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from components.metadata_firewall import METADATA_IP
 from components.render import render_template
 from components.settings import Settings
 
@@ -66,7 +68,8 @@ class DropletLayout:
     user: str = "webstack"
     """The unprivileged system user gunicorn runs as."""
     env_file: str = "/etc/webstack/app.env"
-    """The service's EnvironmentFile (`render_app_env`): secrets, root-owned, mode 0600."""
+    """The service's EnvironmentFile (`render_app_env`): secrets, root-owned, mode 0600; in the
+    user data, or over SSH after boot with a deploy key (`install_env_script`)."""
     gunicorn_bind: str = "127.0.0.1:8000"
     """Where gunicorn listens and nginx proxies to: loopback only."""
     nginx_listen: str = "80"
@@ -172,7 +175,7 @@ def render_migrate_unit(layout: DropletLayout) -> str:
     succeeds, in the app unit's sandbox."""
     return render_template(
         f"{MIGRATE_UNIT}.j2", app_unit=APP_UNIT, user=layout.user, app_dir=layout.app_dir,
-        env_file=layout.env_file, venv=layout.venv)
+        env_file=layout.env_file, venv=layout.venv, metadata_ip=METADATA_IP)
 
 
 def render_app_unit(settings: Settings, layout: DropletLayout) -> str:
@@ -189,36 +192,49 @@ def render_app_unit(settings: Settings, layout: DropletLayout) -> str:
         stop_timeout=STOP_TIMEOUT,
         runtime_directory=RUNTIME_DIRECTORY,
         environment=UNIT_ENVIRONMENT,
+        metadata_ip=METADATA_IP,
     )
 
 
-def render_app_env(
-    settings: Settings,
-    *,
-    database_url: str,
-    replica_urls: Sequence[str],
-    secret_key: str,
-    migration_url: str | None,
-    bind: str,
-) -> str:
+@dataclass(frozen=True, kw_only=True)
+class AppSecrets:
+    """The secret values of the app's environment file, resolved from other resources.
+
+    The one way a secret reaches an app droplet: `render_app_env` writes every field into the
+    environment file, which travels either in the user data (a stack without a deploy key) or
+    over SSH after boot (`components/app_tier.py`), never both. A new secret the app needs is a
+    field here, so it takes the same path without further work.
+    """
+
+    database_url: str
+    """The pool's URI, with the app user's password."""
+    replica_urls: Sequence[str]
+    """The read replicas' URIs, with the password."""
+    migration_url: str | None
+    """The primary's URI for `app.migrate`; None: migrations use `database_url`."""
+    secret_key: str
+    """Flask's SECRET_KEY, the same on every droplet."""
+
+
+def render_app_env(settings: Settings, secrets: AppSecrets, *, bind: str) -> str:
     """The service's EnvironmentFile: every variable gunicorn and the app read.
 
     Values are double-quoted with `\\ " $ `` ` escaped: the subset of syntax systemd's
     EnvironmentFile and a POSIX shell (`set -a; . app.env`) read the same way.
     """
-    for i, url in enumerate(replica_urls):
+    for i, url in enumerate(secrets.replica_urls):
         if "," in url:
             raise ValueError(f"replica_urls[{i}] contains a comma, the list's separator")
     values = {
-        "database_url": database_url,
-        "replica_urls": ",".join(replica_urls),
-        "secret_key": secret_key,
+        "database_url": secrets.database_url,
+        "replica_urls": ",".join(secrets.replica_urls),
+        "secret_key": secrets.secret_key,
         "bind": bind,
     }
     return render_template(
         "webstack-app.env.j2",
         **{name: _quote(name, value) for name, value in values.items()},
-        migration_url=migration_url and _quote("migration_url", migration_url),
+        migration_url=secrets.migration_url and _quote("migration_url", secrets.migration_url),
         workers=settings.app.workers,
         threads=settings.app.gunicorn_threads,
         gunicorn_threads=gunicorn_threads(settings.app.gunicorn_threads),
@@ -236,32 +252,43 @@ def render_app_env(
 def droplet_files(
     settings: Settings,
     *,
-    database_url: str,
-    replica_urls: Sequence[str],
-    migration_url: str | None,
-    secret_key: str,
+    secrets: AppSecrets | None,
     vpc_cidr: str,
     layout: DropletLayout,
     bundle: bytes | None = None,
     upstream_keepalive: bool = True,
 ) -> list[DropletFile]:
     """Every file an app droplet gets, at `layout`'s paths: the app bundle (when given; the
-    lab runs the repo's app/ in place), the environment file, both units and the nginx site.
+    lab runs the repo's app/ in place), the environment file (with `secrets`; None: it is
+    delivered over SSH after boot, `install_env_script`), both units and the nginx site.
     `vpc_cidr` is where the load balancer and Prometheus connect from."""
-    env = render_app_env(settings, database_url=database_url, replica_urls=replica_urls,
-                         secret_key=secret_key, migration_url=migration_url,
-                         bind=layout.gunicorn_bind)
     site = render_nginx_site(
         settings, listen=layout.nginx_listen, upstream=layout.gunicorn_bind,
         static_dir=layout.static_dir, metrics_allow=[vpc_cidr, "127.0.0.1"],
         trusted_proxies=[vpc_cidr], upstream_keepalive=upstream_keepalive)
     files = [DropletFile(layout.bundle, 0o644, bundle)] if bundle is not None else []
+    if secrets is not None:
+        files.append(DropletFile(layout.env_file, 0o600,
+                                 render_app_env(settings, secrets, bind=layout.gunicorn_bind)))
     return files + [
-        DropletFile(layout.env_file, 0o600, env),
         DropletFile(layout.unit(APP_UNIT), 0o644, render_app_unit(settings, layout)),
         DropletFile(layout.unit(MIGRATE_UNIT), 0o644, render_migrate_unit(layout)),
         DropletFile(layout.nginx_site, 0o644, site),
     ]
+
+
+def install_env_script(layout: DropletLayout) -> str:
+    """Shell lines run as root on an app droplet, the environment file on stdin (a stack with a
+    deploy key, where it is not in the user data): replace `layout.env_file` in one move (root,
+    0600), then restart the migrations (without waiting: they retry until the database grants
+    exist) and the app, which reads the file only when it starts. Run again with a new file,
+    they rotate the secrets in place."""
+    env = shlex.quote(layout.env_file)
+    return f"""umask 077
+mkdir -p "$(dirname {env})" && cat > {env}.new && mv -f {env}.new {env} || exit 1
+systemctl restart --no-block {MIGRATE_UNIT} || exit 1
+systemctl restart {APP_UNIT} || exit 1
+"""
 
 
 def gunicorn_threads(threads: int) -> int:

@@ -71,7 +71,8 @@ class ConfigError(ValueError):
 
     def __init__(self, key: str, value: Any, allowed: str):
         self.key, self.value, self.allowed = key, value, allowed
-        super().__init__(f"{NAMESPACE}:{key}: {value!r} is not allowed; {allowed}")
+        name = key if key.isupper() else f"{NAMESPACE}:{key}"  # an environment variable's as is
+        super().__init__(f"{name}: {value!r} is not allowed; {allowed}")
 
 
 class Secret(str):
@@ -299,6 +300,10 @@ class Settings:
     """Private half of one of `ssh_keys`, for the deploy steps run over SSH from the machine
     running `pulumi up` (health-gated rollout, nginx upstream updates, database grants)."""
     admin_cidrs: tuple[str, ...]
+    """Where SSH to the droplets is allowed from, besides `deploy_cidr`."""
+    deploy_cidr: str | None
+    """The deploying machine's own address (one host), admitted to SSH for one `pulumi up`:
+    `WEBSTACK_EXTRA_ADMIN_CIDR` in the environment (the deploy workflow's runner)."""
     vpc_ip_range: str | None
     app: AppSettings
     frontend: FrontendSettings
@@ -309,6 +314,11 @@ class Settings:
     @property
     def production(self) -> bool:
         return self.environment == "production"
+
+    @property
+    def ssh_sources(self) -> tuple[str, ...]:
+        """Every CIDR the droplets' firewalls admit to SSH: `adminCidrs`, then `deploy_cidr`."""
+        return self.admin_cidrs + ((self.deploy_cidr,) if self.deploy_cidr else ())
 
     @property
     def fqdn(self) -> str | None:
@@ -424,8 +434,10 @@ KEYS: dict[str, Key] = {key.name: key for key in [
         allowed_text="a DNS label, or `@` for the apex"),
     Key("sshKeys", "list", "keys on every droplet; names are looked up in the account",
         required=True, allowed_text="≥1 key name, id or fingerprint"),
-    Key("sshPrivateKey", "secret", "deploy steps over SSH: health gates, database grants,"
-        " nginx-LB upstreams", allowed_text="a secret OpenSSH/PEM private key; needs `adminCidrs`"),
+    Key("sshPrivateKey", "secret", "deploy steps over SSH: the app's environment file (its"
+        " secrets stay out of the user data), health gates, database grants, nginx-LB upstreams",
+        default_text="none (required in production)",
+        allowed_text="a secret OpenSSH/PEM private key; needs `adminCidrs`"),
     Key("adminCidrs", "list", "SSH sources; empty means no SSH rule at all", (),
         allowed_text="CIDRs covering together at most a /16's worth of IPv4 and a /48's worth of"
         " IPv6 addresses (so `0.0.0.0/1` + `128.0.0.0/1` is refused like `/0`; the policy pack"
@@ -684,6 +696,17 @@ def _admin_cidrs(values: list[Any]) -> tuple[str, ...]:
     return cidrs
 
 
+def _deploy_cidr(value: str | None) -> str | None:
+    """`WEBSTACK_EXTRA_ADMIN_CIDR`: one host (a /32 or a /128), or None."""
+    if value is None:
+        return None
+    cidr = _cidr(DEPLOY_CIDR_VARIABLE, value.strip())
+    if ipaddress.ip_network(cidr).num_addresses != 1:
+        raise ConfigError(DEPLOY_CIDR_VARIABLE, value, "must be a single host such as"
+                          " 203.0.113.7/32 or 2001:db8::7/128: the deploying machine's address")
+    return cidr
+
+
 def _cidr(key: str, value: Any) -> str:
     try:
         net = ipaddress.ip_network(value, strict=True)
@@ -938,7 +961,7 @@ def _ssh_keys(r: _Reader) -> tuple[str, ...]:
 
 
 def _ssh_private_key(r: _Reader, secret: bool, admin_cidrs: tuple[str, ...]) -> Secret | None:
-    key = r.str("sshPrivateKey")
+    key = r.str("sshPrivateKey")  # required in production unless autoscale: _check_deploy_key
     if key is None:
         return None
     if not secret:
@@ -958,11 +981,13 @@ def is_ssh_fingerprint_or_id(key: str) -> bool:
 
 
 def load_settings(
-    raw: Mapping[str, Any], *, stack: str, secret_keys: frozenset[str] = frozenset()
+    raw: Mapping[str, Any], *, stack: str, secret_keys: frozenset[str] = frozenset(),
+    deploy_cidr: str | None = None,
 ) -> Settings:
     """Validate the `webstack:*` config of a stack (keys without the namespace).
 
     `secret_keys` names the top-level keys Pulumi holds as secrets (such as `alerts`).
+    `deploy_cidr` is `WEBSTACK_EXTRA_ADMIN_CIDR` (see `from_pulumi_config`): one host.
     Raises ConfigError on the first bad value.
     """
     if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,40}", stack):
@@ -1004,6 +1029,7 @@ def load_settings(
         ssh_keys=_ssh_keys(r),
         ssh_private_key=_ssh_private_key(r, "sshPrivateKey" in secret_keys, admin_cidrs),
         admin_cidrs=admin_cidrs,
+        deploy_cidr=_deploy_cidr(deploy_cidr),
         vpc_ip_range=vpc_ip_range,
         app=_app(r.obj("app")),
         frontend=_frontend(r.obj("frontend")),
@@ -1012,9 +1038,21 @@ def load_settings(
         budget=_budget(r.obj("budget")),
     )
     r.done()
+    _check_deploy_key(settings)
     _check_autoscale(settings)
     _check_replica_connections(settings)
     return settings
+
+
+def _check_deploy_key(settings: Settings) -> None:
+    """Fixed production droplets get their secrets over SSH: a deploy key is required. A pool's
+    members boot on their own, beyond SSH, so their secrets stay in the user data
+    (docs/runbook.md, "Autoscale")."""
+    if settings.production and settings.ssh_private_key is None and not settings.app.autoscale:
+        raise ConfigError("sshPrivateKey", None, "production needs a deploy key, so the app's"
+                          " secrets reach the droplets over SSH instead of in their user data:"
+                          " pulumi config set --secret sshPrivateKey < KEY (or"
+                          " app.scaling.mode autoscale, whose members hold them in user data)")
 
 
 def _check_autoscale(settings: Settings) -> None:
@@ -1060,7 +1098,8 @@ def _check_replica_connections(settings: Settings) -> None:
 
 
 def settings_from_config(
-    config: Mapping[str, str], *, stack: str, secret_keys: Collection[str] = ()
+    config: Mapping[str, str], *, stack: str, secret_keys: Collection[str] = (),
+    deploy_cidr: str | None = None,
 ) -> Settings:
     """Settings from the engine's config map (`webstack:key` -> text, JSON for objects and
     lists), as Pulumi hands it to the program; `secret_keys` are the map's secret keys.
@@ -1076,17 +1115,26 @@ def settings_from_config(
             raw[key] = value
         if full_key in secret_keys:
             secret.add(key)
-    return load_settings(raw, stack=stack, secret_keys=frozenset(secret))
+    return load_settings(raw, stack=stack, secret_keys=frozenset(secret), deploy_cidr=deploy_cidr)
+
+
+DEPLOY_CIDR_VARIABLE = "WEBSTACK_EXTRA_ADMIN_CIDR"
+"""The environment variable a deploy sets to admit its own machine to SSH for one `pulumi up`
+(`.github/workflows/deploy.yml`); unset, or empty, admits nothing more."""
 
 
 def from_pulumi_config() -> Settings:
-    """Read the stack's `webstack:*` config through the Pulumi runtime: the program's only read."""
+    """Read the stack's `webstack:*` config through the Pulumi runtime, and the deploying
+    machine's address from `DEPLOY_CIDR_VARIABLE`: the program's only reads."""
+    import os
+
     import pulumi
     from pulumi.runtime.config import CONFIG, is_config_secret
 
     config = CONFIG.get()  # set by the language host before the program runs
     return settings_from_config(
-        config, stack=pulumi.get_stack(), secret_keys=[k for k in config if is_config_secret(k)])
+        config, stack=pulumi.get_stack(), secret_keys=[k for k in config if is_config_secret(k)],
+        deploy_cidr=os.environ.get(DEPLOY_CIDR_VARIABLE) or None)
 
 
 # --------------------------------------------------------------------------- stack files

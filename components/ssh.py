@@ -1,7 +1,8 @@
 """Deploy steps over SSH: the connection and shell snippets shared by the components.
 
 `pulumi_command.remote.Command` runs a script on a droplet from the machine running
-`pulumi up`, which must be inside `adminCidrs` (the firewalls admit SSH from there only).
+`pulumi up`, which must be inside `adminCidrs` or be the host `WEBSTACK_EXTRA_ADMIN_CIDR` names
+(the firewalls admit SSH from there only; `Settings.ssh_sources`).
 """
 
 from __future__ import annotations

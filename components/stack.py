@@ -1,6 +1,7 @@
 """The whole stack: wires the four components of one environment and returns its outputs.
 
-Order follows the data: VPC, then the database (its URIs go into the app's user data), then
+Order follows the data: VPC, then the database (its URIs go into the app's environment file),
+then
 the frontend and the app tier. A managed load balancer selects droplets by tag, so it exists
 before them and the app firewall admits only its uid; nginx load-balancer droplets need the app
 droplets' private IPs, so in nginx mode the app tier comes first and admits the LB droplets' tag.
@@ -30,7 +31,7 @@ from components.frontend import (
 )
 from components.lb_nginx import render_lb_cloud_config
 from components.monitoring import MonitoringAlerts, MonitoringAlertsArgs
-from components.runtime import DropletLayout
+from components.runtime import AppSecrets, DropletLayout, render_app_env
 from components.settings import ConfigError, Settings, is_ssh_fingerprint_or_id
 
 # --------------------------------------------------------------------------- each its section
@@ -40,13 +41,13 @@ from components.settings import ConfigError, Settings, is_ssh_fingerprint_or_id
 def app_tier_args(settings: Settings, **wiring: Any) -> AppTierArgs:
     return AppTierArgs(app=settings.app, health_check=settings.frontend.health_check,
                        region=settings.region, tag=settings.app_tag,
-                       admin_cidrs=settings.admin_cidrs, **wiring)
+                       admin_cidrs=settings.ssh_sources, **wiring)
 
 
 def frontend_args(settings: Settings, **wiring: Any) -> LoadBalancedFrontendArgs:
     nginx = {} if settings.frontend.mode != "nginx" else {
         "lb_tag": settings.lb_tag, "lb_image": settings.app.image,
-        "lb_user_data": render_lb_cloud_config(settings), "admin_cidrs": settings.admin_cidrs,
+        "lb_user_data": render_lb_cloud_config(settings), "admin_cidrs": settings.ssh_sources,
         "production": settings.production}
     return LoadBalancedFrontendArgs(
         frontend=settings.frontend, stack=settings.stack, region=settings.region,
@@ -99,6 +100,25 @@ def _grant_app_privileges(
     )
 
 
+def _app_user_data(
+    settings: Settings, secrets: pulumi.Output[AppSecrets], vpc_cidr: pulumi.Output[str], *,
+    over_ssh: bool,
+) -> tuple[pulumi.Output[str], pulumi.Output[str] | None]:
+    """The app droplets' user data, and the environment file their gates deliver over SSH.
+
+    The one path of the app's secrets (`AppSecrets`): over SSH with a deploy key, so the user
+    data holds none and a new password or SECRET_KEY updates the droplets in place; in the user
+    data without one (staging; README "What the user data holds")."""
+    if not over_ssh:
+        return pulumi.Output.secret(pulumi.Output.all(secrets, vpc_cidr).apply(
+            lambda v: render_app_cloud_config(settings, secrets=v[0], vpc_cidr=v[1]))), None
+    app_env = pulumi.Output.secret(secrets.apply(
+        lambda s: render_app_env(settings, s, bind=DropletLayout().gunicorn_bind)))
+    user_data = vpc_cidr.apply(
+        lambda cidr: render_app_cloud_config(settings, secrets=None, vpc_cidr=cidr))
+    return user_data, app_env
+
+
 def build(settings: Settings) -> dict[str, Any]:
     """Register every resource of the stack; return the stack outputs by name."""
     nginx = settings.frontend.mode == "nginx"
@@ -121,23 +141,17 @@ def build(settings: Settings) -> dict[str, Any]:
 
     # One key for every droplet, so a session signed by one droplet is valid on the others.
     secret_key = random.RandomPassword(f"{stack}-app-secret-key", length=64, special=False)
-    user_data = pulumi.Output.secret(
-        pulumi.Output.all(
-            db.pool_uri, db.replica_uris, db.migration_uri, secret_key.result, vpc.ip_range
-        ).apply(
-            lambda v: render_app_cloud_config(
-                settings, database_url=v[0], replica_urls=v[1], migration_url=v[2],
-                secret_key=v[3], vpc_cidr=v[4],
-            )
-        )
-    )
-
+    secrets = pulumi.Output.all(
+        db.pool_uri, db.replica_uris, db.migration_uri, secret_key.result
+    ).apply(lambda v: AppSecrets(database_url=v[0], replica_urls=v[1], migration_url=v[2],
+                                 secret_key=v[3]))
     key = pulumi.Output.secret(settings.ssh_private_key) if settings.ssh_private_key else None
+    user_data, app_env = _app_user_data(settings, secrets, vpc.ip_range, over_ssh=key is not None)
 
     def app_tier(web_source: WebSource) -> AppTier:
         return AppTier(f"{stack}-app", app_tier_args(
             settings, web_source=web_source, vpc_id=vpc.id, ssh_keys=ssh_keys,
-            user_data=user_data, ssh_private_key=key))
+            user_data=user_data, ssh_private_key=key, app_env=app_env))
 
     if settings.frontend.mode == "managed":
         frontend = LoadBalancedFrontend(f"{stack}-web", frontend_args(

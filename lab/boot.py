@@ -19,9 +19,11 @@ How (README, "Booting the droplets"):
   addresses the droplets' /etc/hosts give the user data's database host names.
 - The database: the lab's PostgreSQL (`lab/pgcluster.py`) with the stack's replicas and
   pgbouncer, behind TLS forwarders (`sslmode=require`), the app role's passwords set to the
-  ones the user data carries.
+  ones the app's environment file carries (in the user data, or in the gates' stdin with a
+  deploy key).
 - Deploy steps the program registers (`command:remote:Command`: health gates, the nginx LB's
-  upstream) run inside the droplet they target, as root, with their own script and stdin.
+  upstream) run inside the droplet they target, as root, with their own script and stdin; a
+  gate that delivers the environment file runs as soon as cloud-init is done.
 
 Everything it starts is recorded in `.lab/boot/state.json`; a run first stops what a crashed
 run left, and always tears down: no container, bridge, veth, mount or process is left.
@@ -49,6 +51,7 @@ from pathlib import Path
 import yaml
 
 from components.app_tier import health_gate_script
+from components.metadata_firewall import AGENT_USER, METADATA_IP
 from components.runtime import APP_UNIT, DropletLayout
 from components.settings import settings_for_stack_file
 from lab import pgcluster
@@ -71,7 +74,6 @@ SECURITY_LIMIT = 2.5
 """Highest `systemd-analyze security` exposure accepted for the app's units."""
 RESTART_SLACK = 3.0
 """Seconds beyond a unit's RestartSec for systemd to have started gunicorn again."""
-METADATA_IP = "169.254.169.254"
 NSPAWN_REBOOT = 133
 """systemd-nspawn's exit status when the container asked for a reboot."""
 BROKEN_PACKAGE = "webstack-no-such-package"
@@ -91,6 +93,8 @@ class Droplet:
     private_ip: str
     public_ip: str
     user_data: str
+    env: str
+    """The app's environment file: from the user data, or the gate's stdin (a deploy key)."""
     machine: str
     dir: Path
     started: float = 0.0
@@ -98,6 +102,7 @@ class Droplet:
     leader: int | None = None
     checks: list[dict] = field(default_factory=list)
     healthy_seconds: float | None = None
+    steps_run: bool = False
 
     @property
     def root(self) -> Path:
@@ -136,23 +141,32 @@ def registered(stack: str) -> tuple[object, str, list[dict]]:
     run = run_program(path)
     vpc = run.one("index/vpc:Vpc").outputs["ipRange"]
     droplets = []
+    stdin = {r.inputs["connection"]["host"]: r.inputs.get("stdin", "")
+             for r in run.of_type("command:remote:Command") if "-gate-" in r.name}
     for resource in run.of_type("index/droplet:Droplet"):
         out = resource.outputs
-        role = "app" if "webstack-app.service" in resource.inputs["userData"] else "lb"
+        user_data = resource.inputs["userData"]
+        role = "app" if "webstack-app.service" in user_data else "lb"
         droplet_id = out["dropletUrn"].rsplit(":", 1)[1]
         droplets.append({"name": resource.name, "role": role, "id": droplet_id,
                          "private_ip": out["ipv4AddressPrivate"], "public_ip": out["ipv4Address"],
-                         "image": resource.inputs["image"],
-                         "user_data": resource.inputs["userData"]})
+                         "image": resource.inputs["image"], "user_data": user_data,
+                         "env": (env_in_user_data(user_data) or stdin.get(out["ipv4Address"], ""))
+                         if role == "app" else ""})
     droplets.sort(key=lambda d: (d["role"] != "app", d["name"]))
     return run, vpc, droplets
 
 
-def database_endpoints(user_data: str) -> dict[str, tuple[str, int, str, str, str]]:
+def env_in_user_data(user_data: str) -> str | None:
+    """The app's environment file as the user data writes it, or None (delivered over SSH)."""
+    document = yaml.safe_load(user_data)
+    return next((f["content"] for f in document["write_files"]
+                 if f["path"] == DropletLayout().env_file), None)
+
+
+def database_endpoints(env: str) -> dict[str, tuple[str, int, str, str, str]]:
     """The database URLs of an app droplet's env file:
     name -> (host, port, user, password, database)."""
-    document = yaml.safe_load(user_data)
-    env = next(f["content"] for f in document["write_files"] if f["path"].endswith(".env"))
     found = {}
     for key in ("DATABASE_URL", "DATABASE_MIGRATION_URL", "DATABASE_REPLICA_URLS"):
         match = re.search(rf'^{key}="([^"]*)"', env, re.M)
@@ -186,7 +200,7 @@ class Boot:
             Droplet(name=d["name"], role=d["role"], droplet_id=d["id"],
                     private_ip=d["private_ip"], public_ip=d["public_ip"],
                     user_data=break_user_data(d["user_data"]) if broken and d["role"] == "app"
-                    else d["user_data"],
+                    else d["user_data"], env=d["env"],
                     machine=f"ws{d['role']}{i}", dir=state_dir / d["name"])
             for i, d in enumerate(found)]
         self.servers: Servers | None = None
@@ -240,7 +254,7 @@ class Boot:
         for droplet in self.droplets:
             if droplet.role != "app":
                 continue
-            for host, *_ in database_endpoints(droplet.user_data).values():
+            for host, *_ in database_endpoints(droplet.env).values():
                 if host not in hosts:
                     hosts[host] = next(candidates)
                     sh("ip", "addr", "add", f"{hosts[host]}/32", "dev", BRIDGE)
@@ -253,7 +267,7 @@ class Boot:
         app = next((d for d in self.droplets if d.role == "app"), None)
         if app is None:
             return
-        endpoints = database_endpoints(app.user_data)
+        endpoints = database_endpoints(app.env)
         replicas = sorted(k for k in endpoints if k.startswith("DATABASE_REPLICA_URLS"))
         user, database = endpoints["DATABASE_MIGRATION_URL"][2], endpoints["DATABASE_URL"][4]
         # PostgreSQL runs as `postgres`: its directory must be one that user can traverse,
@@ -390,6 +404,8 @@ class Boot:
         status = status.group(1) if status else "unknown"
         ok = self.check(droplet, "cloud-init", status == "done" and not errors,
                         f"status {status}" + (f"; errors: {'; '.join(errors)}" if errors else ""))
+        if ok and droplet.role == "app" and env_in_user_data(droplet.user_data) is None:
+            self._commands(droplet)  # the gate delivers the environment file, then checks
         if not self._wait_http(droplet.private_ip, HEALTHY_AFTER_CLOUD_INIT if ok else 20):
             return self.check(droplet, "healthz", False, "no 200 from /healthz") and ok
         droplet.healthy_seconds = round(time.monotonic() - droplet.started, 1)
@@ -433,6 +449,9 @@ class Boot:
             level = float(match.group(1)) if match else None
             self.check(droplet, f"exposure {unit}", level is not None and level < SECURITY_LIMIT,
                        f"{level} (limit {SECURITY_LIMIT})")
+            deny = self.inside(droplet, f"systemctl show -p IPAddressDeny --value {unit}")
+            self.check(droplet, f"IPAddressDeny {unit}", METADATA_IP in deny.stdout,
+                       deny.stdout.strip() or "none")
 
     def _notes(self, droplet: Droplet, address: str, **how) -> None:
         text = f"booted {droplet.name} {time.time():.0f}"
@@ -449,7 +468,10 @@ class Boot:
         """The deploy steps the program registers for this droplet (health gate, the LB's
         upstream list), run as root inside it with their stdin. The database grant is left
         out: the lab's app role owns its database. A stack without a deploy key registers no
-        gate: an app droplet then runs the gate's script as the rollout would."""
+        gate: an app droplet then runs the gate's script as the rollout would. Run once."""
+        if droplet.steps_run:
+            return
+        droplet.steps_run = True
         steps = [(r.name, r.inputs["create"], r.inputs.get("stdin"))
                  for r in self.run.of_type("command:remote:Command")
                  if r.inputs["connection"]["host"] == droplet.public_ip
@@ -511,20 +533,27 @@ class Boot:
                    f"healthy again after {seconds} s: {healthy}; per-instance steps "
                    f"{'not re-run' if before == after else 're-run'}; cloud-init {status}")
 
-    def _metadata(self, droplet: Droplet) -> None:
+    def _metadata(self, droplet: Droplet, when: str = "") -> None:
         """The metadata address from inside the droplet: a stand-in server on the bridge at
-        169.254.169.254 (off the droplet, as DigitalOcean's is), routed from the droplet."""
+        169.254.169.254 (off the droplet, as DigitalOcean's is), routed from the droplet. The
+        droplet's firewall (cloud-init's bootcmd) admits root and DigitalOcean's agent user,
+        and refuses everyone else: the app's user, nginx's."""
         sh("nsenter", "-t", str(droplet.leader), "-n", "ip", "route", "replace",
            f"{METADATA_IP}/32", "dev", "host0")
         curl = (f"curl -s -o /dev/null -m 3 -w '%{{http_code}}' "
                 f"http://{METADATA_IP}/metadata/v1/hostname")
-        as_root = self.inside(droplet, curl).stdout.strip()
-        self.check(droplet, "metadata for root", as_root == "200", f"root gets {as_root}")
-        as_app = self.inside(droplet, curl, user="webstack").stdout.strip()
-        blocked = as_app == "000"
-        self.check(droplet, "metadata for the app user", True if blocked else None,
-                   "blocked" if blocked else f"the app user gets {as_app}: not enforced yet "
-                   "(the droplet firewall of issue 13 is not built)")
+        for user in (None, AGENT_USER):
+            got = self.inside(droplet, curl, user=user).stdout.strip()
+            self.check(droplet, f"metadata for {user or 'root'}{when}", got == "200",
+                       f"{user or 'root'} gets {got}")
+        for user in ([DropletLayout().user] if droplet.role == "app" else []) + ["www-data"]:
+            got = self.inside(droplet, curl, user=user).stdout.strip()
+            self.check(droplet, f"metadata for {user}{when}", got == "000",
+                       "refused" if got == "000" else f"{user} gets {got}")
+        rules = self.inside(droplet, "nft list table inet webstack_metadata")
+        rule = next((line.strip() for line in rules.stdout.splitlines() if "skuid" in line),
+                    rules.stderr.strip())
+        self.check(droplet, f"metadata firewall{when}", "reject" in rule, rule)
 
     # -- the run ------------------------------------------------------------------------------
 
@@ -563,6 +592,7 @@ class Boot:
             self._sigkill(apps[0])
             self._metadata(apps[0])
             self._reboot(apps[0])
+            self._metadata(apps[0], " after reboot")  # bootcmd loads it on every boot
 
     def _lb(self, droplet: Droplet) -> None:
         self._wait_boot(droplet)
@@ -575,6 +605,7 @@ class Boot:
                           host=self.fqdn)[0] != 200 and time.monotonic() < deadline):
             time.sleep(0.5)
         self._notes(droplet, droplet.private_ip, tls=bool(self.fqdn), host=self.fqdn)
+        self._metadata(droplet)
 
     def stop(self) -> None:
         for droplet in self.droplets:

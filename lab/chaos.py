@@ -196,21 +196,7 @@ def rolling_restart(lab: Lab, result: Result) -> None:
     with Load(lab.url, mixed, workers=8, rate=40, max_seconds=60 * len(lab.droplets)) as load:
         load.sleep(1)
         for droplet in lab.droplets:
-            started = time.monotonic()
-            if lab.mode == "managed":
-                lab.set_server_state(droplet, "drain")
-                wait_until(lambda d=droplet: int(lab.backend_servers()[d.name]["scur"]) == 0,
-                           30, f"{droplet.name} drained")
-            else:
-                lab.set_upstreams([d.site for d in lab.droplets if d is not droplet])
-            lab.stop_droplet(droplet)
-            lab.restart_droplet(droplet)
-            if lab.mode == "managed":
-                lab.set_server_state(droplet, "ready")
-                lab.wait_frontend_ready([droplet])
-            else:
-                lab.set_upstreams([d.site for d in lab.droplets])
-            steps.append({droplet.name: round(time.monotonic() - started, 1)})
+            steps.append({droplet.name: round(lab.roll(droplet), 1)})
         load.sleep(1)
     result.count(load.samples)
     failed = _failed(load.samples)

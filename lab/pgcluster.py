@@ -298,8 +298,8 @@ class PgCluster:
             "",
         ])
 
-    def _init(self) -> None:
-        """initdb the primary, create the app's role and database."""
+    def _prepare(self, passwords: dict[str, str]) -> None:
+        """The directories and `cluster.json`: `passwords`, new ports."""
         self.base_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.base_dir, 0o700)
         for sub in (self.base_dir, self._socket_dir, self.base_dir / "logs",
@@ -307,7 +307,7 @@ class PgCluster:
             sub.mkdir(exist_ok=True)
             os.chown(sub, self._account.pw_uid, self._account.pw_gid)
         self._state = {
-            "password": secrets.token_urlsafe(18),
+            **passwords,
             "ports": {
                 "primary": _free_port(),
                 "pool": _free_port(),
@@ -315,6 +315,10 @@ class PgCluster:
             },
         }
         self._save_state()
+
+    def _init(self) -> None:
+        """initdb the primary, create the app's role and database."""
+        self._prepare({"password": secrets.token_urlsafe(18)})
         data = self._data_dir("primary")
         self._run(PG_BINDIR / "initdb", "-D", data, "-U", SUPERUSER, "-E", "UTF8",
                   "--locale=C.UTF-8", "--auth-local=trust", "--auth-host=scram-sha-256",
@@ -392,30 +396,50 @@ class PgCluster:
                     raise RuntimeError(f"WAL segment {segment} was not archived")
                 time.sleep(0.05)
 
-    def restore_primary(self, base: Path, archive: Path, target_time: str) -> None:
-        """Replace the primary by `base` replayed from `archive` up to `target_time`
-        (recovery_target_time, then promote), on the same port: pgbouncer reconnects to it.
-        The old data directory is kept as `primary.before-restore`."""
-        self.stop_primary()
+    def passwords(self) -> dict[str, str]:
+        """The role's and the pool's passwords (a restored cluster has the same ones)."""
+        self._load_state()
+        return {k: v for k, v in self._state.items() if k in ("password", "pool_password")}
+
+    def restore(self, base: Path, archive: Path, target_time: str,
+                passwords: dict[str, str]) -> None:
+        """A new cluster's primary in `base_dir`, as a restore on DigitalOcean makes one:
+        `base` replayed from `archive` up to `target_time` (recovery_target_time, then
+        promote), on ports of its own, with the source's role, database and `passwords`.
+        Archiving is off, and the recovery settings are removed once it is promoted (a
+        replica copied from it would otherwise stop at that target and promote itself).
+        `start()` then adds its replicas (copies of the restored primary) and its pool."""
+        self._prepare(passwords)
         data = self._data_dir("primary")
-        aside = data.with_name("primary.before-restore")
-        data.rename(aside)
         self._run("cp", "-a", base, data)
-        self._run("cp", aside / "node.conf", data / "node.conf")
+        self._write(data / "node.conf", self._node_conf(self._ports["primary"]))
         with (data / "postgresql.auto.conf").open("a") as conf:
             conf.write(f"restore_command = 'cp {archive}/%f %p'\n"
                        f"recovery_target_time = '{target_time}'\n"
-                       "recovery_target_action = 'promote'\n")
+                       "recovery_target_action = 'promote'\n"
+                       "archive_mode = 'off'\n")
         self._write(data / "recovery.signal", "")
         self.start_primary()
         deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            with psycopg.connect(self.admin_dsn(), autocommit=True) as conn:
-                if not conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
-                    return
+        while self.in_recovery():
             if time.monotonic() > deadline:
                 raise RuntimeError("the restored primary did not leave recovery")
             time.sleep(0.1)
+        with psycopg.connect(self.admin_dsn(), autocommit=True) as conn:
+            for name in ("restore_command", "recovery_target_time", "recovery_target_action"):
+                conn.execute(f"ALTER SYSTEM RESET {name}")
+            conn.execute("SELECT pg_reload_conf()")
+
+    def in_recovery(self, node: str = "primary") -> bool:
+        with psycopg.connect(self.admin_dsn(node), autocommit=True) as conn:
+            return conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]
+
+    def timeline(self) -> int:
+        """The primary's timeline: 1 for a new cluster, one more after each promotion (the
+        first 8 hex digits of its current WAL file's name)."""
+        with psycopg.connect(self.admin_dsn(), autocommit=True) as conn:
+            name = conn.execute("SELECT pg_walfile_name(pg_current_wal_lsn())").fetchone()[0]
+        return int(name[:8], 16)
 
     def _start_pgbouncer(self) -> None:
         home = self.base_dir / "pgbouncer"

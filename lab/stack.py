@@ -53,6 +53,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,7 @@ from components.runtime import (
     GUNICORN_GRACEFUL_TIMEOUT,
     RUNTIME_DIRECTORY,
     UNIT_ENVIRONMENT,
+    AppSecrets,
     DropletLayout,
     droplet_files,
 )
@@ -218,7 +220,7 @@ class Lab:
         self.pg = self._pg_cluster()
         self.upstreams = [d.site for d in self.droplets]
         """nginx mode: the droplets the LB currently sends to."""
-        self.droplet_values: dict[str, object] = {}
+        self.secrets: AppSecrets | None = None
         """What `droplet_files` takes beyond settings and layout (database URLs, secret key),
         once the database has started."""
 
@@ -258,9 +260,9 @@ class Lab:
                 urls, replicas=urls.replicas[:len(self.settings.database.replicas)])
             if self.db_proxies:
                 urls = self._start_proxies(urls)
-            self.droplet_values = {
-                "database_url": urls.pool, "replica_urls": urls.replicas,
-                "migration_url": urls.primary, "secret_key": secrets.token_urlsafe(32)}
+            self.secrets = AppSecrets(
+                database_url=urls.pool, replica_urls=urls.replicas, migration_url=urls.primary,
+                secret_key=secrets.token_urlsafe(32))
             for droplet in self.droplets:
                 self.write_droplet(droplet)
             self._migrate(self.droplets[0])
@@ -305,7 +307,7 @@ class Lab:
         the lab's addresses and paths (`Droplet.layout`), loopback as the VPC, no app bundle
         (the lab runs the repo's app/), and nginx's main config (Debian's, on a droplet)."""
         layout = droplet.layout
-        for file in droplet_files(settings or self.settings, **self.droplet_values,
+        for file in droplet_files(settings or self.settings, secrets=self.secrets,
                                   vpc_cidr=LAB_VPC, layout=layout,
                                   upstream_keepalive=upstream_keepalive):
             path = Path(file.path)
@@ -379,6 +381,29 @@ class Lab:
         self.start_gunicorn(droplet)
         self.start_nginx(droplet)
         self.wait_droplet_healthy(droplet)
+
+    def roll(self, droplet: Droplet, *, rewrite: bool = False) -> float:
+        """One droplet's turn in a rolling change: out of the frontend (HAProxy drain until
+        its sessions end / nginx upstream without it), stopped, with `rewrite` its files
+        written again from `droplet_values` (the user data of its replacement), started,
+        healthy, back in the frontend. Returns the seconds it took."""
+        started = time.monotonic()
+        if self.mode == "managed":
+            self.set_server_state(droplet, "drain")
+            wait_until(lambda: int(self.backend_servers()[droplet.name]["scur"]) == 0,
+                       30, f"{droplet.name} drained")
+        else:
+            self.set_upstreams([d.site for d in self.droplets if d is not droplet])
+        self.stop_droplet(droplet)
+        if rewrite:
+            self.write_droplet(droplet)
+        self.restart_droplet(droplet)
+        if self.mode == "managed":
+            self.set_server_state(droplet, "ready")
+            self.wait_frontend_ready([droplet])
+        else:
+            self.set_upstreams([d.site for d in self.droplets])
+        return time.monotonic() - started
 
     def droplet_alive(self, droplet: Droplet) -> bool:
         return running(droplet.gunicorn_pid) and running(droplet.nginx_pid)

@@ -5,7 +5,7 @@
 set -euo pipefail
 
 PACKAGES=(nginx pgbouncer cloud-init haproxy graphviz postgresql-15 postgresql-client-15 wrk systemd
-          openssl procps debootstrap systemd-container iproute2 curl)
+          openssl procps debootstrap systemd-container iproute2 curl nftables)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -90,6 +90,8 @@ def test_outputs_name_the_pool_and_the_tag_not_droplets():
     assert "app_droplet_ids" not in outputs and "app_private_ips" not in outputs
     assert "db_admin_uri" in outputs, "for the one-time grant, run by hand on a member"
     assert not stack_run().of_type("remote:Command"), "pulumi cannot reach pool members"
+    user_data = stack_run().one("DropletAutoscale").inputs["dropletTemplate"]["userData"]
+    assert "DATABASE_URL=" in user_data, "a member boots alone: its secrets are in its user data"
 
 
 def test_the_cost_range_is_the_sum_of_list_prices():

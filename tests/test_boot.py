@@ -44,7 +44,7 @@ def test_the_nginx_frontend_stack_boots_its_lb_droplet_too():
 
 def test_the_database_endpoints_are_the_env_files_urls(prod):
     _, _, droplets = prod
-    endpoints = database_endpoints(droplets[0]["user_data"])
+    endpoints = database_endpoints(droplets[0]["env"])
     assert sorted(endpoints) == ["DATABASE_MIGRATION_URL", "DATABASE_REPLICA_URLS",
                                  "DATABASE_URL"]
     host, port, user, password, database = endpoints["DATABASE_URL"]

@@ -39,7 +39,92 @@ def test_every_droplet_has_keys_monitoring_and_vpc(stack):
         assert d.inputs["sshKeys"], d.name
         assert d.inputs["monitoring"] is True, d.name
         assert d.inputs["vpcUuid"] == vpc.outputs.get("id", f"{vpc.name}-id")
-        assert "userData" in d.secret_inputs, "the user data holds DB credentials"
+        # Secret where it holds the credentials: without a deploy key (staging) only.
+        holds_credentials = stack_settings(stack).ssh_private_key is None
+        assert ("userData" in d.secret_inputs) is holds_credentials, d.name
+
+
+PROD_STACKS = {"managed": ROOT / "Pulumi.prod.yaml",
+               "nginx": ROOT / "tests/stacks/Pulumi.prod-nginx.yaml"}
+
+
+def secret_values(run: Run) -> set[str]:
+    """Every secret the program computed for the app: the database users' and the pool's
+    passwords, the URIs that carry them, and the generated SECRET_KEY (RandomPassword)."""
+    found = set()
+    for resource in run.resources:
+        for name, value in resource.outputs.items():
+            if name == "password" or (name == "result" and "RandomPassword" in resource.type):
+                found.add(value)
+            if name in ("uri", "privateUri") and ":mock-" in value:
+                found.add(value)
+    return found
+
+
+@pytest.mark.parametrize("mode", PROD_STACKS)
+def test_no_prod_droplet_user_data_holds_a_password_a_uri_with_one_or_the_secret_key(mode):
+    """Acceptance 1 of issue 13: with the deploy key, the app's secrets go over SSH (the gates'
+    stdin), and no droplet's user data (app or nginx LB) carries any of them."""
+    run = run_program(PROD_STACKS[mode])
+    assert settings_for_stack_file(PROD_STACKS[mode]).frontend.mode == mode
+    droplets = run.of_type("index/droplet:Droplet")
+    assert len(droplets) == (4 if mode == "nginx" else 3)
+    secrets = secret_values(run)
+    secret_key = run.one("randomPassword:RandomPassword").outputs["result"]
+    assert secret_key in secrets and any("mock-pool-password" in v for v in secrets)
+    for droplet in droplets:
+        text = droplet.inputs["userData"]
+        assert not [v for v in secrets if v in text], droplet.name
+        assert "mock-" not in text and "DATABASE_URL" not in text and "SECRET_KEY" not in text
+    gates = [c for c in run.of_type("remote:Command") if "-gate-" in c.name]
+    assert len(gates) == 3
+    for gate in gates:  # where they go instead: one secret stdin per app droplet
+        assert "stdin" in gate.secret_inputs
+        assert f'SECRET_KEY="{secret_key}"' in gate.inputs["stdin"]
+        assert "mock-pool-password" in gate.inputs["stdin"]
+
+
+def test_staging_without_a_deploy_key_is_the_documented_exception():
+    """No deploy key, no SSH: the environment file with the secrets is in the user data (README,
+    "What the user data holds"), which is then a secret input."""
+    run = program("staging")
+    assert stack_settings("staging").ssh_private_key is None
+    secret_key = run.one("randomPassword:RandomPassword").outputs["result"]
+    for droplet in run.of_type("index/droplet:Droplet"):
+        assert f'SECRET_KEY="{secret_key}"' in droplet.inputs["userData"]
+        assert "mock-pool-password" in droplet.inputs["userData"]
+        assert "userData" in droplet.secret_inputs
+    assert not [c for c in run.of_type("remote:Command") if "-gate-" in c.name]
+
+
+def test_rotating_a_secret_updates_the_prod_droplets_in_place(monkeypatch):
+    """A new password or SECRET_KEY changes the gates' stdin only: same user data (no droplet
+    replaced), and pulumi-command runs each gate's create again, which installs the new file
+    and restarts the app, one droplet after the other."""
+    import tools.mocks as mocks
+
+    before = run_program(ROOT / "Pulumi.prod.yaml")
+    original = mocks.mock_outputs
+
+    def rotated(typ, name, inputs):
+        outputs = original(typ, name, inputs)
+        if typ == "random:index/randomPassword:RandomPassword":
+            outputs = {**outputs, "result": outputs["result"] + "-rotated"}
+        return {k: v.replace("mock-pool-password", "mock-pool-password-2")
+                if isinstance(v, str) else v for k, v in outputs.items()}
+
+    monkeypatch.setattr(mocks, "mock_outputs", rotated)
+    after = run_program(ROOT / "Pulumi.prod.yaml")
+    for old, new in zip(before.of_type("index/droplet:Droplet"),
+                        after.of_type("index/droplet:Droplet"), strict=True):
+        assert old.inputs == new.inputs, "nothing that replaces a droplet changes"
+    old_gates = {c.name: c for c in before.of_type("remote:Command") if "-gate-" in c.name}
+    for gate in (c for c in after.of_type("remote:Command") if "-gate-" in c.name):
+        previous = old_gates[gate.name]
+        assert gate.inputs["stdin"] != previous.inputs["stdin"]
+        assert "mock-pool-password-2" in gate.inputs["stdin"]
+        assert gate.inputs["create"] == previous.inputs["create"]
+        assert gate.inputs["triggers"] == previous.inputs["triggers"], "updated, not replaced"
 
 
 @pytest.mark.parametrize("stack", STACKS)
@@ -207,9 +292,10 @@ def test_prod_rollouts_are_health_gated_one_droplet_at_a_time():
     assert not any("-gate-" in c.name for c in program("staging").of_type("remote:Command"))
 
 
-def test_a_restore_switches_the_app_droplets_through_their_rolling_replacement(tmp_path: Path):
-    """The same droplets, gated one at a time as for any change, with new user data (the
-    restored cluster's URIs): the replacement is the switch (docs/runbook.md)."""
+def test_a_restore_switches_the_app_droplets_in_place_one_gate_at_a_time(tmp_path: Path):
+    """The same droplets and user data; the gates' stdin holds the restored cluster's URIs, so
+    each gate installs them and restarts its app, one droplet after the other: the gates are
+    the switch (docs/runbook.md)."""
     data = yaml.safe_load((ROOT / "Pulumi.prod.yaml").read_text())
     data["config"]["webstack:database"].update(
         {"restores": 1, "restoreFrom": {"cluster": "prod-db-cluster-a1b2c3d"}})
@@ -220,7 +306,30 @@ def test_a_restore_switches_the_app_droplets_through_their_rolling_replacement(t
     after = {d.name: d for d in restored.of_type("index/droplet:Droplet")}
     assert after.keys() == before.keys()
     for name, droplet in after.items():
-        assert droplet.inputs["userData"] != before[name].inputs["userData"], name
-        assert "prod-db-r1-pool" in droplet.inputs["userData"]
-    gates = [c.name for c in restored.of_type("remote:Command") if "-gate-" in c.name]
+        assert droplet.inputs["userData"] == before[name].inputs["userData"], name
+    gates = [c for c in restored.of_type("remote:Command") if "-gate-" in c.name]
     assert len(gates) == len(after)
+    assert all("prod-db-r1-pool" in gate.inputs["stdin"] for gate in gates)
+
+
+def ssh_sources(run: Run) -> dict[str, list[str]]:
+    """Every firewall's SSH rule sources, by firewall name."""
+    return {fw.name: rule["sourceAddresses"] for fw in run.of_type("index/firewall:Firewall")
+            for rule in fw.inputs.get("inboundRules", []) if rule.get("portRange") == "22"}
+
+
+@pytest.mark.parametrize("mode", PROD_STACKS)
+def test_the_deploying_runner_is_admitted_to_ssh_only_when_given(mode, monkeypatch):
+    """WEBSTACK_EXTRA_ADMIN_CIDR (the deploy workflow's runner): added to the SSH rule of the
+    app and nginx LB firewalls for that `pulumi up`, absent from the next without it."""
+    monkeypatch.delenv("WEBSTACK_EXTRA_ADMIN_CIDR", raising=False)
+    without = ssh_sources(run_program(PROD_STACKS[mode]))
+    assert set(without) == ({"prod-nginx-app-fw", "prod-nginx-web-lb-fw"} if mode == "nginx"
+                            else {"prod-app-fw"})
+    assert all(sources == ["203.0.113.10/32"] for sources in without.values()), without
+    monkeypatch.setenv("WEBSTACK_EXTRA_ADMIN_CIDR", "198.51.100.7/32")
+    given = ssh_sources(run_program(PROD_STACKS[mode]))
+    assert given == {name: ["203.0.113.10/32", "198.51.100.7/32"] for name in without}
+    monkeypatch.setenv("WEBSTACK_EXTRA_ADMIN_CIDR", "198.51.100.0/24")
+    with pytest.raises(Exception, match=r"WEBSTACK_EXTRA_ADMIN_CIDR: .*single host"):
+        run_program(PROD_STACKS[mode])

@@ -7,6 +7,7 @@ run for real with stand-ins for cloud-init, curl and sleep.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 from components.app_tier import AppTier, health_gate_script
 from components.cloud_config import render_app_cloud_config
 from components.frontend import WebSource
+from components.runtime import APP_UNIT, MIGRATE_UNIT, DropletLayout
 from components.stack import app_tier_args
 from tests.factories import make_settings, settings_for
 from tools.mocks import Run, run_function
@@ -38,10 +40,7 @@ def run_tier(settings, user_data: str = "#cloud-config\n", **args) -> Run:
 
 
 def user_data(settings, bundle: bytes) -> str:
-    return render_app_cloud_config(
-        settings, database_url="postgresql://app:pw@db:25061/app", replica_urls=[],
-        migration_url="postgresql://app:pw@db:25060/app", secret_key="s" * 64,
-        vpc_cidr="10.20.0.0/20", bundle=bundle)
+    return render_app_cloud_config(settings, secrets=None, vpc_cidr="10.20.0.0/20", bundle=bundle)
 
 
 def by_index(resources) -> list:
@@ -97,10 +96,21 @@ def test_the_gate_logs_in_with_the_secret_key_and_waits_for_cloud_init_and_healt
     assert "cloud-init status --wait" in script and "http://127.0.0.1/healthz" in script
 
 
+def test_with_the_environment_file_each_gate_delivers_it_as_a_secret_stdin():
+    settings = make_settings(adminCidrs=ADMIN)
+    run = run_tier(settings, ssh_private_key=KEY, app_env=pulumi.Output.secret('K="v"\n'))
+    gate = run.one(GATE)
+    assert gate.inputs["stdin"] == 'K="v"\n' and "stdin" in gate.secret_inputs
+    assert gate.inputs["create"] == health_gate_script(settings.frontend.health_check,
+                                                       install_env=DropletLayout())
+    with pytest.raises(Exception, match="app_env is delivered by the gates over SSH"):
+        run_tier(settings, app_env="K=v\n")
+
+
 @pytest.mark.parametrize("args, reason", [({}, "no sshPrivateKey"),
                                           ({"ssh_private_key": KEY}, "adminCidrs is empty")])
 def test_without_a_key_or_admin_cidrs_there_are_no_gates_and_one_warning(args, reason):
-    run = run_tier(settings_for("prod"), **args)
+    run = run_tier(dataclasses.replace(settings_for("prod"), admin_cidrs=()), **args)
     assert not run.of_type(GATE)
     assert len(run.warnings) == 1 and "not health-gated" in run.warnings[0], run.warnings
     assert reason in run.warnings[0]
@@ -124,6 +134,7 @@ def gate(tmp_path: Path):
                 'code=$(echo $CODES | cut -d" " -f"$n"); printf %s "${code:-000}"\n'
                 '[ "${code:-000}" -lt 400 ] 2>/dev/null',
         "sleep": "exit 0",
+        "systemctl": f'echo "$*" >> {tmp_path}/systemctl.log; exit "${{SYSTEMCTL_EXIT:-0}}"',
     }
     for name, body in stubs.items():
         path = bin_dir / name
@@ -132,13 +143,14 @@ def gate(tmp_path: Path):
     hc = make_settings(frontend={"healthCheck": {"intervalSeconds": 10,
                                                  "healthyThreshold": 3}}).frontend.health_check
 
-    def run(codes: str, cloud_init_exit: int = 0) -> tuple[int, int]:
+    def run(codes: str, cloud_init_exit: int = 0, *, install_env: DropletLayout | None = None,
+            stdin: str | None = None, systemctl_exit: int = 0) -> tuple[int, int]:
         log = tmp_path / "curl.log"
         log.write_text("")
         env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CODES": codes,
-               "CLOUD_INIT_EXIT": str(cloud_init_exit)}
-        done = subprocess.run(["sh", "-c", health_gate_script(hc)], env=env,
-                              capture_output=True, text=True, timeout=30)
+               "CLOUD_INIT_EXIT": str(cloud_init_exit), "SYSTEMCTL_EXIT": str(systemctl_exit)}
+        done = subprocess.run(["sh", "-c", health_gate_script(hc, install_env=install_env)],
+                              env=env, input=stdin, capture_output=True, text=True, timeout=30)
         calls = log.read_text().splitlines()
         assert all("http://127.0.0.1/healthz" in call for call in calls)
         return done.returncode, len(calls)
@@ -156,6 +168,24 @@ def test_gate_fails_when_cloud_init_failed_without_asking_the_app(gate):
 
 def test_gate_passes_cloud_init_done_with_recoverable_errors(gate):
     assert gate("200 200 200", cloud_init_exit=2) == (0, 3)
+
+
+def test_a_gate_with_the_environment_file_installs_it_restarts_and_then_checks(gate, tmp_path):
+    """With a deploy key the gate's stdin is the environment file: written in one move, mode
+    0600, then the migrations (not waited for) and the app restarted, then the usual checks. A
+    second run with a new file (a rotation) replaces it."""
+    layout = DropletLayout(env_file=str(tmp_path / "etc/webstack/app.env"))
+    env_file = Path(layout.env_file)
+    assert gate("200 200 200", install_env=layout, stdin='SECRET_KEY="one"\n') == (0, 3)
+    assert env_file.read_text() == 'SECRET_KEY="one"\n'
+    assert env_file.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "systemctl.log").read_text().splitlines() == [
+        f"restart --no-block {MIGRATE_UNIT}", f"restart {APP_UNIT}"]
+    assert gate("200 200 200", install_env=layout, stdin='SECRET_KEY="two"\n') == (0, 3)
+    assert env_file.read_text() == 'SECRET_KEY="two"\n'
+    assert not list(env_file.parent.glob("*.new"))
+    # An app that does not restart fails the gate before any check.
+    assert gate("200 200 200", install_env=layout, stdin="", systemctl_exit=1) == (1, 0)
 
 
 def test_gate_fails_within_its_bound_when_health_flaps_or_redirects(gate):

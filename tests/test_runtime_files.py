@@ -27,10 +27,12 @@ import yaml
 import app.config as app_config
 import app.migrate as app_migrate
 from components.cloud_config import render_app_cloud_config
+from components.metadata_firewall import METADATA_IP
 from components.runtime import (
     APP_UNIT,
     MIGRATE_UNIT,
     SECURITY_HEADERS,
+    AppSecrets,
     DropletLayout,
     droplet_files,
     render_app_env,
@@ -73,7 +75,7 @@ def env_file(tmp: Path, settings: Settings, *, bind: str, **values: object) -> P
     values = {"database_url": UNREACHABLE_DB, "replica_urls": [], "secret_key": "test-secret",
               "migration_url": None, **values}
     path = tmp / "app.env"
-    path.write_text(render_app_env(settings, bind=bind, **values))
+    path.write_text(render_app_env(settings, AppSecrets(**values), bind=bind))
     return path
 
 
@@ -114,8 +116,9 @@ def units(tmp: Path) -> list[Path]:
 def test_cloud_config_writes_the_droplet_file_list_and_the_lab_moves_only_its_layout():
     """One list of files: cloud-init writes `droplet_files` as they are; the lab's layout
     changes paths and addresses only, never what a file says otherwise."""
-    values = {"database_url": UNREACHABLE_DB, "replica_urls": [], "migration_url": None,
-              "secret_key": "test-secret", "vpc_cidr": "10.10.0.0/20"}
+    values = {"secrets": AppSecrets(database_url=UNREACHABLE_DB, replica_urls=[],
+                                    migration_url=None, secret_key="test-secret"),
+              "vpc_cidr": "10.10.0.0/20"}
     settings, bundle = make_settings(), b"app bundle"
     files = droplet_files(settings, **values, layout=DropletLayout(), bundle=bundle)
     written = yaml.safe_load(render_app_cloud_config(settings, **values, bundle=bundle))
@@ -131,6 +134,26 @@ def test_cloud_config_writes_the_droplet_file_list_and_the_lab_moves_only_its_la
                                        f"/lab/d1/{MIGRATE_UNIT}", "/lab/d1/site.conf"]
     assert [f.mode for f in moved] == [f.mode for f in files[1:]]
     assert "    listen 127.0.0.11:8080 default_server;\n" in moved[-1].content
+
+
+def test_without_secrets_the_user_data_has_no_environment_file_and_starts_no_service():
+    """A stack with a deploy key: the gates deliver the environment file and start the services
+    (components/app_tier.py); cloud-init only enables them, so a reboot starts them again."""
+    secrets = AppSecrets(database_url=UNREACHABLE_DB, replica_urls=[], migration_url=None,
+                         secret_key="test-secret")
+    with_env, without = (yaml.safe_load(render_app_cloud_config(
+        make_settings(), secrets=s, vpc_cidr="10.10.0.0/20", bundle=b"app bundle"))
+        for s in (secrets, None))
+    env = DropletLayout().env_file
+    assert [f["path"] for f in with_env["write_files"] if f["path"] != env] == [
+        f["path"] for f in without["write_files"]]
+    assert env in [f["path"] for f in with_env["write_files"]]
+    assert "test-secret" not in yaml.safe_dump(without)
+    enables = [c for c in without["runcmd"] if c[:2] == ["systemctl", "enable"]]
+    assert enables == [["systemctl", "enable", MIGRATE_UNIT, APP_UNIT]]
+    assert [c for c in with_env["runcmd"] if c[:2] == ["systemctl", "enable"]] == [
+        ["systemctl", "enable", "--now", "--no-block", MIGRATE_UNIT],
+        ["systemctl", "enable", "--now", APP_UNIT]]
 
 
 def test_rendering_is_byte_identical_and_follows_settings(tmp_path):
@@ -205,6 +228,21 @@ def test_units_pass_systemd_analyze_verify(tmp_path):
                                 capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
         assert unit.name not in result.stdout + result.stderr  # no warning about our unit
+
+
+def test_both_units_deny_the_metadata_address_as_systemd_reads_them(tmp_path):
+    """IPAddressDeny= in the [Service] section of both units, with a value systemd parses: the
+    verify above passes silently, and warns for an address it cannot parse. (`systemd-analyze
+    security` rates allow lists only, IPAddressDeny=any: a single denied address shows there as
+    "does not define an IP address allow list", the same as none; docs/boot.md.)"""
+    for unit in units(tmp_path):
+        service = unit.read_text().split("[Service]")[1].split("[Install]")[0]
+        assert f"\nIPAddressDeny={METADATA_IP}\n" in service, unit.name
+        broken = tmp_path / f"broken-{unit.name}"
+        broken.write_text(unit.read_text().replace(f"={METADATA_IP}", f"={METADATA_IP}4"))
+        result = subprocess.run(["systemd-analyze", "verify", str(broken)],
+                                capture_output=True, text=True)
+        assert "Address prefix is invalid" in result.stderr, result.stderr
 
 
 def test_units_sandbox_exposure_is_at_most_2_5(tmp_path):

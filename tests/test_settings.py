@@ -28,16 +28,21 @@ from components.settings import (
     pool_connection_budget,
     stack_config,
 )
+from tests.factories import DEPLOY_KEY
 from tools.mocks import ROOT, Run, run_program
 
 STAGING = {"sshKeys": ["deploy"], "alerts": {"emails": ["ops@example.com"]}}
 PROD = {**STAGING, "domain": "example.com", "database": {
-    "size": "db-s-1vcpu-2gb", "nodeCount": 2, "replicas": [{"size": "db-s-1vcpu-2gb"}]}}
-AUTOSCALE = {"app.scaling.mode": "autoscale", "app.scaling.targetCpuPercent": 60}
+    "size": "db-s-1vcpu-2gb", "nodeCount": 2, "replicas": [{"size": "db-s-1vcpu-2gb"}]},
+    "sshPrivateKey": DEPLOY_KEY, "adminCidrs": ["203.0.113.10/32"]}
+AUTOSCALE = {"app.scaling.mode": "autoscale", "app.scaling.targetCpuPercent": 60,
+             "sshPrivateKey": None}
+"""A pool's members are beyond SSH: no deploy key, in production too."""
 
 
-def load(base: dict, stack: str = "staging", **changes) -> object:
-    """Settings from `base` with dotted-path changes, e.g. **{"app.dropletCount": 0}."""
+def load(base: dict, stack: str = "staging", deploy_cidr: str | None = None, **changes) -> object:
+    """Settings from `base` with dotted-path changes, e.g. **{"app.dropletCount": 0}; a value
+    None removes the key. `sshPrivateKey` is a secret, as `pulumi config set --secret` sets it."""
     raw = copy.deepcopy(base)
     for path, value in changes.items():
         *parents, leaf = path.split(".")
@@ -45,7 +50,10 @@ def load(base: dict, stack: str = "staging", **changes) -> object:
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
-    return load_settings(raw, stack=stack)
+        if value is None:
+            del node[leaf]
+    return load_settings(raw, stack=stack, deploy_cidr=deploy_cidr,
+                         secret_keys=frozenset({"sshPrivateKey"} & set(raw)))
 
 
 def test_defaults_are_valid_and_prod_is_ha():
@@ -177,6 +185,34 @@ def test_autoscale_settings_take_the_api_defaults_and_the_pool_bounds():
     assert load(PROD, "prod", **AUTOSCALE).app.scaling.min_instances == 2
     fixed = load(STAGING).app
     assert not fixed.autoscale and fixed.running_droplets == fixed.most_droplets == 1
+
+
+def test_production_without_a_deploy_key_is_refused_in_one_line_naming_the_key():
+    with pytest.raises(ConfigError) as caught:
+        load(PROD, "prod", sshPrivateKey=None)
+    message = str(caught.value)
+    assert message.startswith("webstack:sshPrivateKey: None is not allowed; production needs a"
+                              " deploy key") and "\n" not in message
+    assert load(STAGING).ssh_private_key is None, "staging may go without one"
+
+
+def test_the_deploy_cidr_is_one_host_added_to_the_ssh_sources_only_when_given():
+    prod = load(PROD, "prod")
+    assert (prod.deploy_cidr, prod.ssh_sources) == (None, ("203.0.113.10/32",))
+    deploying = load(PROD, "prod", deploy_cidr=" 198.51.100.7 ")
+    assert deploying.ssh_sources == ("203.0.113.10/32", "198.51.100.7/32")
+    assert load(PROD, "prod", deploy_cidr="2001:db8::7/128").deploy_cidr == "2001:db8::7/128"
+
+
+@pytest.mark.parametrize("value, rule", [("198.51.100.0/24", "single host"),
+                                         ("2001:db8::/64", "single host"),
+                                         ("0.0.0.0/0", "whole internet"),
+                                         ("runner", "must be a CIDR")])
+def test_a_deploy_cidr_wider_than_one_host_is_refused_naming_the_variable(value, rule):
+    with pytest.raises(ConfigError) as caught:
+        load(PROD, "prod", deploy_cidr=value)
+    message = str(caught.value)
+    assert message.startswith("WEBSTACK_EXTRA_ADMIN_CIDR: ") and rule in message, message
 
 
 def test_database_name_of_sixty_characters_is_the_longest_the_pool_takes():

@@ -45,8 +45,15 @@ def steps_using(job: dict[str, Any], action: str) -> list[dict[str, Any]]:
 
 
 def pulumi_step(job: dict[str, Any]) -> dict[str, Any]:
-    (step,) = steps_using(job, PULUMI_ACTION)
-    return step
+    """The job's first pulumi/actions step (prod's deploy has a second: SSH closed again)."""
+    return steps_using(job, PULUMI_ACTION)[0]
+
+
+TOKENS = {
+    "PULUMI_ACCESS_TOKEN": "${{ secrets.PULUMI_ACCESS_TOKEN }}",
+    "DIGITALOCEAN_TOKEN": "${{ secrets.DIGITALOCEAN_TOKEN }}",
+}
+RUNNER_CIDR = {"WEBSTACK_EXTRA_ADMIN_CIDR": "${{ steps.runner.outputs.cidr }}"}
 
 
 def test_there_are_workflows():
@@ -116,11 +123,10 @@ def test_pulumi_runs_install_first_apply_the_policy_pack_and_take_secrets_from_e
     install = [i for i, s in enumerate(steps) if "make venv" in s.get("run", "")]
     assert install and install[0] < steps.index(pulumi), "dependencies before pulumi/actions"
     assert "policy/requirements.txt" in steps[install[0]]["run"]
-    assert pulumi["with"]["policyPacks"] == "policy"
-    assert pulumi["env"] == {
-        "PULUMI_ACCESS_TOKEN": "${{ secrets.PULUMI_ACCESS_TOKEN }}",
-        "DIGITALOCEAN_TOKEN": "${{ secrets.DIGITALOCEAN_TOKEN }}",
-    }
+    for step in steps_using(job, PULUMI_ACTION):
+        assert step["with"]["policyPacks"] == "policy"
+        # The tokens, and on a deploy's first `up` the runner's address: nothing else.
+        assert step["env"] in (TOKENS, {**TOKENS, **RUNNER_CIDR}), step["env"]
 
 
 def test_pull_requests_lint_test_and_preview_both_stacks_with_a_comment():
@@ -151,3 +157,22 @@ def test_main_deploys_staging_then_prod_behind_the_production_environment():
         step = pulumi_step(job)
         assert (step["with"]["command"], step["with"]["stack-name"]) == ("up", stack)
         assert job["concurrency"] == {"group": f"deploy-{stack}", "cancel-in-progress": False}
+
+
+def test_prod_admits_its_runner_to_ssh_for_one_up_and_closes_it_whatever_happened():
+    """The runner's address (one /32, checked again by the program) goes to the first `up`
+    only; a second `up` without it runs even when the first failed, once the address is known.
+    Staging has no deploy key and never opens SSH to its runner."""
+    prod = load("deploy.yml")["jobs"]["prod"]
+    steps = prod["steps"]
+    runner = next(s for s in steps if s.get("id") == "runner")
+    assert "checkip.amazonaws.com" in runner["run"] and "/32" in runner["run"]
+    first, second = steps_using(prod, PULUMI_ACTION)
+    assert steps.index(runner) < steps.index(first) < steps.index(second)
+    assert first["env"] == {**TOKENS, **RUNNER_CIDR}
+    assert second["env"] == TOKENS, "the second `up` removes the runner from the SSH rule"
+    assert (first["with"]["command"], second["with"]["command"]) == ("up", "up")
+    assert first["with"]["stack-name"] == second["with"]["stack-name"] == "prod"
+    assert second["if"] == "${{ always() && steps.runner.outputs.cidr != '' }}"
+    staging = load("deploy.yml")["jobs"]["staging"]
+    assert all("WEBSTACK_EXTRA_ADMIN_CIDR" not in s.get("env", {}) for s in staging["steps"])
