@@ -388,12 +388,7 @@ class Lab:
         written again from `droplet_values` (the user data of its replacement), started,
         healthy, back in the frontend. Returns the seconds it took."""
         started = time.monotonic()
-        if self.mode == "managed":
-            self.set_server_state(droplet, "drain")
-            wait_until(lambda: int(self.backend_servers()[droplet.name]["scur"]) == 0,
-                       30, f"{droplet.name} drained")
-        else:
-            self.set_upstreams([d.site for d in self.droplets if d is not droplet])
+        self.drain(droplet)
         self.stop_droplet(droplet)
         if rewrite:
             self.write_droplet(droplet)
@@ -445,22 +440,29 @@ class Lab:
             self.set_upstreams([*self.upstreams, droplet.site])
         return droplet
 
+    def drain(self, droplet: Droplet) -> None:
+        """The frontend stops sending new requests to `droplet` and those it holds finish:
+        HAProxy `drain` until it holds none; nginx: the upstreams without it, reloaded once the
+        old workers finished their requests."""
+        if self.mode == "managed":
+            self.set_server_state(droplet, "drain")
+            wait_until(lambda: int(self.backend_servers()[droplet.name]["scur"]) == 0,
+                       GUNICORN_GRACEFUL_TIMEOUT, f"{droplet.name} drained")
+        else:
+            self.set_upstreams([site for site in self.upstreams if site != droplet.site])
+
     def remove_droplet(self, droplet: Droplet) -> None:
         """Scale in, drained first: the frontend stops sending new requests to `droplet`
         (HAProxy drain until it holds no request, then maintenance and removal; nginx: the
         upstreams without it, reloaded once the old workers finished), then a graceful stop."""
+        self.drain(droplet)
         if self.mode == "managed":
             server = f"droplets/{droplet.name}"
-            self.set_server_state(droplet, "drain")
-            wait_until(lambda: int(self.backend_servers()[droplet.name]["scur"]) == 0,
-                       GUNICORN_GRACEFUL_TIMEOUT, f"{droplet.name} drained")
             self.set_server_state(droplet, "maint")
             self.haproxy(f"shutdown sessions server {server}")
             answer = self.haproxy(f"del server {server}").strip()
             if "Server deleted" not in answer:
                 raise RuntimeError(f"haproxy: del server {server}: {answer}")
-        else:
-            self.set_upstreams([site for site in self.upstreams if site != droplet.site])
         self.stop_droplet(droplet)
         self.droplets.remove(droplet)
         self._save_state()
