@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from components.settings import settings_for_stack_file
-from lab.chaos import run_scenarios
+from lab.chaos import SCENARIOS, run_scenarios
 from lab.load import OUTCOMES, Load, Request
 from lab.process import group_members, http_status, wait_until
 from lab.stack import HAPROXY, Droplet, Lab, render_haproxy_cfg, stack_file, stop_lab
@@ -203,7 +203,8 @@ def test_kill_scenario_passes_with_lb_retries_and_fails_without(nginx_lab):
 
 def test_scale_out_in_scenario_adds_a_droplet_that_serves_and_removes_one_drained(nginx_lab):
     before = [d.name for d in nginx_lab.droplets]
-    [result] = run_scenarios(nginx_lab, [11])
+    number = [name for name, *_ in SCENARIOS].index("scale-out-in") + 1
+    [result] = run_scenarios(nginx_lab, [number])
     assert result.passed, result.note
     assert result.outcomes["ok"] == result.requests > 500
     details = result.details
