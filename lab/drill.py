@@ -22,6 +22,7 @@ restarted by its turn in the switch and never after.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import shutil
@@ -120,8 +121,9 @@ def run_drill(stack_path: Path, state_dir: Path = STATE_DIR, *, rate: float = 40
             restore_s = time.monotonic() - started
             urls = restored.start()
             cluster_s = time.monotonic() - started
-            lab.droplet_values.update(database_url=urls.pool, replica_urls=urls.replicas,
-                                      migration_url=urls.primary)
+            lab.secrets = dataclasses.replace(
+                lab.secrets, database_url=urls.pool, replica_urls=urls.replicas,
+                migration_url=urls.primary)
             switch_begins = load.mark("switch")
             steps = {d.name: round(lab.roll(d, rewrite=True), 1) for d in lab.droplets}
             switched = load.mark("switched")

@@ -385,7 +385,7 @@ class Lab:
     def roll(self, droplet: Droplet, *, rewrite: bool = False) -> float:
         """One droplet's turn in a rolling change: out of the frontend (HAProxy drain until
         its sessions end / nginx upstream without it), stopped, with `rewrite` its files
-        written again from `droplet_values` (the user data of its replacement), started,
+        written again from `secrets` (the user data of its replacement), started,
         healthy, back in the frontend. Returns the seconds it took."""
         started = time.monotonic()
         self.drain(droplet)
