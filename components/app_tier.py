@@ -1,16 +1,26 @@
-"""The app droplets, their cloud firewall and, with a deploy key, a health-gated rollout.
+"""The app droplets (fixed, or a Droplet Autoscale pool), their cloud firewall and, with a
+deploy key, a health-gated rollout.
 
 Creates:
-- one `digitalocean.Firewall` (`{name}-fw`) selecting the droplets by tag, so replacements are
-  covered the moment they boot: port 80 only from the load balancer (managed LB uids or the nginx
-  LB droplets' tag), SSH only from `adminCidrs` (no SSH rule when there are none), all outbound.
-- `app.droplet_count` x `digitalocean.Droplet` (`{name}-{i}`): in the VPC, tagged `tag`,
-  monitoring agent on, the caller's cloud-config as user data, IPv6 off, backups only when
-  `app.backups` is weekly or daily. Droplets are auto-named by Pulumi (a random suffix), so a
-  replacement can be created before the old droplet is deleted.
+- one `digitalocean.Firewall` (`{name}-fw`) selecting the droplets by tag, so replacements and
+  pool members are covered the moment they boot: port 80 only from the load balancer (managed
+  LB uids or the nginx LB droplets' tag), SSH only from `adminCidrs` (no SSH rule when there are
+  none), all outbound.
+- `app.scaling.mode` fixed: `app.droplet_count` x `digitalocean.Droplet` (`{name}-{i}`): in the
+  VPC, tagged `tag`, monitoring agent on, the caller's cloud-config as user data, IPv6 off,
+  backups only when `app.backups` is weekly or daily. Droplets are auto-named by Pulumi (a random
+  suffix), so a replacement can be created before the old droplet is deleted.
 - with `ssh_private_key`: one `command.remote.Command` health gate (`{name}-gate-{i}`) per droplet;
   with `app_env` too, the gate first installs the environment file (the app's secrets) from its
   stdin and restarts the services.
+- `app.scaling.mode` autoscale: one `digitalocean.DropletAutoscale` (`{name}-pool`) whose
+  template is the same droplet (`droplet_spec`, the one source of both): monitoring becomes
+  `with_droplet_agent` (the template has no `monitoring`; the agent is also what the pool scales
+  on), and the template has no backups and no graceful shutdown (settings refuse
+  `app.backups` with autoscale; DigitalOcean stops a member and waits 60 s before destroying it).
+  No gates, so no `app_env`: DigitalOcean creates and destroys members, pulumi never knows their
+  addresses, and a member's secrets are in its user data (docs/design.md, "AppTier: fixed
+  droplets or an autoscale pool").
 
 Rolling replacement: `user_data` forces replacement, so a deploy replaces every droplet; with
 `ssh_private_key`, gate i (cloud-init done, then the LB's health path answered 2xx
@@ -30,6 +40,7 @@ from __future__ import annotations
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pulumi
 import pulumi_command as command
@@ -38,7 +49,7 @@ import pulumi_digitalocean as digitalocean
 from components import ssh
 from components.frontend import WebSource
 from components.runtime import DropletLayout, install_env_script
-from components.settings import AppSettings, HealthCheckSettings
+from components.settings import AppSettings, HealthCheckSettings, ScalingSettings
 
 ANYWHERE = ["0.0.0.0/0", "::/0"]
 GATE_GRACE_SECONDS = 120
@@ -85,7 +96,7 @@ exit 1
 @dataclass(frozen=True, kw_only=True)
 class AppTierArgs:
     app: AppSettings
-    """The `app.*` settings: droplet count, size, image and backups."""
+    """The `app.*` settings: droplet count or scaling, size, image and backups."""
     health_check: HealthCheckSettings
     """The load balancer's health check, which each droplet's gate waits for."""
     region: str
@@ -115,19 +126,63 @@ class AppTierArgs:
     check, when it is not in `user_data`. Needs `ssh_private_key` and `admin_cidrs`."""
 
 
+MONITORING = True
+"""The metrics agent on every app droplet: the droplet alerts need it, and so does a pool that
+scales on CPU or memory (the template's `with_droplet_agent`)."""
+
+
+def droplet_spec(args: AppTierArgs) -> dict[str, Any]:
+    """What every app droplet is, fixed or pool member, as keyword arguments both
+    `digitalocean.Droplet` and `DropletAutoscaleDropletTemplateArgs` take."""
+    return {
+        "image": args.app.image,
+        "size": args.app.droplet_size,
+        "region": args.region,
+        "vpc_uuid": args.vpc_id,
+        "tags": [args.tag],
+        "ssh_keys": list(args.ssh_keys),
+        "ipv6": False,
+        # One render for both modes; its size is checked there (cloud_config.USER_DATA_LIMIT).
+        "user_data": args.user_data,
+    }
+
+
+def pool_template(args: AppTierArgs) -> digitalocean.DropletAutoscaleDropletTemplateArgs:
+    """The pool's droplet template: `droplet_spec`, monitoring as `with_droplet_agent`."""
+    return digitalocean.DropletAutoscaleDropletTemplateArgs(
+        **droplet_spec(args), with_droplet_agent=MONITORING)
+
+
+def pool_config(scaling: ScalingSettings) -> digitalocean.DropletAutoscaleConfigArgs:
+    """`app.scaling.*` as the API takes it: targets as decimals (60 % is 0.6)."""
+    def decimal(percent: int | None) -> float | None:
+        return None if percent is None else percent / 100
+
+    return digitalocean.DropletAutoscaleConfigArgs(
+        min_instances=scaling.min_instances, max_instances=scaling.max_instances,
+        target_cpu_utilization=decimal(scaling.target_cpu_percent),
+        target_memory_utilization=decimal(scaling.target_memory_percent),
+        cooldown_minutes=scaling.cooldown_minutes)
+
+
 class AppTier(pulumi.ComponentResource):
-    """N stateless app droplets behind a firewall that admits web traffic from the LB only."""
+    """N stateless app droplets, or a pool of them, behind a firewall that admits web traffic
+    from the LB only."""
 
     droplets: list[digitalocean.Droplet]
-    """The app droplets, in order."""
+    """The app droplets, in order (none in autoscale mode)."""
+    pool: digitalocean.DropletAutoscale | None
+    """The Droplet Autoscale pool (autoscale mode), else None."""
     droplet_ids: pulumi.Output[list[str]]
-    """Their ids."""
+    """Their ids (empty in autoscale mode: members come and go)."""
     private_ips: pulumi.Output[list[str]]
-    """Their VPC addresses (what an nginx LB proxies to)."""
+    """Their VPC addresses (what an nginx LB proxies to; empty in autoscale mode)."""
     droplet_urns: pulumi.Output[list[str]]
     """Their DigitalOcean URNs (`do:droplet:ID`), for a `digitalocean.Project`."""
     firewall_id: pulumi.Output[str]
     """The id of the app droplets' cloud firewall."""
+    pool_id: pulumi.Output[str] | None
+    """The pool's id (autoscale mode), else None."""
 
     def __init__(self, name: str, args: AppTierArgs,
                  opts: pulumi.ResourceOptions | None = None) -> None:
@@ -151,6 +206,35 @@ class AppTier(pulumi.ComponentResource):
             opts=pulumi.ResourceOptions(parent=self),
         )
 
+        self.droplets, self.pool, self.pool_id = [], None, None
+        if args.app.autoscale:
+            if args.app_env is not None:
+                raise ValueError("AppTierArgs.app_env is delivered by gates over SSH, and a pool"
+                                 " has none: its members' secrets are in their user data")
+            self.pool = digitalocean.DropletAutoscale(
+                f"{name}-pool",
+                config=pool_config(args.app.scaling),
+                droplet_template=pool_template(args),
+                opts=pulumi.ResourceOptions(parent=self, depends_on=[firewall]),
+            )
+            self.pool_id = self.pool.id
+        else:
+            self._fixed(name, args, firewall)
+
+        self.droplet_ids = pulumi.Output.all(*[d.id for d in self.droplets])
+        self.private_ips = pulumi.Output.all(*[d.ipv4_address_private for d in self.droplets])
+        self.droplet_urns = pulumi.Output.all(*[d.droplet_urn for d in self.droplets])
+        self.firewall_id = firewall.id
+        self.register_outputs({
+            "droplet_ids": self.droplet_ids,
+            "private_ips": self.private_ips,
+            "droplet_urns": self.droplet_urns,
+            "firewall_id": self.firewall_id,
+            **({"pool_id": self.pool_id} if self.pool_id is not None else {}),
+        })
+
+    def _fixed(self, name: str, args: AppTierArgs, firewall: digitalocean.Firewall) -> None:
+        """`app.droplet_count` droplets, each after the previous one's gate when gated."""
         gated = args.ssh_private_key is not None and bool(args.admin_cidrs)
         if args.app_env is not None and not gated:
             raise ValueError("AppTierArgs.app_env is delivered by the gates over SSH: it needs"
@@ -162,7 +246,6 @@ class AppTier(pulumi.ComponentResource):
                    args.ssh_private_key is not None else "no sshPrivateKey")
                 + "): replacements are created together and the old droplets can be deleted "
                 "before the new ones answer the health check", resource=self)
-        self.droplets = []
         gate: command.remote.Command | None = None
         for i in range(args.app.droplet_count):
             # The firewall first: no droplet is ever up without it.
@@ -181,17 +264,6 @@ class AppTier(pulumi.ComponentResource):
                     opts=pulumi.ResourceOptions(parent=self, depends_on=[firewall]),
                 )
 
-        self.droplet_ids = pulumi.Output.all(*[d.id for d in self.droplets])
-        self.private_ips = pulumi.Output.all(*[d.ipv4_address_private for d in self.droplets])
-        self.droplet_urns = pulumi.Output.all(*[d.droplet_urn for d in self.droplets])
-        self.firewall_id = firewall.id
-        self.register_outputs({
-            "droplet_ids": self.droplet_ids,
-            "private_ips": self.private_ips,
-            "droplet_urns": self.droplet_urns,
-            "firewall_id": self.firewall_id,
-        })
-
     def _droplet(self, name: str, i: int, args: AppTierArgs,
                  after: list[pulumi.Resource]) -> digitalocean.Droplet:
         """App droplet number `i`, created only after the resources `after` (the firewall and
@@ -200,15 +272,8 @@ class AppTier(pulumi.ComponentResource):
         backups = app.backups in ("weekly", "daily")
         return digitalocean.Droplet(
             f"{name}-{i}",
-            image=app.image,
-            size=app.droplet_size,
-            region=args.region,
-            vpc_uuid=args.vpc_id,
-            tags=[args.tag],
-            ssh_keys=list(args.ssh_keys),
-            monitoring=True,
-            ipv6=False,
-            user_data=args.user_data,
+            **droplet_spec(args),
+            monitoring=MONITORING,
             backups=backups,
             backup_policy=digitalocean.DropletBackupPolicyArgs(plan=app.backups)
             if backups else None,

@@ -18,6 +18,7 @@ free, or a price-bearing field given as an Output is a `CostError` naming it: ne
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -36,6 +37,7 @@ DATABASE_CLUSTER = "digitalocean:index/databaseCluster:DatabaseCluster"
 DATABASE_REPLICA = "digitalocean:index/databaseReplica:DatabaseReplica"
 RESERVED_IP = "digitalocean:index/reservedIp:ReservedIp"
 UPTIME_CHECK = "digitalocean:index/uptimeCheck:UptimeCheck"
+AUTOSCALE_POOL = "digitalocean:index/dropletAutoscale:DropletAutoscale"
 DATABASE_KINDS = ("database nodes", "read replica")
 """Line kinds that an App Platform setup keeps as they are."""
 
@@ -78,17 +80,30 @@ class LineItem:
     unit_usd: Decimal
     source: str
     """The price's source: a key of `sources` in the catalog."""
+    quantity_max: int | None = None
+    """The most there may be (an autoscale pool's maxInstances); None: `quantity`, always."""
+
+    @property
+    def most(self) -> int:
+        return self.quantity if self.quantity_max is None else self.quantity_max
 
     @property
     def monthly_usd(self) -> Decimal:
+        """The least it costs a month (`quantity` of it)."""
         return cents(self.unit_usd * self.quantity)
+
+    @property
+    def monthly_max_usd(self) -> Decimal:
+        """The most it costs a month (`most` of it, all month)."""
+        return cents(self.unit_usd * self.most)
 
     def to_json(self) -> dict[str, Any]:
         """Plain values for a stack output or JSON; amounts as strings, exact to the cent."""
         return {
             "resource": self.resource, "kind": self.kind, "detail": self.detail,
-            "quantity": self.quantity, "unit_usd": str(self.unit_usd),
-            "monthly_usd": str(self.monthly_usd), "source": self.source,
+            "quantity": self.quantity, "quantity_max": self.most, "unit_usd": str(self.unit_usd),
+            "monthly_usd": str(self.monthly_usd), "monthly_max_usd": str(self.monthly_max_usd),
+            "source": self.source,
         }
 
 
@@ -102,16 +117,31 @@ class Breakdown:
 
     @property
     def total(self) -> Decimal:
+        """The least the stack costs a month (an autoscale pool at minInstances)."""
         return sum((line.monthly_usd for line in self.lines), Decimal("0.00"))
+
+    @property
+    def max_total(self) -> Decimal:
+        """The most it costs a month (a pool at maxInstances all month); `total` when fixed."""
+        return sum((line.monthly_max_usd for line in self.lines), Decimal("0.00"))
+
+    @property
+    def range_text(self) -> str:
+        """"$40.00", or "$40.00 to $58.00" for a stack whose cost varies."""
+        if self.max_total == self.total:
+            return f"${self.total}"
+        return f"${self.total} to ${self.max_total}"
 
 
 def breakdown_json(breakdown: Breakdown) -> dict[str, Any]:
-    """The cost stack outputs: `monthly_cost_usd` ("61.00") and `cost_breakdown` (line dicts).
+    """The cost stack outputs: `monthly_cost_usd` ("61.00", the least), `monthly_cost_max_usd`
+    (the most: an autoscale pool at maxInstances; the same when fixed) and `cost_breakdown`.
 
     Amounts are strings so that cents stay exact in JSON and in `pulumi stack output`.
     """
     return {
         "monthly_cost_usd": str(breakdown.total),
+        "monthly_cost_max_usd": str(breakdown.max_total),
         "cost_breakdown": [line.to_json() for line in breakdown.lines],
     }
 
@@ -182,6 +212,21 @@ def _droplet(r: Registered) -> list[LineItem]:
     return lines
 
 
+def _autoscale_pool(r: Registered) -> list[LineItem]:
+    """Members are ordinary droplets, billed by the hour like any droplet (Droplet Pricing,
+    https://docs.digitalocean.com/products/droplets/details/pricing); no separate charge for a
+    pool is listed there or in the API description. `minInstances` of them at the least,
+    `maxInstances` all month at the most. No backups: the template has none."""
+    slug = _plain(r, "droplet_template", "size")
+    size = _entry(r, "droplet_sizes", slug, "droplet_template.size")
+    least, most = (_plain(r, "config", key) for key in ("min_instances", "max_instances"))
+    for key, value in (("min_instances", least), ("max_instances", most)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise CostError(f"{_label(r)}: config.{key} must be a whole number, not {value!r}")
+    line = _line(r, "pool droplets", slug, least, size)
+    return [dataclasses.replace(line, quantity_max=most)]
+
+
 def _load_balancer(r: Registered) -> list[LineItem]:
     if _plain(r, "size") is not None:
         raise CostError(f"{_label(r)}: size {_plain(r, 'size')!r} has no price; use size_unit")
@@ -217,6 +262,7 @@ def _uptime_check(r: Registered) -> list[LineItem]:
 
 _PRICERS: dict[str, Callable[[Registered], list[LineItem]]] = {
     DROPLET: _droplet,
+    AUTOSCALE_POOL: _autoscale_pool,
     LOAD_BALANCER: _load_balancer,
     DATABASE_CLUSTER: _database_cluster,
     DATABASE_REPLICA: _database_replica,
@@ -278,13 +324,16 @@ class CostTracker:
 
 
 def check_budget(breakdown: Breakdown, budget: BudgetSettings) -> None:
-    """Over budget: BudgetError when the budget is enforced, else a warning. At budget is fine."""
-    if budget.monthly_usd is None or breakdown.total <= budget.monthly_usd:
+    """Over budget: BudgetError when the budget is enforced, else a warning. At budget is fine.
+    The budget holds the most the stack may cost (an autoscale pool at maxInstances)."""
+    most = breakdown.max_total
+    if budget.monthly_usd is None or most <= budget.monthly_usd:
         return
     limit = cents(budget.monthly_usd)
+    would = "would cost" if most == breakdown.total else "may cost up to"
     message = (
-        f"webstack:budget.monthlyUsd is ${limit} but the stack would cost ${breakdown.total}"
-        f" per month (${breakdown.total - limit} over)"
+        f"webstack:budget.monthlyUsd is ${limit} but the stack {would} ${most}"
+        f" per month (${most - limit} over)"
     )
     if budget.enforce:
         raise BudgetError(f"{message}; raise the budget or shrink the stack")
@@ -299,7 +348,7 @@ def finish(tracker: CostTracker, budget: BudgetSettings) -> dict[str, Any]:
     breakdown = tracker.breakdown()
     limit = "no budget" if budget.monthly_usd is None else f"budget ${cents(budget.monthly_usd)}"
     pulumi.log.info(
-        f"webstack: monthly cost ${breakdown.total} ({len(breakdown.lines)} lines, {limit})"
+        f"webstack: monthly cost {breakdown.range_text} ({len(breakdown.lines)} lines, {limit})"
     )
     check_budget(breakdown, budget)
     return breakdown_json(breakdown)
@@ -312,12 +361,19 @@ def _snake(key: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", key).lower()
 
 
+def _snake_keys(value: Any) -> Any:
+    """camelCase inputs (as on the wire) to the SDK's snake_case, objects within included."""
+    if isinstance(value, Mapping):
+        return {_snake(k): _snake_keys(v) for k, v in value.items()}
+    return value
+
+
 def breakdown_from_resources(resources: Iterable[Any]) -> Breakdown:
     """Price `tools.mocks.Resource` records (type, name, urn, custom, camelCase inputs)."""
     custom = [r for r in resources if r.custom]
     stack = custom[0].urn.split("::")[0].removeprefix("urn:pulumi:") if custom else ""
     return price(
-        (Registered(r.type, r.name, {_snake(k): v for k, v in r.inputs.items()}) for r in custom),
+        (Registered(r.type, r.name, _snake_keys(r.inputs)) for r in custom),
         stack,
     )
 

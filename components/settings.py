@@ -32,11 +32,13 @@ NAMESPACE = "webstack"
 ENVIRONMENTS = ("staging", "production")
 FRONTEND_MODES = ("managed", "nginx")
 BACKUP_PLANS = ("off", "weekly", "daily")
+SCALING_MODES = ("fixed", "autoscale")
 POOL_MODES = ("transaction", "session", "statement")
 # What the API contract (components/contract.yaml, with its sources) lets these keys be.
 LOAD_BALANCER = "digitalocean:index/loadBalancer:LoadBalancer"
 DATABASE_CLUSTER = "digitalocean:index/databaseCluster:DatabaseCluster"
 POOL = "digitalocean:index/databaseConnectionPool:DatabaseConnectionPool"
+AUTOSCALE = "digitalocean:index/dropletAutoscale:DropletAutoscale"
 PG_VERSIONS = tuple(contract.when_enum(DATABASE_CLUSTER, "version", engine="pg"))
 """PostgreSQL versions DigitalOcean creates new clusters with today (14 reached end of life)."""
 ALERT_WINDOWS = tuple(
@@ -49,6 +51,9 @@ NAME_LENGTH = (contract.rules(POOL, "name")["min_length"],
 MIGRATOR = "migrator"
 """The database user that owns the schema and runs the migrations (components/database.py):
 `database.name`, the app's user, may not be it."""
+TARGET_PERCENT = tuple(
+    round(100 * n) for n in contract.bounds(AUTOSCALE, "config.targetCpuUtilization"))
+"""A pool's CPU or memory target in percent: the API takes 0.05 to 1 (the provider 0 to 1)."""
 RETENTION_DAYS = 7
 """How far back a PostgreSQL cluster can be restored: backups are kept for seven days
 (https://docs.digitalocean.com/products/databases/postgresql/how-to/restore-from-backups/; the
@@ -156,10 +161,25 @@ class AppSettings:
     max_body_mb: int
     """Largest request body: nginx's client_max_body_size and the app's MAX_BODY_MB."""
     microcache: MicrocacheSettings
+    scaling: ScalingSettings
 
     @property
     def size(self) -> Size:
         return droplet_size(self.droplet_size)
+
+    @property
+    def autoscale(self) -> bool:
+        return self.scaling.mode == "autoscale"
+
+    @property
+    def running_droplets(self) -> int:
+        """Droplets running at the least: dropletCount, or the pool's minInstances."""
+        return self.scaling.min_instances if self.autoscale else self.droplet_count
+
+    @property
+    def most_droplets(self) -> int:
+        """Droplets running at the most: dropletCount, or the pool's maxInstances."""
+        return self.scaling.max_instances if self.autoscale else self.droplet_count
 
     @property
     def workers(self) -> int:
@@ -174,6 +194,21 @@ class MicrocacheSettings:
     """0: off."""
     paths: tuple[str, ...]
     """URI prefixes ("/api/notes"); the cache covers only these."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScalingSettings:
+    """`app.scaling.*`: fixed droplets, or a DigitalOcean Droplet Autoscale pool."""
+
+    mode: str
+    min_instances: int
+    max_instances: int
+    target_cpu_percent: int | None
+    """The pool adds members above this average CPU use, removes them below; None: not used."""
+    target_memory_percent: int | None
+    cooldown_minutes: int
+    """Minutes between scaling events; also how long new members get to boot before old ones
+    are destroyed after a template change (docs/runbook.md)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -433,6 +468,11 @@ def _lb_range(field: str) -> tuple[int, int]:
     return contract.bounds(LOAD_BALANCER, f"healthcheck.{field}")
 
 
+def _pool_range(field: str) -> tuple[int, int]:
+    """The API contract's range for a Droplet Autoscale pool's config field."""
+    return contract.bounds(AUTOSCALE, f"config.{field}")
+
+
 _PRODUCTION = PerEnvironment(False, True)
 _DROPLET_SIZES = tuple(catalog()["droplet_sizes"])
 _HC = "frontend.healthCheck."
@@ -480,6 +520,26 @@ KEYS: dict[str, Key] = {key.name: key for key in [
     Key("app.microcache.paths", "list", "URI prefixes the micro-cache covers", (),
         allowed_text="paths such as `/api/notes` (letters, digits, `/._~-`); required when"
         " `app.microcache.seconds` is above 0"),
+    Key("app.scaling.mode", "choice", "`fixed`: dropletCount droplets; `autoscale`: one"
+        " DigitalOcean Droplet Autoscale pool of the same droplet, behind the managed LB by tag"
+        " (README, 'Fixed or autoscale')", "fixed", choices=SCALING_MODES,
+        allowed_text="fixed, autoscale (autoscale needs `frontend.mode` managed, `app.backups`"
+        " off, no `sshPrivateKey`)"),
+    Key("app.scaling.minInstances", "int", "autoscale: the pool's fewest droplets",
+        PerEnvironment(1, 2), bounds=(PerEnvironment(1, 2), _pool_range("minInstances")[1])),
+    Key("app.scaling.maxInstances", "int", "autoscale: the pool's most droplets (the cost"
+        " range's top; the budget is checked against it)", default_text="2 x minInstances",
+        bounds=(1, _pool_range("maxInstances")[1]),
+        allowed_text=f"minInstances-{_pool_range('maxInstances')[1]}"),
+    Key("app.scaling.targetCpuPercent", "int", "autoscale: average CPU use the pool scales to",
+        allowed_text=f"{TARGET_PERCENT[0]}-{TARGET_PERCENT[1]} (the API's 0.05-1); autoscale"
+        " needs this and/or targetMemoryPercent"),
+    Key("app.scaling.targetMemoryPercent", "int", "autoscale: average memory use the pool"
+        " scales to", allowed_text=f"{TARGET_PERCENT[0]}-{TARGET_PERCENT[1]} (the API's"
+        " 0.05-1)"),
+    Key("app.scaling.cooldownMinutes", "int", "autoscale: minutes between scaling events, and"
+        " what new members get to boot before old ones go after a template change", 10,
+        bounds=_pool_range("cooldownMinutes")),
     Key("frontend.mode", "choice", "DigitalOcean LB, or nginx LB droplets + reserved IP",
         "managed", choices=FRONTEND_MODES),
     Key("frontend.sizeUnit", "int", "managed LB nodes (~10,000 req/s each; the API allows 100,"
@@ -771,7 +831,14 @@ def _app(r: _Reader) -> AppSettings:
         backups=backups,
         max_body_mb=r.int("maxBodyMb"),
         microcache=_microcache(r.obj("microcache")),
+        scaling=_scaling(r.obj("scaling")),
     )
+    if app.autoscale and r.raw.get("dropletCount") is not None:
+        raise ConfigError(r.key("dropletCount"), r.raw["dropletCount"], "autoscale sizes the"
+                          " pool itself: set app.scaling.minInstances and maxInstances instead")
+    if app.autoscale and app.backups != "off":
+        raise ConfigError(r.key("backups"), app.backups, "must be off with autoscale: a pool's"
+                          " droplet template has no backups (the droplets are stateless)")
     r.done()
     return app
 
@@ -792,6 +859,38 @@ def _microcache(r: _Reader) -> MicrocacheSettings:
                           f" {r.key('seconds')} is above 0")
     r.done()
     return MicrocacheSettings(seconds=seconds, paths=tuple(paths))
+
+
+def _target_percent(r: _Reader, name: str) -> int | None:
+    value = r.get(name)
+    if value is None:
+        return None
+    lo, hi = TARGET_PERCENT
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < lo:
+        raise ConfigError(r.key(name), value, f"must be an integer from {lo} to {hi}: the API"
+                          " refuses a target below 0.05 (5%), though the provider passes it")
+    return r.int(name, bounds=TARGET_PERCENT)
+
+
+def _scaling(r: _Reader) -> ScalingSettings:
+    min_instances = r.int("minInstances")
+    scaling = ScalingSettings(
+        mode=r.choice("mode"), min_instances=min_instances,
+        max_instances=r.int("maxInstances", 2 * min_instances),
+        target_cpu_percent=_target_percent(r, "targetCpuPercent"),
+        target_memory_percent=_target_percent(r, "targetMemoryPercent"),
+        cooldown_minutes=r.int("cooldownMinutes"),
+    )
+    if scaling.max_instances < min_instances:
+        raise ConfigError(r.key("maxInstances"), scaling.max_instances,
+                          f"must be at least minInstances ({min_instances})")
+    if scaling.mode == "autoscale" and \
+            scaling.target_cpu_percent is None and scaling.target_memory_percent is None:
+        raise ConfigError(r.key("targetCpuPercent"), None, "autoscale needs targetCpuPercent"
+                          f" and/or targetMemoryPercent ({TARGET_PERCENT[0]}-"
+                          f"{TARGET_PERCENT[1]}): what the pool scales to")
+    r.done()
+    return scaling
 
 
 def _rate_limit(r: _Reader) -> RateLimitSettings:
@@ -996,11 +1095,7 @@ def _ssh_keys(r: _Reader) -> tuple[str, ...]:
 
 
 def _ssh_private_key(r: _Reader, secret: bool, admin_cidrs: tuple[str, ...]) -> Secret | None:
-    key = r.str("sshPrivateKey")
-    if key is None and r.production:
-        raise ConfigError("sshPrivateKey", None, "production needs a deploy key, so the app's"
-                          " secrets reach the droplets over SSH instead of in their user data:"
-                          " pulumi config set --secret sshPrivateKey < KEY")
+    key = r.str("sshPrivateKey")  # required in production unless autoscale: _check_deploy_key
     if key is None:
         return None
     if not secret:
@@ -1079,22 +1174,60 @@ def load_settings(
         budget=_budget(r.obj("budget")),
     )
     r.done()
+    _check_deploy_key(settings)
+    _check_autoscale(settings)
     _check_replica_connections(settings)
     return settings
 
 
+def _check_deploy_key(settings: Settings) -> None:
+    """Fixed production droplets get their secrets over SSH: a deploy key is required. A pool's
+    members boot on their own, beyond SSH, so their secrets stay in the user data
+    (docs/runbook.md, "Autoscale")."""
+    if settings.production and settings.ssh_private_key is None and not settings.app.autoscale:
+        raise ConfigError("sshPrivateKey", None, "production needs a deploy key, so the app's"
+                          " secrets reach the droplets over SSH instead of in their user data:"
+                          " pulumi config set --secret sshPrivateKey < KEY (or"
+                          " app.scaling.mode autoscale, whose members hold them in user data)")
+
+
+def _check_autoscale(settings: Settings) -> None:
+    """What a pool cannot have: addresses known to pulumi, or SSH deploy steps on its members."""
+    if not settings.app.autoscale:
+        return
+    if settings.frontend.mode == "nginx":
+        raise ConfigError(
+            "app.scaling.mode", "autoscale", "needs frontend.mode managed: the nginx LB's"
+            " upstreams are the app droplets' private addresses, and a pool's members are"
+            " created and destroyed by DigitalOcean, unknown to pulumi; use frontend.mode"
+            " managed (the DigitalOcean LB follows the app tag) or app.scaling.mode fixed")
+    regions = contract.rules(AUTOSCALE, "dropletTemplate.region")["enum"]
+    if settings.region not in regions:
+        raise ConfigError("region", settings.region, "autoscale pools are offered in "
+                          f"{', '.join(r for r in regions if r in catalog()['regions'])} only")
+    if settings.ssh_private_key:
+        raise ConfigError(
+            "sshPrivateKey", "[secret]", "must be unset with app.scaling.mode autoscale: pool"
+            " members are created by DigitalOcean, so no deploy step can reach them over SSH"
+            " (health gates, database grants); run the one-time grant of README 'Database"
+            " privileges' on any member instead")
+
+
 def _check_replica_connections(settings: Settings) -> None:
     """Reads reach replicas directly (no pool): one connection per gunicorn thread of every
-    worker on every droplet (the env file sets DB_POOL_SIZE to the threads, no overflow)."""
+    worker on every droplet (the env file sets DB_POOL_SIZE to the threads, no overflow), at
+    the most droplets the stack may run."""
     app = settings.app
-    needed = app.droplet_count * app.workers * app.gunicorn_threads
+    count = app.most_droplets
+    needed = count * app.workers * app.gunicorn_threads
     for i, replica in enumerate(settings.database.replicas):
         budget = pool_connection_budget(database_size(replica.size))
         if needed > budget:
             raise ConfigError(
                 f"database.replicas[{i}].size", replica.size,
                 f"allows {budget} connections, but the app opens up to {needed} to each replica"
-                f" (dropletCount {app.droplet_count} x {app.workers} workers x"
+                f" ({'maxInstances' if app.autoscale else 'dropletCount'} {count} x"
+                f" {app.workers} workers x"
                 f" {app.gunicorn_threads} threads): use a larger replica or fewer"
                 " app.gunicornWorkers / app.gunicornThreads",
             )

@@ -5,6 +5,9 @@ then
 the frontend and the app tier. A managed load balancer selects droplets by tag, so it exists
 before them and the app firewall admits only its uid; nginx load-balancer droplets need the app
 droplets' private IPs, so in nginx mode the app tier comes first and admits the LB droplets' tag.
+An autoscale pool (managed frontend only) is reached the same way as fixed droplets: the LB, the
+app firewall, the database firewalls and the droplet alerts all select the app tag, which the
+pool's template puts on every member.
 """
 
 from __future__ import annotations
@@ -99,7 +102,8 @@ def _grant_app_privileges(
         pulumi.log.warn(
             "webstack: no sshPrivateKey, so the app user's database grants are not applied; "
             "run the one-time grant of README 'Database privileges' before the first deploy "
-            "can migrate")
+            "can migrate" + (" (on any pool member: pulumi cannot reach them)"
+                             if settings.app.autoscale else ""))
         return
     first = app.droplets[0]
     command.remote.Command(
@@ -197,11 +201,14 @@ def build(settings: Settings) -> dict[str, Any]:
         ).apply(lambda v: [*v[0], *v[1], v[2], *([v[3]] if v[3] else [])]),
     )
 
+    # A pool's members come and go (DigitalOcean creates them): its id and the tag they carry.
+    members: dict[str, Any] = {"app_pool_id": app.pool_id, "app_tag": settings.app_tag} \
+        if app.pool_id is not None else {
+            "app_droplet_ids": app.droplet_ids, "app_private_ips": app.private_ips}
     outputs: dict[str, Any] = {
         "url": frontend.url,
         "frontend_ip": frontend.ip,
-        "app_droplet_ids": app.droplet_ids,
-        "app_private_ips": app.private_ips,
+        **members,
         "vpc_id": vpc.id,
         "db_cluster_id": db.cluster_id,
         "db_host": db.host,

@@ -380,7 +380,7 @@ def ratios(medians: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
 
 def cost(lab: Lab, medians: dict[str, dict[str, float]]) -> dict[str, object]:
     """USD per month per 100 requests per second, from the app droplets' price alone."""
-    size, count = lab.settings.app.size, lab.settings.app.droplet_count
+    size, count = lab.settings.app.size, lab.settings.app.running_droplets
     monthly = float(size.monthly_usd) * count
     cores = len(os.sched_getaffinity(0))
     found: dict[str, object] = {
@@ -448,7 +448,7 @@ def run_bench(lab: Lab, *, tool: str = "wrk", duration: int = DURATION, repeats:
         "stack": lab.settings.stack,
         "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "machine": machine(),
-        "stack_shape": {"droplets": app.droplet_count, "droplet_size": app.droplet_size,
+        "stack_shape": {"droplets": app.running_droplets, "droplet_size": app.droplet_size,
                         "gunicorn_workers": app.workers, "gunicorn_threads": app.gunicorn_threads,
                         "frontend": lab.mode, "microcache": dataclasses.asdict(app.microcache)},
         "original_design": {"gunicorn": " ".join(ORIGINAL_GUNICORN),

@@ -42,6 +42,10 @@ a table goes to stdout. Exit status 1 when a criterion fails.
                     `database.maxReplicaLagSeconds`: reads leave the replica, the lag endpoint
                     answers 503 through the frontend, ReplicaLagging fires and reaches
                     Alertmanager; replay released: reads return, 200, the alert resolves.
+12 scale-out-in     what an autoscale pool does: under read and write load a droplet is
+                    added (same files, its own migrations run, joins the frontend once its
+                    health check passes), then the oldest is removed, drained first. No failed
+                    request, and the new droplet serves its share (counted in its access log).
 
 The droplets reach the database through one delay proxy per endpoint (`lab/proxy.py`).
 """
@@ -74,7 +78,7 @@ from components.settings import REPLICATION_PATH, database_size, pool_connection
 from lab.load import FAILURES, Client, Load, Request, Sample, counts
 from lab.monitor import Monitor, stop_monitor
 from lab.process import http_status, terminate_on_signal, wait_until
-from lab.stack import LABS_DIR, ROOT, Lab, stack_file, stop_lab
+from lab.stack import LABS_DIR, ROOT, Droplet, Lab, stack_file, stop_lab
 
 FAST_FAIL_SECONDS = DB_POOL_TIMEOUT + DB_CONNECT_TIMEOUT + DB_STATEMENT_TIMEOUT_MS / 1000 + 1
 """The longest a request may take when the database is slow or away: the app's own waits
@@ -659,6 +663,57 @@ def _lag_alert(lab: Lab, monitor: Monitor, result: Result) -> None:
     result.check(back["primary"] < 10, f"reads did not return to the replicas: {dict(back)}")
 
 
+def reads_and_writes(n: int) -> Request:
+    """Three reads for each write, every one of them in a droplet's access log."""
+    return write(n) if n % 4 == 0 else read(n)
+
+
+SCALE_SHARE = 0.5
+"""The new droplet must serve at least this part of its fair share (1/N of the requests made
+while it is in the frontend)."""
+
+
+def _access_log_lines(droplet: Droplet) -> int:
+    """Requests a droplet's nginx served (health checks are not logged: the site's location)."""
+    path = droplet.dir / "access.log"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def scale_out_in(lab: Lab, result: Result) -> None:
+    """What an autoscale pool does, done to the lab: a droplet joins with the same files (its
+    migrations run as a member's cloud-init runs them) and the frontend sends to it once its
+    health check passes; later the oldest droplet leaves, drained first, as a scale-in."""
+    with Load(lab.url, reads_and_writes, workers=8, rate=40, max_seconds=120) as load:
+        load.sleep(3)
+        t_add = load.mark("add")
+        new = lab.add_droplet()
+        joined = lab.wait_frontend_ready([new])
+        t_in = load.mark("in")
+        load.sleep(10)
+        t_remove = load.mark("remove")
+        oldest = lab.droplets[0]
+        lab.remove_droplet(oldest)
+        t_out = load.mark("out")
+        load.sleep(5)
+    samples = load.samples
+    result.count(samples)
+    failed = _failed(samples)
+    n = len(lab.droplets)  # after the scale-in; n + 1 while both were in
+    with_both = sum(1 for s in samples if t_in <= s.start < t_remove)
+    after = sum(1 for s in samples if s.start >= t_remove)  # draining: no new ones to it
+    fair = with_both / (n + 1) + after / n
+    served = _access_log_lines(new)  # a new droplet's log starts empty
+    result.details.update(
+        droplet_added=new.name, joined_frontend_after_seconds=round(t_in - t_add, 1),
+        healthy_checks_wait_seconds=round(joined, 1), droplet_removed=oldest.name,
+        drained_and_stopped_in_seconds=round(t_out - t_remove, 1),
+        requests_while_both_in=with_both, requests_from_the_drain_on=after,
+        new_droplet_served=served, fair_share=round(fair), failure_times=_when(failed))
+    result.check(not failed, f"{len(failed)} failed requests")
+    result.check(served >= SCALE_SHARE * fair,
+                 f"the new droplet served {served} requests, under half its share ({fair:.0f})")
+
+
 SCENARIOS: list[tuple[str, Callable[[Lab, Result], None], str]] = [
     ("kill-droplet", kill_droplet,
      "kill -9 one droplet's gunicorn+nginx under GET load: nginx frontend 0 failed requests; "
@@ -703,6 +758,11 @@ SCENARIOS: list[tuple[str, Callable[[Lab, Result], None], str]] = [
      f"frontend, ReplicaLagging firing within the bound + {LAG_ALERT_MARGIN:.0f} s and received "
      f"by Alertmanager; replay released: resolved within {LAG_ALERT_MARGIN:.0f} s, 200, reads "
      "back on the replicas"),
+    ("scale-out-in", scale_out_in,
+     "a droplet added under load (same files, its migrations, joins the frontend once its "
+     "health check passes), the oldest removed after 10 s (drained first, then stopped): 0 "
+     f"failed requests, and the new droplet serves at least {SCALE_SHARE:.0%} of its fair "
+     "share (its access log)"),
 ]
 
 

@@ -134,7 +134,16 @@ def render_haproxy_cfg(settings: Settings, *, listen: str, servers: Iterable[tup
         listen=listen, servers=list(servers), socket=socket_path, pidfile=pidfile,
         path=hc.path, interval=hc.interval_seconds, check_timeout=hc.timeout_seconds,
         fall=hc.unhealthy_threshold, rise=hc.healthy_threshold, idle_timeout=HTTP_IDLE_TIMEOUT,
+        server_options=haproxy_server_options(settings),
     )
+
+
+def haproxy_server_options(settings: Settings) -> str:
+    """Every droplet's health check in HAProxy: the config's `default-server`, and the options
+    of a droplet added at run time (a dynamic server does not inherit `default-server`)."""
+    hc = settings.frontend.health_check
+    return (f"check inter {hc.interval_seconds}s fall {hc.unhealthy_threshold}"
+            f" rise {hc.healthy_threshold}")
 
 
 def unit_environment(run: Path) -> dict[str, str]:
@@ -206,7 +215,7 @@ class Lab:
         self.frontend = f"{net}.{FRONTEND_HOST}:{FRONTEND_PORT}"
         self.droplets = [
             Droplet(i, f"{net}.{FIRST_DROPLET_HOST + i - 1}", self.state_dir / f"droplet-{i}")
-            for i in range(1, self.settings.app.droplet_count + 1)
+            for i in range(1, self.settings.app.running_droplets + 1)
         ]
         self.lb_dir = self.state_dir / "lb"
         replicas = len(self.settings.database.replicas)
@@ -396,12 +405,7 @@ class Lab:
         written again from `secrets` (the environment file of its replacement), started,
         healthy, back in the frontend. Returns the seconds it took."""
         started = time.monotonic()
-        if self.mode == "managed":
-            self.set_server_state(droplet, "drain")
-            wait_until(lambda: int(self.backend_servers()[droplet.name]["scur"]) == 0,
-                       30, f"{droplet.name} drained")
-        else:
-            self.set_upstreams([d.site for d in self.droplets if d is not droplet])
+        self.drain(droplet)
         self.stop_droplet(droplet)
         if rewrite:
             self.write_droplet(droplet)
@@ -423,6 +427,62 @@ class Lab:
     def gunicorn_workers(self, droplet: Droplet) -> set[int]:
         master = droplet.gunicorn_pid
         return {pid for pid in group_members(master) if pid != master} if master else set()
+
+    def add_droplet(self) -> Droplet:
+        """Scale out as a pool member joins: a new droplet with the same files (the template's
+        user data), its migrations run as its cloud-init does, started and answering
+        /healthz, then given to the frontend, which sends to it once its own health check
+        passes (HAProxy: `rise` checks; nginx: in the upstreams). Returns it; see
+        `wait_frontend_ready` for the moment it serves."""
+        index = max(d.index for d in self.droplets) + 1
+        droplet = Droplet(index, f"{self.net}.{FIRST_DROPLET_HOST + index - 1}",
+                          self.state_dir / f"droplet-{index}")
+        shutil.rmtree(droplet.dir, ignore_errors=True)
+        self.write_droplet(droplet)
+        self._migrate(droplet)
+        self.start_gunicorn(droplet)
+        self.start_nginx(droplet)
+        self.wait_droplet_healthy(droplet)
+        self.droplets.append(droplet)
+        self._save_state()
+        if self.mode == "managed":
+            server = f"droplets/{droplet.name}"
+            for command in (f"add server {server} {droplet.site} "
+                            f"{haproxy_server_options(self.settings)}",
+                            f"enable health {server}", f"enable server {server}"):
+                answer = self.haproxy(command).strip()
+                if answer and "New server registered" not in answer:
+                    raise RuntimeError(f"haproxy: {command}: {answer}")
+        else:
+            self.set_upstreams([*self.upstreams, droplet.site])
+        return droplet
+
+    def drain(self, droplet: Droplet) -> None:
+        """The frontend stops sending new requests to `droplet` and those it holds finish:
+        HAProxy `drain` until it holds none; nginx: the upstreams without it, reloaded once the
+        old workers finished their requests."""
+        if self.mode == "managed":
+            self.set_server_state(droplet, "drain")
+            wait_until(lambda: int(self.backend_servers()[droplet.name]["scur"]) == 0,
+                       GUNICORN_GRACEFUL_TIMEOUT, f"{droplet.name} drained")
+        else:
+            self.set_upstreams([site for site in self.upstreams if site != droplet.site])
+
+    def remove_droplet(self, droplet: Droplet) -> None:
+        """Scale in, drained first: the frontend stops sending new requests to `droplet`
+        (HAProxy drain until it holds no request, then maintenance and removal; nginx: the
+        upstreams without it, reloaded once the old workers finished), then a graceful stop."""
+        self.drain(droplet)
+        if self.mode == "managed":
+            server = f"droplets/{droplet.name}"
+            self.set_server_state(droplet, "maint")
+            self.haproxy(f"shutdown sessions server {server}")
+            answer = self.haproxy(f"del server {server}").strip()
+            if "Server deleted" not in answer:
+                raise RuntimeError(f"haproxy: del server {server}: {answer}")
+        self.stop_droplet(droplet)
+        self.droplets.remove(droplet)
+        self._save_state()
 
     # ------------------------------------------------------------------ frontend
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 DROPLET = "digitalocean:index/droplet:Droplet"
+AUTOSCALE_POOL = "digitalocean:index/dropletAutoscale:DropletAutoscale"
 FIREWALL = "digitalocean:index/firewall:Firewall"
 LOAD_BALANCER = "digitalocean:index/loadBalancer:LoadBalancer"
 MONITOR_ALERT = "digitalocean:index/monitorAlert:MonitorAlert"
@@ -172,6 +173,21 @@ def database_firewall_tag_rules(props: Mapping[str, Any], *, stack: str) -> list
     ]
 
 
+def pool_template_ssh_keys_and_agent(props: Mapping[str, Any], *, stack: str) -> list[str]:
+    """Every autoscale pool's droplet template has SSH keys and the metrics agent
+    (`withDropletAgent`: the template's `monitoring`, which the droplet alerts and the pool's
+    CPU or memory target need)."""
+    name = props.get("name") or "autoscale pool"
+    template = props.get("dropletTemplate") or {}
+    found = []
+    if not _items(template.get("sshKeys")):
+        found.append(f"{name}: no dropletTemplate.sshKeys")
+    if template.get("withDropletAgent") is not True:
+        found.append(f"{name}: dropletTemplate.withDropletAgent is not true; droplet alerts"
+                     " would never fire and the pool could not scale on CPU or memory")
+    return found
+
+
 @dataclass(frozen=True)
 class ResourceRule:
     """One rule over one resource type: the policy's name, what it enforces, its check."""
@@ -188,6 +204,8 @@ class ResourceRule:
 RESOURCE_RULES: tuple[ResourceRule, ...] = (
     ResourceRule("firewall-no-world-ingress", FIREWALL, firewall_no_world_ingress),
     ResourceRule("droplet-ssh-keys-and-monitoring", DROPLET, droplet_ssh_keys_and_monitoring),
+    ResourceRule("pool-template-ssh-keys-and-agent", AUTOSCALE_POOL,
+                 pool_template_ssh_keys_and_agent),
     ResourceRule("load-balancer-https-and-healthz", LOAD_BALANCER, load_balancer_https_and_health),
     ResourceRule("monitor-alert-scoped", MONITOR_ALERT, monitor_alert_scoped),
     ResourceRule("database-firewall-tag-rules", DATABASE_FIREWALL, database_firewall_tag_rules),
@@ -218,7 +236,8 @@ class StackResource:
 
 
 PROD_REDUNDANCY_DESCRIPTION = (
-    "A stack whose name starts with 'prod' has at least 2 app droplets, a database cluster "
+    "A stack whose name starts with 'prod' has at least 2 app droplets (fixed, or an autoscale "
+    "pool's minInstances), a database cluster "
     "with a standby (nodeCount >= 2) and deletion protection, and at least 1 read replica."
 )
 
@@ -229,13 +248,18 @@ def prod_redundancy(stack: str, resources: Iterable[StackResource]) -> list[str]
         return []
     resources = list(resources)
     found = []
-    app_droplets = [
-        r for r in resources
+    app_droplets = sum(
+        1 for r in resources
         if r.type == DROPLET and app_tag(stack) in _items(r.props.get("tags"))
-    ]
-    if len(app_droplets) < 2:
+    ) + sum(
+        (r.props.get("config") or {}).get("minInstances") or 0 for r in resources
+        if r.type == AUTOSCALE_POOL
+        and app_tag(stack) in _items((r.props.get("dropletTemplate") or {}).get("tags"))
+    )
+    if app_droplets < 2:
         found.append(
-            f"{len(app_droplets)} app droplet(s) tagged {app_tag(stack)}; production needs >= 2"
+            f"{app_droplets} app droplet(s) tagged {app_tag(stack)} (fixed, or a pool's"
+            " minInstances); production needs >= 2"
         )
     clusters = [r for r in resources if r.type == DATABASE_CLUSTER]
     if not clusters:

@@ -36,6 +36,12 @@ FW_INPUTS = {"tags": ["webstack-x-app"], "inboundRules": [
     {"protocol": "tcp", "portRange": "22", "sourceAddresses": ["203.0.113.10/32"]}]}
 POOL_INPUTS = {"clusterId": "c-1", "name": "app", "mode": "transaction", "size": 10,
                "dbName": "app", "user": "app"}
+AUTOSCALE = "digitalocean:index/dropletAutoscale:DropletAutoscale"
+POOL_TEMPLATE = {"size": "s-1vcpu-1gb", "region": "nyc3", "image": "ubuntu-24-04-x64",
+                 "sshKeys": ["deploy"], "tags": ["webstack-x-app"], "withDropletAgent": True,
+                 "userData": "#cloud-config\n"}
+AUTOSCALE_INPUTS = {"config": {"minInstances": 2, "maxInstances": 6, "targetCpuUtilization": 0.6,
+                               "cooldownMinutes": 10}, "dropletTemplate": POOL_TEMPLATE}
 CLUSTER_INPUTS = {"engine": "pg", "version": "15", "size": "db-s-1vcpu-2gb", "region": "nyc3",
                   "nodeCount": 2}
 
@@ -82,6 +88,25 @@ BAD = [
      ("size", "db-s-1vcpu-1gb"), "size", "where engine in ['pg'] and nodeCount in [2, 3]"),
     ("an input no rule covers", POOL, POOL_INPUTS, ("shard", "x"), "shard",
      "no contract rule covers this input"),
+    # The Droplet Autoscale pool: the API's ranges, stricter than the provider's.
+    ("pool target below the API's 0.05 (the provider takes 0-1)", AUTOSCALE, AUTOSCALE_INPUTS,
+     ("config.targetCpuUtilization", 0.01), "config.targetCpuUtilization", "range 0.05..1"),
+    ("pool minInstances over the API's 500", AUTOSCALE, AUTOSCALE_INPUTS,
+     ("config.minInstances", 501), "config.minInstances", "range 1..500"),
+    ("pool maxInstances over the API's 1000", AUTOSCALE, AUTOSCALE_INPUTS,
+     ("config.maxInstances", 1001), "config.maxInstances", "range 1..1000"),
+    ("pool cooldown outside the API's 5-20", AUTOSCALE, AUTOSCALE_INPUTS,
+     ("config.cooldownMinutes", 4), "config.cooldownMinutes", "range 5..20"),
+    ("cross-field: a dynamic pool needs both bounds", AUTOSCALE, AUTOSCALE_INPUTS,
+     ("config.maxInstances", None), "config.maxInstances",
+     "where targetNumberInstances in [None]: required"),
+    ("pool region the API's template enum lacks", AUTOSCALE, AUTOSCALE_INPUTS,
+     ("dropletTemplate.region", "atl1"), "dropletTemplate.region", "one of nyc1"),
+    ("pool user data over 64 KiB", AUTOSCALE, AUTOSCALE_INPUTS,
+     ("dropletTemplate.userData", "#" * 65537), "dropletTemplate.userData", "length 1..65536"),
+    ("pool public_networking, which the provider never sends", AUTOSCALE, AUTOSCALE_INPUTS,
+     ("dropletTemplate.publicNetworking", False), "dropletTemplate.publicNetworking",
+     "must be absent"),
 ]
 
 
@@ -157,6 +182,10 @@ VARIANTS = {
     "weekly-backups-vpc-range": ("staging", {"webstack:app": {"backups": "weekly"},
                                              "webstack:vpcIpRange": "10.77.0.0/20"}),
     "longest-database-name": ("staging", {"webstack:database": {"name": "d" * 60}}),
+    # A pool scaling on memory only, in staging (prod-autoscale is a stack file, on CPU).
+    "autoscale-memory": ("staging", {"webstack:app": {"scaling": {
+        "mode": "autoscale", "minInstances": 1, "maxInstances": 3, "targetMemoryPercent": 75,
+        "cooldownMinutes": 5}}}),
     # The restore's backupRestore and its look-ups (database.restoreFrom).
     "restored": ("prod", {"webstack:database": {
         "size": "db-s-1vcpu-2gb", "nodeCount": 2, "replicas": [{}], "restores": 1,
@@ -217,6 +246,9 @@ def test_variants_register_what_they_say(runs):
     assert runs["weekly-backups-vpc-range"].one("Vpc").inputs["ipRange"] == "10.77.0.0/20"
     assert not runs["nginx-one-droplet-no-key"].of_type("remote:Command")
     assert runs["nginx-one-droplet-no-key"].of_type("DnsRecord")
+    pool = runs["autoscale-memory"].one("dropletAutoscale:DropletAutoscale").inputs["config"]
+    assert pool["targetMemoryUtilization"] == 0.75 and "targetCpuUtilization" not in pool
+    assert runs["Pulumi.prod-autoscale.yaml"].one("DropletAutoscale")
     restored = runs["restored"].one("databaseCluster:DatabaseCluster")
     assert restored.inputs["backupRestore"]["databaseName"] == "prod-db-cluster-a1b2c3d"
 

@@ -227,7 +227,8 @@ def test_the_reference_stack_costs_the_reference_design_to_the_cent():
     assert breakdown.total == cost.reference_design().total == Decimal("60.00")
     # The program's own outputs (the SDK transformation) agree with the offline pricing.
     assert cost.breakdown_json(breakdown) == {
-        key: run.outputs[key] for key in ("monthly_cost_usd", "cost_breakdown")}
+        key: run.outputs[key]
+        for key in ("monthly_cost_usd", "monthly_cost_max_usd", "cost_breakdown")}
     # Line by line, the program registers exactly the reference design.
     rows = plan.cost_diff(cost.reference_design(), breakdown).splitlines()
     assert rows[-1] == "(6 unchanged lines not shown)", rows

@@ -20,10 +20,10 @@ import pytest
 import yaml
 
 from components.settings import settings_for_stack_file
-from lab.chaos import run_scenarios
+from lab.chaos import SCENARIOS, run_scenarios
 from lab.load import OUTCOMES, Load, Request
 from lab.process import group_members, http_status, wait_until
-from lab.stack import HAPROXY, Lab, render_haproxy_cfg, stack_file, stop_lab
+from lab.stack import HAPROXY, Droplet, Lab, render_haproxy_cfg, stack_file, stop_lab
 from tools.mocks import ROOT
 
 NEXT_UPSTREAM = "proxy_next_upstream error timeout http_502 http_503 http_504;"
@@ -205,3 +205,18 @@ def test_kill_scenario_passes_with_lb_retries_and_fails_without(nginx_lab):
     [broken] = run_scenarios(nginx_lab, [1])
     assert broken.passed is False
     assert broken.requests - broken.outcomes["ok"] > 0 and "failed requests" in broken.note
+
+
+def test_scale_out_in_scenario_adds_a_droplet_that_serves_and_removes_one_drained(nginx_lab):
+    before = [d.name for d in nginx_lab.droplets]
+    number = [name for name, *_ in SCENARIOS].index("scale-out-in") + 1
+    [result] = run_scenarios(nginx_lab, [number])
+    assert result.passed, result.note
+    assert result.outcomes["ok"] == result.requests > 500
+    details = result.details
+    assert details["droplet_removed"] == before[0] and details["droplet_added"] == "droplet-3"
+    assert details["new_droplet_served"] >= details["fair_share"] / 2 > 0
+    assert [d.name for d in nginx_lab.droplets] == [*before[1:], "droplet-3"]
+    assert nginx_lab.upstreams == [d.site for d in nginx_lab.droplets]
+    removed = Droplet(1, "", nginx_lab.state_dir / before[0])  # its pid files are what counts
+    assert not nginx_lab.droplet_alive(removed), "stopped after the drain"

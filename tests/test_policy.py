@@ -377,3 +377,30 @@ def test_pack_passes_the_prod_stack_and_reads_protect_from_options(analyzer):
     response = analyzer.AnalyzeStack(analyzer_pb2.AnalyzeStackRequest(resources=unprotected))
     assert [d.policyName for d in response.diagnostics] == ["prod-redundancy"]
     assert "not protected" in response.diagnostics[0].message
+
+
+def test_prod_autoscale_passes_every_rule_and_counts_the_pools_least():
+    run = program(str(ROOT / "tests" / "stacks" / "Pulumi.prod-autoscale.yaml"))
+    assert run.one("DropletAutoscale") and not run.of_type("index/droplet:Droplet")
+    assert resource_violations(run, "prod-autoscale") == []
+    # The policy SDK gives plain values; the mocks' outputs keep the template's secret envelope.
+    others = [r for r in stack_resources(run) if r.type != rules.AUTOSCALE_POOL]
+    inputs = run.one("DropletAutoscale").inputs
+    pool = rules.StackResource(rules.AUTOSCALE_POOL, inputs)
+    assert rules.prod_redundancy("prod-autoscale", [*others, pool]) == []
+    one = rules.StackResource(rules.AUTOSCALE_POOL, {
+        **inputs, "config": {**inputs["config"], "minInstances": 1}})
+    (found,) = rules.prod_redundancy("prod-autoscale", [*others, one])
+    assert found.startswith("1 app droplet(s) tagged webstack-prod-autoscale-app")
+
+
+@pytest.mark.parametrize("change,words", [
+    ({"sshKeys": []}, "no dropletTemplate.sshKeys"),
+    ({"withDropletAgent": False}, "withDropletAgent is not true"),
+])
+def test_a_pool_template_without_keys_or_agent_is_refused(change, words):
+    run = program(str(ROOT / "tests" / "stacks" / "Pulumi.prod-autoscale.yaml"))
+    props = run.one("DropletAutoscale").inputs
+    bad = {**props, "dropletTemplate": {**props["dropletTemplate"], **change}}
+    (found,) = rules.check_resource(rules.AUTOSCALE_POOL, bad, stack="prod-autoscale")
+    assert found.startswith("[pool-template-ssh-keys-and-agent]") and words in found

@@ -96,7 +96,8 @@ def test_outputs_table_matches_the_program(tmp_path: Path):
     (tmp_path / "Pulumi.prom.yaml").write_text(yaml.safe_dump(prom))
     produced = set()
     for path in (ROOT / "Pulumi.staging.yaml", ROOT / "Pulumi.prod.yaml",
-                 tmp_path / "Pulumi.nginx.yaml", tmp_path / "Pulumi.prom.yaml"):
+                 tmp_path / "Pulumi.nginx.yaml", tmp_path / "Pulumi.prom.yaml",
+                 ROOT / "tests/stacks/Pulumi.prod-autoscale.yaml"):
         produced |= set(run_program(path).outputs)
     assert set(table(COMPONENTS_DOC, "## Stack outputs")) == produced
 

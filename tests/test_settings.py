@@ -35,6 +35,9 @@ STAGING = {"sshKeys": ["deploy"], "alerts": {"emails": ["ops@example.com"]}}
 PROD = {**STAGING, "domain": "example.com", "database": {
     "size": "db-s-1vcpu-2gb", "nodeCount": 2, "replicas": [{"size": "db-s-1vcpu-2gb"}]},
     "sshPrivateKey": DEPLOY_KEY, "adminCidrs": ["203.0.113.10/32"]}
+AUTOSCALE = {"app.scaling.mode": "autoscale", "app.scaling.targetCpuPercent": 60,
+             "sshPrivateKey": None}
+"""A pool's members are beyond SSH: no deploy key, in production too."""
 
 
 def load(base: dict, stack: str = "staging", deploy_cidr: str | None = None, **changes) -> object:
@@ -127,6 +130,39 @@ BAD = [
      "monitoring.smtp"),
     ("staging", STAGING, {"monitoring.smtp.smarthost": "smtp.example.com:587"},
      "monitoring.smtp.", "together"),
+    # app.scaling: the API's ranges (components/contract.yaml), which the provider does not check.
+    ("staging", STAGING, {"app.scaling.mode": "elastic"}, "app.scaling.mode", "fixed, autoscale"),
+    ("staging", STAGING, {**AUTOSCALE, "app.scaling.minInstances": 4,
+                          "app.scaling.maxInstances": 3},
+     "app.scaling.maxInstances: 3", "at least minInstances (4)"),
+    ("prod", PROD, {**AUTOSCALE, "app.scaling.minInstances": 1}, "app.scaling.minInstances: 1",
+     "from 2 to 500"),
+    ("staging", STAGING, {**AUTOSCALE, "app.scaling.minInstances": 501},
+     "app.scaling.minInstances", "from 1 to 500"),
+    ("staging", STAGING, {**AUTOSCALE, "app.scaling.maxInstances": 1001},
+     "app.scaling.maxInstances", "from 1 to 1000"),
+    # The API's minimum target is 0.05: 1-4 % pass the provider and the issue's 1-100, not the API.
+    ("staging", STAGING, {**AUTOSCALE, "app.scaling.targetCpuPercent": 3},
+     "app.scaling.targetCpuPercent: 3", "refuses a target below 0.05"),
+    ("staging", STAGING, {**AUTOSCALE, "app.scaling.targetCpuPercent": 0},
+     "app.scaling.targetCpuPercent: 0", "from 5 to 100"),
+    ("staging", STAGING, {**AUTOSCALE, "app.scaling.targetMemoryPercent": 101},
+     "app.scaling.targetMemoryPercent: 101", "from 5 to 100"),
+    ("staging", STAGING, {"app.scaling.mode": "autoscale"}, "app.scaling.targetCpuPercent",
+     "and/or targetMemoryPercent"),
+    ("staging", STAGING, {**AUTOSCALE, "app.scaling.cooldownMinutes": 4},
+     "app.scaling.cooldownMinutes", "from 5 to 20"),
+    ("staging", STAGING, {**AUTOSCALE, "frontend.mode": "nginx"}, "app.scaling.mode",
+     "upstreams are the app droplets' private addresses"),
+    ("staging", STAGING, {**AUTOSCALE, "app.dropletCount": 3}, "app.dropletCount",
+     "minInstances and maxInstances instead"),
+    ("staging", STAGING, {**AUTOSCALE, "app.backups": "daily"}, "app.backups",
+     "template has no backups"),
+    ("staging", STAGING, {**AUTOSCALE, "region": "atl1"}, "webstack:region",
+     "autoscale pools are offered in"),
+    # Replica connections are counted at the pool's most droplets.
+    ("prod", PROD, {**AUTOSCALE, "app.scaling.maxInstances": 6, "app.gunicornThreads": 4},
+     "database.replicas[0].size", "(maxInstances 6 x 3 workers x 4 threads)"),
 ]
 
 
@@ -137,6 +173,28 @@ def test_bad_config_names_key_value_and_rule(stack, base, change, key, rule):
     message = str(caught.value)
     assert key in message and rule in message
     assert "\n" not in message
+
+
+def test_autoscale_refuses_a_deploy_key_pulumi_could_not_use():
+    """Health gates and database grants run over SSH on known droplets; pool members are not."""
+    raw = {**copy.deepcopy(STAGING), "adminCidrs": ["203.0.113.10/32"],
+           "sshPrivateKey": "-----BEGIN OPENSSH PRIVATE KEY-----\nx\n-----END OPENSSH PRIVATE"
+                            " KEY-----\n",
+           "app": {"scaling": {"mode": "autoscale", "targetCpuPercent": 60}}}
+    with pytest.raises(ConfigError) as caught:
+        load_settings(raw, stack="staging", secret_keys=frozenset({"sshPrivateKey"}))
+    message = str(caught.value)
+    assert message.startswith("webstack:sshPrivateKey: '[secret]' is not allowed")
+    assert "no deploy step can reach them over SSH" in message and "PRIVATE KEY" not in message
+
+
+def test_autoscale_settings_take_the_api_defaults_and_the_pool_bounds():
+    app = load(STAGING, **AUTOSCALE).app
+    assert app.autoscale and app.scaling.cooldown_minutes == 10  # the API's default
+    assert (app.running_droplets, app.most_droplets) == (1, 2)  # max defaults to 2 x min
+    assert load(PROD, "prod", **AUTOSCALE).app.scaling.min_instances == 2
+    fixed = load(STAGING).app
+    assert not fixed.autoscale and fixed.running_droplets == fixed.most_droplets == 1
 
 
 def test_production_without_a_deploy_key_is_refused_in_one_line_naming_the_key():

@@ -45,6 +45,7 @@ def graph(run: Any, title: str) -> graphviz.Digraph:
     droplets = _of(run, "Droplet")
     lb_droplets = [d for d in droplets if FRONTEND in d.urn]
     scrapers = [d for d in droplets if PROMETHEUS in d.urn]
+    pools = _of(run, "DropletAutoscale")
     apps = [d for d in droplets if d not in lb_droplets and d not in scrapers]
 
     g.node("users", "users", shape="oval", style="filled", fillcolor="white")
@@ -71,11 +72,15 @@ def graph(run: Any, title: str) -> graphviz.Digraph:
             tier.attr(label="app tier", style="rounded")
             for d in apps:
                 _node(tier, d, "app droplet", str(d.inputs.get("size")), "app")
-        _database(vpc, run, apps)
+            for pool in pools:
+                config, template = pool.inputs["config"], pool.inputs["dropletTemplate"]
+                _node(tier, pool, "autoscale pool", f"{config['minInstances']} to"
+                      f" {config['maxInstances']} x {template['size']}", "app")
+        _database(vpc, run, apps + pools)
         for d in scrapers:
             _node(vpc, d, "Prometheus + Alertmanager", f"{d.inputs.get('size')}", "watch")
-            if apps:
-                vpc.edge(d.name, apps[0].name, label="scrapes /metrics", style="dotted",
+            if apps or pools:
+                vpc.edge(d.name, (apps + pools)[0].name, label="scrapes /metrics", style="dotted",
                          lhead="cluster_app")
     for ip in _of(run, "ReservedIp"):
         _node(g, ip, "Reserved IP", "", "entry")
@@ -86,7 +91,7 @@ def graph(run: Any, title: str) -> graphviz.Digraph:
     for entry in entries:
         g.edge("users", entry, label="HTTP(S)")
     for source in [lb.name for lb in _of(run, "LoadBalancer")] + [d.name for d in lb_droplets]:
-        for app in apps:
+        for app in apps + pools:
             g.edge(source, app.name)
     _watchers(g, run, entries)
     return g

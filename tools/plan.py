@@ -71,12 +71,20 @@ def _table(rows: list[tuple[str, ...]], right: set[int]) -> str:
 
 
 def cost_table(breakdown: Breakdown) -> str:
-    """The breakdown as a text table, one row per line item, and the total."""
-    rows = [("resource", "item", "qty", "unit", "monthly")]
-    rows += [(line.resource, f"{line.kind}: {line.detail}", str(line.quantity),
-              str(line.unit_usd), str(line.monthly_usd)) for line in breakdown.lines]
-    rows.append(("total", "", "", "", str(breakdown.total)))
-    return _table(rows, right={2, 3, 4})
+    """The breakdown as a text table, one row per line item, and the total. A stack whose cost
+    varies (an autoscale pool) gets the most beside the least: `qty max` and `monthly max`."""
+    if breakdown.max_total == breakdown.total:
+        rows = [("resource", "item", "qty", "unit", "monthly")]
+        rows += [(line.resource, f"{line.kind}: {line.detail}", str(line.quantity),
+                  str(line.unit_usd), str(line.monthly_usd)) for line in breakdown.lines]
+        rows.append(("total", "", "", "", str(breakdown.total)))
+        return _table(rows, right={2, 3, 4})
+    rows = [("resource", "item", "qty", "qty max", "unit", "monthly", "monthly max")]
+    rows += [(line.resource, f"{line.kind}: {line.detail}", str(line.quantity), str(line.most),
+              str(line.unit_usd), str(line.monthly_usd), str(line.monthly_max_usd))
+             for line in breakdown.lines]
+    rows.append(("total", "", "", "", "", str(breakdown.total), str(breakdown.max_total)))
+    return _table(rows, right={2, 3, 4, 5, 6})
 
 
 def _key(line: LineItem, stack: str) -> tuple[str, str]:
@@ -132,6 +140,17 @@ def _droplet(i: dict) -> list[str]:
             f" ssh_keys={len(i.get('sshKeys') or [])} tags={','.join(i.get('tags') or [])}"]
 
 
+def _pool(i: dict) -> list[str]:
+    c, t = i.get("config") or {}, i.get("dropletTemplate") or {}
+    targets = ", ".join(f"{what} {round(c[key] * 100)}%" for what, key in (
+        ("cpu", "targetCpuUtilization"), ("memory", "targetMemoryUtilization")) if key in c)
+    return [f"{c.get('minInstances')}-{c.get('maxInstances')} droplets, target {targets},"
+            f" cooldown {c.get('cooldownMinutes')} min",
+            f"template: {t.get('size')} {t.get('image')} in {t.get('region')}"
+            f" agent={t.get('withDropletAgent')} ssh_keys={len(t.get('sshKeys') or [])}"
+            f" tags={','.join(t.get('tags') or [])}"]
+
+
 def _lb(i: dict) -> list[str]:
     hc = i.get("healthcheck") or {}
     rules = [f"{r['entryProtocol']}:{r['entryPort']} -> {r['targetProtocol']}:{r['targetPort']}"
@@ -159,6 +178,7 @@ def _alert(i: dict) -> list[str]:
 
 PROPERTIES: dict[str, Callable[[dict], list[str]]] = {
     "Droplet": _droplet,
+    "DropletAutoscale": _pool,
     "LoadBalancer": _lb,
     "DatabaseCluster": _db,
     "DatabaseReplica": lambda i: [f"{i.get('size')} in {i.get('region')}"],
@@ -234,6 +254,14 @@ def shown_outputs(run: Run) -> dict[str, Any]:
     return {k: "[secret]" if k in run.secret_outputs else v for k, v in run.outputs.items()}
 
 
+def app_instances(run: Run) -> int:
+    """App droplets the stack runs at the least: its droplets, or its pool's minInstances."""
+    pools = run.of_type("dropletAutoscale:DropletAutoscale")
+    if pools:
+        return pools[0].inputs["config"]["minInstances"]
+    return len(run.outputs["app_droplet_ids"])
+
+
 def as_json(run: Run, name: str) -> dict[str, Any]:
     return {
         "stack": name,
@@ -266,10 +294,13 @@ def print_plan(run: Run, name: str) -> None:
         print("\nWarnings:")
         for warning in sorted(run.warnings):
             print(f"  ! {warning}")
-    print("\nMonthly cost (USD, list prices):")
     breakdown = cost.price_run(run)
+    ranged = breakdown.max_total != breakdown.total
+    print("\nMonthly cost (USD, list prices" + (
+        f"; {breakdown.range_text}, the pool from minInstances to maxInstances all month;"
+        " the budget holds the most)" if ranged else "):"))
     print(cost_table(breakdown))
-    app_platform = cost.app_platform_equivalent(breakdown, len(run.outputs["app_droplet_ids"]))
+    app_platform = cost.app_platform_equivalent(breakdown, app_instances(run))
     print(f"\nFor comparison: App Platform with the same redundancy ${app_platform.total};"
           f" the original design ${cost.reference_design().total}")
 
