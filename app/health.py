@@ -31,8 +31,8 @@ def readyz() -> tuple[Response, int]:
     lag = database.lag
     lag.start()
     primary = database.probe(database.primary)
-    replicas = {node.name: {**database.probe(node), "lag": lag.of(node.name).as_json(
-        lag.max_seconds)} for node in database.replicas}
+    replicas = {node.name: {**database.probe(node), "lag": lag.as_json(node.name)}
+                for node in database.replicas}
     ready = bool(primary["ok"])
     body = {"status": "ready" if ready else "unavailable", "primary": primary, "replicas": replicas}
     return jsonify(body), 200 if ready else 503
@@ -42,7 +42,7 @@ def readyz() -> tuple[Response, int]:
 def replication() -> tuple[Response, int]:
     lag = current_app.extensions["webstack"].database.lag
     lag.wait_sampled(FIRST_SAMPLE_WAIT)
-    replicas = {name: lag.of(name).as_json(lag.max_seconds) for name in lag.replicas}
+    replicas = {name: lag.as_json(name) for name in lag.replicas}
     stale = sorted(name for name, state in replicas.items() if state["stale"])
     body = {"status": "lagging" if stale else "ok", "max_lag_seconds": lag.max_seconds,
             "replicas": replicas}

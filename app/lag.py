@@ -46,10 +46,6 @@ class Lag:
     seconds: float | None
     bytes: int | None
 
-    def as_json(self, max_seconds: float) -> dict[str, object]:
-        return {"seconds": self.seconds, "bytes": self.bytes,
-                "stale": self.seconds is not None and self.seconds > max_seconds}
-
 
 UNKNOWN = Lag(None, None)
 
@@ -119,6 +115,11 @@ class ReplicationLag:
         """Whether the replica lags past the bound (unknown is not stale)."""
         seconds = self.of(name).seconds
         return seconds is not None and seconds > self.max_seconds
+
+    def as_json(self, name: str) -> dict[str, object]:
+        """The replica's last sample and whether it is stale, as `/readyz` shows them."""
+        lag = self.of(name)
+        return {"seconds": lag.seconds, "bytes": lag.bytes, "stale": self.stale(name)}
 
     def sample(self) -> None:
         """One round: the primary's position, then each replica's."""

@@ -39,6 +39,15 @@ APP_DIR = Path(__file__).resolve().parent.parent / "app"
 USER_DATA_LIMIT = 64 * 1024
 """DigitalOcean refuses user data over 64 KiB."""
 
+
+def within_user_data_limit(text: str, what: str, hint: str = "") -> str:
+    """`text`, the user data of `what`; ValueError when it is over `USER_DATA_LIMIT`."""
+    size = len(text.encode())
+    if size > USER_DATA_LIMIT:
+        raise ValueError(f"{what} user data is {size} bytes, over DigitalOcean's"
+                         f" {USER_DATA_LIMIT} limit" + (f"; {hint}" if hint else ""))
+    return text
+
 _SKIP = {"__pycache__", ".pytest_cache"}
 
 
@@ -127,10 +136,5 @@ def render_app_cloud_config(
         ],
     }
     text = "#cloud-config\n" + yaml.safe_dump(document, sort_keys=False, width=1000)
-    size = len(text.encode())
-    if size > USER_DATA_LIMIT:
-        raise ValueError(
-            f"app droplet user data is {size} bytes, over DigitalOcean's {USER_DATA_LIMIT} limit;"
-            " shrink app/ (it is bundled into the user data)"
-        )
-    return text
+    return within_user_data_limit(text, "app droplet",
+                                  "shrink app/ (it is bundled into the user data)")

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 import yaml
 
+from components.cloud_config import within_user_data_limit
 from components.metadata_firewall import METADATA_IP, metadata_bootcmd
 from components.render import render_template
 from components.runtime import NGINX_PACKAGES, SECURITY_HEADERS
@@ -38,7 +39,6 @@ TLS_CERT = "/etc/nginx/tls/webstack.crt"
 TLS_KEY = "/etc/nginx/tls/webstack.key"
 APP_PORT = 80
 PLACEHOLDER_PORT = 8081
-USER_DATA_LIMIT = 64 * 1024
 
 # Passive health and retries (see the template for what each one does).
 MAX_FAILS = 3
@@ -213,6 +213,4 @@ def render_lb_cloud_config(settings: Settings) -> str:
         "runcmd": runcmd,
     }
     text = "#cloud-config\n" + yaml.dump(config, Dumper=_Dumper, sort_keys=False, width=1000)
-    if len(text.encode()) > USER_DATA_LIMIT:
-        raise ValueError(f"LB user data is {len(text.encode())} bytes; DigitalOcean allows 64 KiB")
-    return text
+    return within_user_data_limit(text, "LB droplet")

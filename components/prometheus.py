@@ -42,7 +42,9 @@ import pulumi_digitalocean as digitalocean
 import yaml
 
 from components import ssh
+from components.cloud_config import within_user_data_limit
 from components.metadata_firewall import metadata_bootcmd
+from components.runtime import NGINX_METRICS_PATH
 from components.settings import AlertSettings, MonitoringSettings, Settings
 
 CONFIG_PATH = "/etc/prometheus/prometheus.yml"
@@ -52,11 +54,8 @@ TARGETS_PATH = "/etc/prometheus/webstack-targets.json"
 PROMETHEUS_PORT = 9090
 ALERTMANAGER_PORT = 9093
 APP_PORT = 80
-NGINX_METRICS_PATH = "/nginx-metrics"
-"""The droplet nginx's stub status as Prometheus metrics (prometheus-nginx-exporter behind it)."""
 SCRAPE_INTERVAL = "15s"
 RETENTION = "15d"
-USER_DATA_LIMIT = 64 * 1024
 
 ANYWHERE = ["0.0.0.0/0", "::/0"]
 
@@ -193,9 +192,7 @@ def render_prometheus_cloud_config(settings: Settings) -> str:
         ],
     }
     text = "#cloud-config\n" + yaml.safe_dump(document, sort_keys=False, width=1000)
-    if len(text.encode()) > USER_DATA_LIMIT:
-        raise ValueError(f"Prometheus user data is over DigitalOcean's {USER_DATA_LIMIT} bytes")
-    return text
+    return within_user_data_limit(text, "Prometheus droplet")
 
 
 INSTALL_TARGETS = (
