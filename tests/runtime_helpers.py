@@ -142,6 +142,10 @@ def body_sink() -> Iterator[tuple[int, list[int]]]:
 
 
 SLOW_BODY_TIMEOUT = 3
+NGINX_CLOCK_SLACK = 0.05
+"""How early nginx's deadline may look from the client: nginx times with its cached
+millisecond clock (read once per event-loop turn), so a 3 s deadline was seen cut at 2.9986 s
+and 2.9988 s over HTTPS."""
 """frontend.bodyTimeoutSeconds in the slow-body tests (test_runtime_files, test_lb_nginx)."""
 
 
