@@ -62,6 +62,14 @@ Bounded database work (why ``/healthz`` stays fast while the database is stuck)
     healthy, bursts queue briefly as before; while it is stuck, further work is refused at
     once with ``Saturated`` (a 503 with ``Retry-After``) instead of tying up the spare thread.
 
+    Slots fill only when the load is high enough; a server that does not answer is refused
+    at once at any load. Once an attempt on a server got no answer (its client deadline, a
+    connect timeout, a lost connection: not a statement timeout, which is an answer), one
+    request at a time tries that server until one gets an answer; meanwhile the others are
+    refused without trying (``Unanswered``: a 503 for a write, the next server for a read).
+    The lag sampler tries too, so the server is found answering again without a client
+    paying for the wait.
+
 Statements are bound on the client, so a server error can quote note text (the statement's
 line, a failing row): errors raised from here carry the server's primary message only.
 
@@ -78,7 +86,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import psycopg
@@ -130,6 +138,11 @@ class NotPrimary(Exception):
 
 class Saturated(Exception):
     """Every database slot of this process is held by stuck work."""
+
+
+class Unanswered(psycopg.OperationalError):
+    """Not tried: the server did not answer lately, and another request is finding out
+    whether it does again."""
 
 
 class NoReply(psycopg.OperationalError):
@@ -210,11 +223,38 @@ class _Reply:
 
 @dataclass
 class Node:
-    """One database server as the app sees it: a name and its engine."""
+    """One database server as the app sees it: a name, its engine, and whether it answers."""
 
     name: str
     engine: Engine
     skip_until: float = 0.0
+    failing: bool = False
+    """The last attempt to finish got no answer (see "Bounded database work")."""
+    in_flight: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @contextmanager
+    def attempt(self) -> Iterator[None]:
+        """One attempt on this server: refused with ``Unanswered`` while the server is failing
+        and another attempt is under way."""
+        with self._lock:
+            if self.failing and self.in_flight:
+                raise Unanswered(f"{self.name} did not answer lately; another request is trying")
+            self.in_flight += 1
+        failed = True
+        try:
+            yield
+            failed = False
+        except UNAVAILABLE as exc:
+            failed = not isinstance(exc, pg_errors.QueryCanceled)
+            raise
+        except Exception:
+            failed = False  # the server answered (an error of its own, NotPrimary)
+            raise
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+                self.failing = failed
 
 
 def make_engine(url: URL, settings: Settings) -> Engine:
@@ -438,13 +478,15 @@ class Database:
         server in recovery drops the connection and raises ``NotPrimary`` (implied by
         ``write``, which such a server refuses)."""
         for_writes = for_writes or write
-        try:
-            return self._send_once(node, statements, write, for_writes)
-        except ConnectionLost as exc:
-            if write:
-                raise
-            log.warning("%s: connection lost, reading again on a fresh one: %s", node.name, exc)
-            return self._send_once(node, statements, write, for_writes)
+        with node.attempt():
+            try:
+                return self._send_once(node, statements, write, for_writes)
+            except ConnectionLost as exc:
+                if write:
+                    raise
+                log.warning("%s: connection lost, reading again on a fresh one: %s",
+                            node.name, exc)
+                return self._send_once(node, statements, write, for_writes)
 
     def _send_once(self, node: Node, statements: Sequence[Statement], write: bool,
                    for_writes: bool) -> _Reply:

@@ -195,6 +195,11 @@ class MicrocacheSettings:
     paths: tuple[str, ...]
     """URI prefixes ("/api/notes"); the cache covers only these."""
 
+    def covers(self, uri: str) -> bool:
+        """Whether an anonymous GET of `uri` (path and query) may be answered from the cache."""
+        path = uri.partition("?")[0]
+        return self.seconds > 0 and any(path.startswith(prefix) for prefix in self.paths)
+
 
 @dataclass(frozen=True, kw_only=True)
 class ScalingSettings:

@@ -61,7 +61,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -437,17 +437,38 @@ def _lb_down(lab: Lab, stop: threading.Event, down: set[str]) -> None:
                  if row["status"].startswith("DOWN")}
 
 
+def brownout_mix(n: int) -> Request:
+    """`mixed`, each read at a URI of its own: the droplets' micro-cache (prod) answers
+    anonymous reads of one URI from memory, and this load is for the app's database routes."""
+    request = mixed(n)
+    return replace(request, path=f"{request.path}&n={n}") if request.tag == "read" else request
+
+
+def _cached_reads(lab: Lab, t0: float, stop: threading.Event, seen: list[Sample]) -> None:
+    """An anonymous visitor reading the one URI `read` asks for, every quarter second (the
+    micro-cache's own view: answered from memory while the database is slow)."""
+    client = Client(lab.url, cookies=False, timeout=FAST_FAIL_SECONDS + 5)
+    while not stop.wait(0.25):
+        seen.append(client.send(read(0), t0=t0))
+
+
 def db_brownout(lab: Lab, result: Result) -> None:
     probes: list[tuple[str, float, int | None]] = []
     down: set[str] = set()
+    cached: list[Sample] = []
     stop = threading.Event()
     watchers = [threading.Thread(target=_probe_droplets, args=(lab, stop, probes), daemon=True)]
     if lab.mode == "managed":
         watchers.append(threading.Thread(target=_lb_down, args=(lab, stop, down), daemon=True))
+    caching = lab.settings.app.microcache.covers(read(0).path)
+    t0 = time.monotonic()  # the Load's clock starts a moment later: `cached` starts are early
+    if caching:
+        watchers.append(threading.Thread(target=_cached_reads, args=(lab, t0, stop, cached),
+                                         daemon=True))
     for thread in watchers:
         thread.start()
     try:
-        with Load(lab.url, mixed, workers=16, rate=30, max_seconds=40,
+        with Load(lab.url, brownout_mix, workers=16, rate=30, max_seconds=40,
                   timeout=FAST_FAIL_SECONDS + 5) as load:
             load.sleep(3)
             t_slow = load.mark("slow")
@@ -495,6 +516,15 @@ def db_brownout(lab: Lab, result: Result) -> None:
                  "the median failure took 1 s or more: database routes did not fail fast")
     result.check(bool(late) and all(s.ok for s in late),
                  f"requests still failed {BROWNOUT_RECOVERY_SECONDS:.0f} s after the delay ended")
+    if caching:
+        shift = load.t0 - t0  # `cached` on the Load's clock
+        cached_during = [s for s in cached if t_slow < s.start - shift < t_end]
+        result.details["cached_reads_during"] = counts(cached_during)
+        result.details["cached_read_max_seconds"] = round(
+            max((s.elapsed for s in cached_during), default=0), 2)
+        result.check(bool(cached_during) and all(s.ok and not _reached_app(s) and s.elapsed < 1
+                                                 for s in cached_during),
+                     "the micro-cache did not answer every anonymous read of its URI within 1 s")
 
 
 def primary_read_only(lab: Lab, result: Result) -> None:
@@ -749,11 +779,12 @@ SCENARIOS: list[tuple[str, Callable[[Lab, Result], None], str]] = [
      f"replica <= its plan's budget; every request within {FAST_FAIL_SECONDS:.0f} s, "
      "failures only 503"),
     ("db-brownout", db_brownout,
-     f"every database packet {BROWNOUT_DELAY:.0f} s late for 10 s under mixed load: every "
-     "droplet's /healthz 200 within the health check's timeout and none marked down; "
-     f"failures only 503s, half of them within 1 s, all within {BROWNOUT_FAIL_SECONDS:.0f} s "
-     "(a replica's deadlines, then the primary's); every request succeeds from "
-     f"{BROWNOUT_RECOVERY_SECONDS:.0f} s after the delay ends"),
+     f"every database packet {BROWNOUT_DELAY:.0f} s late for 10 s under mixed load (reads at "
+     "URIs of their own, past the micro-cache): every droplet's /healthz 200 within the health "
+     "check's timeout and none marked down; failures only 503s, half of them within 1 s, all "
+     f"within {BROWNOUT_FAIL_SECONDS:.0f} s (a replica's deadlines, then the primary's); every "
+     f"request succeeds from {BROWNOUT_RECOVERY_SECONDS:.0f} s after the delay ends; with a "
+     "micro-cache, an anonymous visitor's reads of one URI all answered from it within 1 s"),
     ("primary-read-only", primary_read_only,
      "the write endpoint leads to a node in recovery for 6 s, then back: no 500, failures only "
      f"503, writes back within {RECOVERY_SECONDS:.0f} s without restarting the app, no "

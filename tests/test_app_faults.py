@@ -15,10 +15,11 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
-from app.db import Saturated, WorkSlots
+from app.db import Node, NoReply, Saturated, Unanswered, WorkSlots
 from lab.process import free_port
 from lab.proxy import DelayProxy, plain
 from tests.runtime_helpers import GUNICORN, GUNICORN_CONF, running
@@ -167,6 +168,54 @@ def _get(port: int, path: str, timeout: float = 10.0) -> tuple[int, dict[str, st
         return response.status, dict(response.headers), time.monotonic() - started
     finally:
         conn.close()
+
+
+def test_a_failing_server_is_tried_by_one_attempt_at_a_time():
+    node = Node("primary", engine=None)
+    with node.attempt(), node.attempt():  # answering: attempts run side by side
+        pass
+    with pytest.raises(NoReply), node.attempt():
+        raise NoReply("no reply from the database within 1.5 s")
+    assert node.failing
+    with node.attempt():  # alone, it tries...
+        with pytest.raises(Unanswered), node.attempt():  # ...and a second meanwhile does not
+            pass
+    assert not node.failing  # the try got an answer
+    with pytest.raises(psycopg.errors.QueryCanceled), node.attempt():
+        raise psycopg.errors.QueryCanceled("canceling statement due to statement timeout")
+    assert not node.failing  # a statement timeout is the server's answer
+
+
+def test_writes_to_a_primary_that_stopped_answering_fail_at_once_but_one(pg_cluster, proxies,
+                                                                           make_app):
+    """Slots to spare (8), so none is refused as Saturated: after one write waited out its
+    deadline, concurrent writes get a 503 at once while one of them tries the server."""
+    proxy = proxies["pool"]
+    app = make_app(DATABASE_URL=_proxied(pg_cluster.urls.pool, proxy), DATABASE_REPLICA_URLS="",
+                   DB_STATEMENT_TIMEOUT_MS="300", DB_POOL_SIZE="8", DB_CONCURRENCY_LIMIT="8")
+    assert app.test_client().post("/api/notes", json=NOTE).status_code == 201
+    proxy.delay = 3.0
+    try:
+        first, waited = _timed_post(app)
+        assert first == 503 and waited > 1.0  # its round trip's deadline (0.3 s a statement + 1 s)
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda _: _timed_post(app), range(6)))
+    finally:
+        proxy.delay = 0
+    print(f"first write: 503 after {waited:.2f} s; then {answers}")
+    assert {status for status, _ in answers} == {503}
+    assert sum(elapsed < 0.5 for _, elapsed in answers) >= 5  # all but the one trying
+    deadline = time.monotonic() + 10
+    while (status := _timed_post(app)[0]) != 201:
+        assert status == 503 and time.monotonic() < deadline, "writes did not come back"
+        time.sleep(0.2)
+    assert not app.extensions["webstack"].database.primary.failing
+
+
+def _timed_post(app) -> tuple[int, float]:
+    started = time.monotonic()
+    status = app.test_client().post("/api/notes", json=NOTE).status_code
+    return status, time.monotonic() - started
 
 
 def test_healthz_answers_while_every_database_request_is_stuck(pg_cluster, proxies, tmp_path):

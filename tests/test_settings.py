@@ -23,6 +23,7 @@ from components.settings import (
     FrontendSettings,
     HealthCheckSettings,
     MaintenanceSettings,
+    MicrocacheSettings,
     PoolSettings,
     load_settings,
     pool_connection_budget,
@@ -173,6 +174,13 @@ def test_bad_config_names_key_value_and_rule(stack, base, change, key, rule):
     message = str(caught.value)
     assert key in message and rule in message
     assert "\n" not in message
+
+
+def test_the_micro_cache_covers_its_path_prefixes_whatever_the_query():
+    cache = MicrocacheSettings(seconds=1, paths=("/api/notes",))
+    assert cache.covers("/api/notes?limit=5") and cache.covers("/api/notes/7")
+    assert not cache.covers("/healthz?x=/api/notes")
+    assert not MicrocacheSettings(seconds=0, paths=("/api/notes",)).covers("/api/notes")
 
 
 def test_autoscale_refuses_a_deploy_key_pulumi_could_not_use():
