@@ -69,7 +69,9 @@ def test_migrator_owns_the_schema_and_the_app_user_only_reads_and_writes(do_layo
         assert owners == [(MIGRATOR,)]
         for ddl in ["CREATE TABLE intruder (id int)", "CREATE TEMP TABLE intruder (id int)",
                     "DROP TABLE notes", "ALTER TABLE notes ADD COLUMN x int",
-                    "TRUNCATE notes", "CREATE INDEX intruder ON notes (text)"]:
+                    "TRUNCATE notes", "CREATE INDEX intruder ON notes (text)",
+                    "UPDATE alembic_version SET version_num = 'x'",
+                    "DELETE FROM alembic_version"]:
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute(ddl)
 

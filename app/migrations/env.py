@@ -14,6 +14,22 @@ from sqlalchemy import text
 from app.migrate import MIGRATION_LOCK_KEY
 from app.models import metadata
 
+VERSION_TABLE_READ_ONLY = """
+DO $$ DECLARE grantee regrole; BEGIN
+  FOR grantee IN SELECT DISTINCT a.grantee::regrole
+      FROM pg_class c, aclexplode(c.relacl) a
+      WHERE c.oid = 'public.alembic_version'::regclass AND a.grantee NOT IN (0, c.relowner)
+        AND a.privilege_type IN ('INSERT', 'UPDATE', 'DELETE', 'TRUNCATE')
+  LOOP
+    EXECUTE 'REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON public.alembic_version FROM '
+            || grantee::text;
+  END LOOP;
+END $$
+"""
+"""``alembic_version`` records the migrator's work: other roles, such as the app's user, whom
+default privileges give every new table's rows (``components/database.py``), keep at most
+SELECT on it. Idempotent."""
+
 if context.is_offline_mode():
     raise SystemExit("offline (--sql) migrations are not supported")
 
@@ -23,3 +39,4 @@ with engine.connect() as connection:
     with context.begin_transaction():
         connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
         context.run_migrations()
+        connection.execute(text(VERSION_TABLE_READ_ONLY))
