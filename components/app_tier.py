@@ -48,7 +48,7 @@ import pulumi_digitalocean as digitalocean
 
 from components import ssh
 from components.frontend import WebSource
-from components.runtime import DropletLayout, install_env_script
+from components.runtime import APP_PORT, DropletLayout, install_env_script
 from components.settings import AppSettings, HealthCheckSettings, ScalingSettings
 
 ANYWHERE = ["0.0.0.0/0", "::/0"]
@@ -286,12 +286,12 @@ class AppTier(pulumi.ComponentResource):
     def _inbound_rules(args: AppTierArgs) -> list[digitalocean.FirewallInboundRuleArgs]:
         web = args.web_source
         rules = [digitalocean.FirewallInboundRuleArgs(
-            protocol="tcp", port_range="80",
+            protocol="tcp", port_range=str(APP_PORT),
             source_load_balancer_uids=list(web.load_balancer_uids) or None,
             source_tags=list(web.tags) or None)]
         if args.scraper_tags:
             rules.append(digitalocean.FirewallInboundRuleArgs(
-                protocol="tcp", port_range="80", source_tags=list(args.scraper_tags)))
+                protocol="tcp", port_range=str(APP_PORT), source_tags=list(args.scraper_tags)))
         if args.admin_cidrs:
             rules.append(digitalocean.FirewallInboundRuleArgs(
                 protocol="tcp", port_range="22", source_addresses=list(args.admin_cidrs)))

@@ -40,7 +40,8 @@ import pulumi_command as command
 import pulumi_digitalocean as digitalocean
 
 from components import ssh
-from components.lb_nginx import APP_PORT, UPSTREAM_PATH, render_lb_upstream
+from components.lb_nginx import UPSTREAM_PATH, render_lb_upstream
+from components.runtime import APP_PORT
 from components.settings import REPLICATION_PATH, FrontendSettings
 
 ANYWHERE = ["0.0.0.0/0", "::/0"]
@@ -143,14 +144,14 @@ class ManagedLoadBalancer(_Mode):
         hc = args.frontend.health_check
         child = pulumi.ResourceOptions(parent=parent)
         rules = [digitalocean.LoadBalancerForwardingRuleArgs(
-            entry_port=80, entry_protocol="http", target_port=80, target_protocol="http")]
+            entry_port=80, entry_protocol="http", target_port=APP_PORT, target_protocol="http")]
         if args.fqdn:
             cert = digitalocean.Certificate(
                 f"{name}-cert", type="lets_encrypt", domains=[args.fqdn], opts=child)
             self.certificate_name = cert.name
             rules.insert(0, digitalocean.LoadBalancerForwardingRuleArgs(
-                entry_port=443, entry_protocol="https", target_port=80, target_protocol="http",
-                certificate_name=cert.name))
+                entry_port=443, entry_protocol="https", target_port=APP_PORT,
+                target_protocol="http", certificate_name=cert.name))
         lb = digitalocean.LoadBalancer(
             f"{name}-lb",
             region=args.region,

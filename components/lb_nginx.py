@@ -37,7 +37,6 @@ ACME_WEBROOT = "/var/www/letsencrypt"
 TLS_CERT = "/etc/nginx/tls/webstack.crt"
 """A symlink: to a self-signed placeholder at first boot, then to Let's Encrypt's fullchain."""
 TLS_KEY = "/etc/nginx/tls/webstack.key"
-APP_PORT = 80
 PLACEHOLDER_PORT = 8081
 
 # Passive health and retries (see the template for what each one does).

@@ -44,7 +44,7 @@ import yaml
 from components import ssh
 from components.cloud_config import within_user_data_limit
 from components.metadata_firewall import metadata_bootcmd
-from components.runtime import NGINX_METRICS_PATH
+from components.runtime import APP_PORT, NGINX_METRICS_PATH
 from components.settings import AlertSettings, MonitoringSettings, Settings
 
 CONFIG_PATH = "/etc/prometheus/prometheus.yml"
@@ -53,7 +53,6 @@ ALERTMANAGER_PATH = "/etc/prometheus/alertmanager.yml"
 TARGETS_PATH = "/etc/prometheus/webstack-targets.json"
 PROMETHEUS_PORT = 9090
 ALERTMANAGER_PORT = 9093
-APP_PORT = 80
 SCRAPE_INTERVAL = "15s"
 RETENTION = "15d"
 

@@ -53,6 +53,9 @@ NGINX_MODULES = ("/usr/lib/nginx/modules/ndk_http_module.so",
 """Their modules, loaded in this order; Debian's nginx.conf loads them from modules-enabled/,
 the lab's and the tests' nginx.conf by path (lab/process.py)."""
 MICROCACHE_DIR = "/var/cache/nginx/webstack"
+APP_PORT = 80
+"""The app droplets' nginx site port: what the load balancer, the nginx LB droplets and
+Prometheus reach, and the only web port the app firewall opens."""
 SESSION_COOKIE = "session"
 """The app's session cookie (Flask's default name): its holder bypasses the micro-cache."""
 
@@ -85,7 +88,7 @@ class DropletLayout:
     """The database cluster's CA certificate (not secret): the URIs' `sslrootcert`."""
     gunicorn_bind: str = "127.0.0.1:8000"
     """Where gunicorn listens and nginx proxies to: loopback only."""
-    nginx_listen: str = "80"
+    nginx_listen: str = str(APP_PORT)
     """The nginx site's listen address (`80`, `127.0.0.11:8080`)."""
     nginx_site: str = "/etc/nginx/sites-available/webstack"
     units_dir: str = "/etc/systemd/system"
