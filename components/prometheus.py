@@ -251,7 +251,8 @@ class PrometheusServerArgs:
     ssh_cidrs: Sequence[str]
     """The only sources of SSH: `adminCidrs` and, during a deploy, the runner's address."""
     user_data: pulumi.Input[str]
-    """`render_prometheus_cloud_config` of the stack's settings, as a secret."""
+    """`render_prometheus_cloud_config` of the stack's settings (a secret when it holds
+    Alertmanager's configuration)."""
     app_private_ips: pulumi.Input[Sequence[str]]
     """The app droplets' VPC addresses: the scrape targets."""
     ssh_private_key: pulumi.Input[str] | None = None
