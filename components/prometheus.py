@@ -4,11 +4,14 @@ Creates, all children of one component:
 - `digitalocean.Droplet` (`{name}-droplet`, tagged `tag`, size `monitoring.prometheusSize`) in
   the VPC, booted by `render_prometheus_cloud_config`: Debian's/Ubuntu's `prometheus` and
   `prometheus-alertmanager` packages, the configuration, the alert rules and Alertmanager's
-  routes below;
+  routes below (with a deploy key, routes to a receiver that sends nothing until the deploy
+  delivers the real ones);
 - `digitalocean.Firewall` (`{name}-fw`): 9090 (Prometheus) and 9093 (Alertmanager) and SSH from
   `adminCidrs` only, nothing else in; all outbound (scrapes in the VPC, Slack, the SMTP relay);
 - with `ssh_private_key`: a `command.remote.Command` (`{name}-targets`) writing the scrape
-  targets file (`TARGETS_PATH`, the app droplets' private addresses) whenever they change.
+  targets file (`TARGETS_PATH`, the app droplets' private addresses) whenever they change, and
+  one (`{name}-alertmanager`) writing Alertmanager's configuration (`ALERTMANAGER_PATH`, the
+  Slack webhook and the SMTP password) whenever it changes, then reloading Alertmanager.
 
 What it scrapes, every `SCRAPE_INTERVAL`: each app droplet's `/metrics` (the app: requests,
 latency, fall-backs, its connection pools, replication lag) and `/nginx-metrics` (the droplet's
@@ -23,6 +26,11 @@ the droplet (at best custom-scoped to reading droplets), which the stack cannot 
 file is written over SSH after the new app droplets exist and before the old ones are deleted
 (Prometheus rereads it by itself), so a rolling replacement loses no scrape; without
 `sshPrivateKey` copy the `prometheus_targets` output to `TARGETS_PATH` by hand.
+
+Why Alertmanager's configuration comes over SSH too (with a deploy key, as the app droplets'
+secrets do): in the user data, the webhook and the SMTP password would be served by the
+metadata service, and a new one would replace the droplet and lose its history. Without a deploy
+key it stays in the user data (README, "What the user data holds").
 
 Renderers are pure functions of settings (and plain values), as for the other droplets;
 tests/test_prometheus.py runs promtool and amtool over what they render.
@@ -139,20 +147,23 @@ def render_targets(addresses: Sequence[str], port: int = APP_PORT) -> str:
     return json.dumps([{"targets": [f"{a}:{port}" for a in addresses]}], indent=2) + "\n"
 
 
-def render_alertmanager_config(settings: Settings) -> str:
+def render_alertmanager_config(settings: Settings, *, notify: bool = True) -> str:
     """alertmanager.yml: every alert to `alerts.emails` (through `monitoring.smtp`) and the
-    Slack channel. Holds the webhook URL and the SMTP password: a secret, like user data."""
+    Slack channel. Holds the webhook URL and the SMTP password: a secret.
+
+    notify=False: the same routes to a receiver that sends nothing, with no secret in it: what
+    the droplet starts with until the deploy delivers the real file, and the lab's."""
     alerts, smtp = settings.alerts, settings.monitoring.smtp
     receiver: dict[str, Any] = {"name": "webstack"}
     config: dict[str, Any] = {}
-    if smtp:
+    if smtp and notify:
         config["global"] = {"smtp_smarthost": smtp.smarthost, "smtp_from": smtp.sender,
                             "smtp_auth_username": smtp.username,
                             "smtp_auth_password": str(smtp.password),
                             "smtp_require_tls": True}
         receiver["email_configs"] = [{"to": email, "send_resolved": True}
                                      for email in alerts.emails]
-    if alerts.slack_url:
+    if alerts.slack_url and notify:
         receiver["slack_configs"] = [{
             "api_url": str(alerts.slack_url), "channel": alerts.slack_channel,
             "send_resolved": True,
@@ -165,14 +176,17 @@ def render_alertmanager_config(settings: Settings) -> str:
     return yaml.safe_dump(config, sort_keys=False, width=1000)
 
 
-def render_prometheus_cloud_config(settings: Settings) -> str:
+def render_prometheus_cloud_config(settings: Settings, *, over_ssh: bool) -> str:
     """The Prometheus droplet's user data. Depends on settings only, never on app addresses.
-    A secret (the Alertmanager configuration holds the Slack webhook and SMTP password)."""
+
+    over_ssh: Alertmanager's configuration is delivered over SSH (`INSTALL_ALERTMANAGER`), so
+    the user data holds a placeholder and no secret, and stays the same when a secret changes.
+    Otherwise it holds the Slack webhook and the SMTP password: a secret."""
     files = [
         (CONFIG_PATH, "0644", render_prometheus_config()),
         (RULES_PATH, "0644", render_rules(settings.alerts)),
         (TARGETS_PATH, "0644", render_targets(())),
-        (ALERTMANAGER_PATH, "0640", render_alertmanager_config(settings)),
+        (ALERTMANAGER_PATH, "0640", render_alertmanager_config(settings, notify=not over_ssh)),
         ("/etc/default/prometheus", "0644",
          f'ARGS="--storage.tsdb.retention.time={RETENTION}"\n'),
     ]
@@ -194,13 +208,31 @@ def render_prometheus_cloud_config(settings: Settings) -> str:
     return within_user_data_limit(text, "Prometheus droplet")
 
 
-INSTALL_TARGETS = (
-    f"set -eu\n{ssh.wait_for_cloud_init()}"
-    f"tmp=$(mktemp {shlex.quote(TARGETS_PATH)}.XXXXXX)\ncat > \"$tmp\"\n"
-    f"chmod 0644 \"$tmp\"\nmv \"$tmp\" {shlex.quote(TARGETS_PATH)}\n"
-)
-"""Run on the Prometheus droplet with the targets file on stdin: replaced atomically, so
-Prometheus never reads half a file."""
+def _install_script(path: str, mode: str, *, owner: str = "", check: str = "",
+                    then: str = "") -> str:
+    """Run on the Prometheus droplet with a file on stdin, once cloud-init is done: `path`
+    replaced in one move (written to a root-only mktemp file first), so no service reads half
+    a file. `check` (a command given the new file) must pass first; `then` runs after."""
+    quoted = shlex.quote(path)
+    return "".join((
+        f"set -eu\n{ssh.wait_for_cloud_init()}",
+        f"tmp=$(mktemp {quoted}.XXXXXX)\ncat > \"$tmp\"\n",
+        f"chown {owner} \"$tmp\"\n" if owner else "",
+        f"chmod {mode} \"$tmp\"\n",
+        f"{check} \"$tmp\" >/dev/null 2>&1 || {{ rm -f \"$tmp\"; echo \"{path}: refused by"
+        f" {check}\" >&2; exit 1; }}\n" if check else "",
+        f"mv \"$tmp\" {quoted}\n",
+        f"{then}\n" if then else ""))
+
+
+INSTALL_TARGETS = _install_script(TARGETS_PATH, "0644")
+"""With the targets file on stdin; Prometheus rereads it by itself."""
+
+INSTALL_ALERTMANAGER = _install_script(
+    ALERTMANAGER_PATH, "0640", owner="root:prometheus", check="amtool check-config",
+    then="systemctl reload-or-restart prometheus-alertmanager")
+"""With alertmanager.yml on stdin: checked (amtool's output, which may quote the file, is not
+shown), installed, and Alertmanager reloaded."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -218,11 +250,16 @@ class PrometheusServerArgs:
     ssh_cidrs: Sequence[str]
     """The only sources of SSH: `adminCidrs` and, during a deploy, the runner's address."""
     user_data: pulumi.Input[str]
-    """`render_prometheus_cloud_config` of the stack's settings, as a secret."""
+    """`render_prometheus_cloud_config` of the stack's settings (a secret when it holds
+    Alertmanager's configuration)."""
     app_private_ips: pulumi.Input[Sequence[str]]
     """The app droplets' VPC addresses: the scrape targets."""
     ssh_private_key: pulumi.Input[str] | None = None
-    """Deploy key: deliver the targets file on change. None: copy `targets` by hand."""
+    """Deploy key: deliver the targets file (and `alertmanager_config`) on change. None: copy
+    `targets` by hand."""
+    alertmanager_config: pulumi.Input[str] | None = None
+    """`render_alertmanager_config` (a secret) when it is not in `user_data`: delivered over
+    SSH whenever it changes. Needs `ssh_private_key` and `admin_cidrs`."""
 
 
 class PrometheusServer(pulumi.ComponentResource):
@@ -244,6 +281,10 @@ class PrometheusServer(pulumi.ComponentResource):
         super().__init__("webstack:index:PrometheusServer", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
         admin = list(args.admin_cidrs)
+        over_ssh = args.ssh_private_key is not None and bool(admin)
+        if args.alertmanager_config is not None and not over_ssh:
+            raise ValueError("PrometheusServerArgs.alertmanager_config is delivered over SSH:"
+                             " it needs ssh_private_key and admin_cidrs")
         sources = {PROMETHEUS_PORT: admin, ALERTMANAGER_PORT: admin, 22: list(args.ssh_cidrs)}
         firewall = digitalocean.Firewall(
             f"{name}-fw", tags=[args.tag],
@@ -262,12 +303,18 @@ class PrometheusServer(pulumi.ComponentResource):
             user_data=args.user_data, graceful_shutdown=True,
             opts=pulumi.ResourceOptions(parent=self, depends_on=[firewall]))
         self.targets = pulumi.Output.from_input(args.app_private_ips).apply(render_targets)
-        if args.ssh_private_key is not None and admin:
-            command.remote.Command(
-                f"{name}-targets",
-                connection=ssh.connection(droplet.ipv4_address, args.ssh_private_key),
-                create=INSTALL_TARGETS, stdin=self.targets, triggers=[droplet.id],
-                opts=pulumi.ResourceOptions(parent=self, depends_on=[firewall]))
+        if over_ssh:
+            connection = ssh.connection(droplet.ipv4_address, args.ssh_private_key)
+            # Again on a new droplet (its id) and whenever stdin changes: in place.
+            files = [("targets", INSTALL_TARGETS, self.targets)]
+            if args.alertmanager_config is not None:
+                files.append(("alertmanager", INSTALL_ALERTMANAGER,
+                              pulumi.Output.secret(args.alertmanager_config)))
+            for suffix, script, stdin in files:
+                command.remote.Command(
+                    f"{name}-{suffix}", connection=connection, create=script, stdin=stdin,
+                    triggers=[droplet.id],
+                    opts=pulumi.ResourceOptions(parent=self, depends_on=[firewall]))
         else:
             pulumi.log.warn("Prometheus's scrape targets are not delivered (no sshPrivateKey"
                             f" or adminCidrs): copy the prometheus_targets output to"

@@ -494,8 +494,9 @@ KEYS: dict[str, Key] = {key.name: key for key in [
         allowed_text="a DNS label, or `@` for the apex"),
     Key("sshKeys", "list", "keys on every droplet; names are looked up in the account",
         required=True, allowed_text="≥1 key name, id or fingerprint"),
-    Key("sshPrivateKey", "secret", "deploy steps over SSH: the app's environment file (its"
-        " secrets stay out of the user data), health gates, database grants, nginx-LB upstreams",
+    Key("sshPrivateKey", "secret", "deploy steps over SSH: the app's environment file and"
+        " Alertmanager's configuration (their secrets stay out of the user data), health gates,"
+        " database grants, nginx-LB upstreams, Prometheus's targets",
         default_text="none (required in production)",
         allowed_text="a secret OpenSSH/PEM private key; needs `adminCidrs`"),
     Key("adminCidrs", "list", "SSH sources; empty means no SSH rule at all", (),

@@ -34,6 +34,7 @@ from components.monitoring import MonitoringAlerts, MonitoringAlertsArgs
 from components.prometheus import (
     PrometheusServer,
     PrometheusServerArgs,
+    render_alertmanager_config,
     render_prometheus_cloud_config,
 )
 from components.runtime import AppSecrets, DropletLayout, render_app_env
@@ -68,11 +69,16 @@ def database_args(settings: Settings, **wiring: Any) -> DatabaseClusterArgs:
 
 
 def prometheus_args(settings: Settings, **wiring: Any) -> PrometheusServerArgs:
+    # Alertmanager's secrets as the app's: over SSH with a deploy key (which needs adminCidrs).
+    over_ssh = settings.ssh_private_key is not None
+    user_data = render_prometheus_cloud_config(settings, over_ssh=over_ssh)
+    alertmanager = pulumi.Output.secret(render_alertmanager_config(settings))
     return PrometheusServerArgs(
         monitoring=settings.monitoring, region=settings.region, tag=settings.prometheus_tag,
         image=settings.app.image, admin_cidrs=settings.admin_cidrs,
         ssh_cidrs=settings.ssh_sources,
-        user_data=pulumi.Output.secret(render_prometheus_cloud_config(settings)), **wiring)
+        user_data=user_data if over_ssh else pulumi.Output.secret(user_data),
+        alertmanager_config=alertmanager if over_ssh else None, **wiring)
 
 
 def alerts_args(settings: Settings, **wiring: Any) -> MonitoringAlertsArgs:

@@ -10,7 +10,7 @@ On loopback, beside the lab's droplets (`lab/stack.py`):
 
     <net>.30:9090       Prometheus: the configuration and the rules of
                         `components/prometheus.py`, with the lab's addresses
-    <net>.30:9093       Alertmanager: its rendered routes, with no Slack and no SMTP (the lab
+    <net>.30:9093       Alertmanager: its rendered routes to a receiver that sends nothing (the lab
                         tells nobody; the alerts it receives are read from its API)
     <net>.1i:9113       droplet i's prometheus-nginx-exporter (`nginx_exporter_args` of the
                         droplet's layout), behind its nginx's /nginx-metrics
@@ -23,7 +23,6 @@ production hold times are proven by `promtool test rules` (tests/test_prometheus
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import signal
 import subprocess
@@ -65,10 +64,6 @@ class Monitor:
         """Write the configuration, start everything, wait until Prometheus is ready."""
         self.dir.mkdir(parents=True, exist_ok=True)
         settings = self.lab.settings
-        quiet = dataclasses.replace(
-            settings, alerts=dataclasses.replace(settings.alerts, slack_url=None,
-                                                 slack_channel=None),
-            monitoring=dataclasses.replace(settings.monitoring, smtp=None))
         files = {
             "prometheus.yml": render_prometheus_config(
                 targets_file=str(self.dir / "targets.json"),
@@ -76,7 +71,7 @@ class Monitor:
                 alertmanager=self.alertmanager, scrape_interval=SCRAPE_INTERVAL),
             "rules.yml": render_rules(settings.alerts, hold=HOLD),
             "targets.json": self.render_targets(),
-            "alertmanager.yml": render_alertmanager_config(quiet),
+            "alertmanager.yml": render_alertmanager_config(settings, notify=False),
         }
         for name, text in files.items():
             (self.dir / name).write_text(text)

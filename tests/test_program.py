@@ -84,6 +84,31 @@ def test_no_prod_droplet_user_data_holds_a_password_a_uri_with_one_or_the_secret
         assert "mock-pool-password" in gate.inputs["stdin"]
 
 
+def test_nor_does_the_prometheus_droplet_s_user_data_hold_the_webhook_or_smtp_password(
+        tmp_path: Path):
+    """Prod with `monitoring.prometheus`, an SMTP relay and the Slack webhook: Alertmanager's
+    configuration goes over SSH too (the secret stdin of `prod-prometheus-alertmanager`), and no
+    droplet's user data carries the webhook, the SMTP password or the app's secrets."""
+    data = yaml.safe_load((ROOT / "Pulumi.prod.yaml").read_text())
+    data["config"]["webstack:monitoring"] = {"prometheus": True, "smtp": {
+        "smarthost": "smtp.example.com:587", "from": "alerts@example.com", "username": "apikey",
+        "password": {"secure": "v1:offline-placeholder"}}}
+    path = tmp_path / "Pulumi.prod.yaml"
+    path.write_text(yaml.safe_dump(data))
+    settings = settings_for_stack_file(path)
+    alerting = {str(settings.alerts.slack_url), str(settings.monitoring.smtp.password)}
+    run = run_program(path)
+    droplets = run.of_type("index/droplet:Droplet")
+    assert "prod-prometheus-droplet" in {d.name for d in droplets}
+    for droplet in droplets:
+        assert not [v for v in alerting | secret_values(run)
+                    if v in droplet.inputs["userData"]], droplet.name
+    [delivery] = [c for c in run.of_type("remote:Command")
+                  if c.name == "prod-prometheus-alertmanager"]
+    assert "stdin" in delivery.secret_inputs
+    assert all(v in delivery.inputs["stdin"] for v in alerting)
+
+
 def test_staging_without_a_deploy_key_is_the_documented_exception():
     """No deploy key, no SSH: the environment file with the secrets is in the user data (README,
     "What the user data holds"), which is then a secret input."""

@@ -1,24 +1,32 @@
 """The Prometheus droplet's files, checked by the real tools (Debian's promtool and amtool,
 installed by scripts/install-system-deps.sh): the configuration and the rules as cloud-init
-writes them, Alertmanager's routes, and `promtool test rules` over every alert rule."""
+writes them, Alertmanager's routes (and their delivery over SSH with a deploy key), and
+`promtool test rules` over every alert rule."""
 
 from __future__ import annotations
 
+import dataclasses
+import grp
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pulumi
+import pytest
 import yaml
 
 from components import cost
 from components.prometheus import (
     ALERTMANAGER_PATH,
     CONFIG_PATH,
+    INSTALL_ALERTMANAGER,
     RULES_PATH,
     TARGETS_PATH,
+    PrometheusServer,
     alert_rules,
     render_alertmanager_config,
     render_prometheus_cloud_config,
@@ -26,9 +34,10 @@ from components.prometheus import (
     render_targets,
 )
 from components.settings import droplet_size
-from tests.factories import SLACK_URL, settings_for
+from components.stack import prometheus_args
+from tests.factories import DEPLOY_KEY, SLACK_URL, settings_for
 from tests.runtime_helpers import cloud_init_schema
-from tools.mocks import run_program
+from tools.mocks import Resource, Run, run_function, run_program
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,10 +60,13 @@ def _written(user_data: str) -> dict[str, str]:
     return {entry["path"]: entry["content"] for entry in document["write_files"]}
 
 
-def test_what_cloud_init_writes_passes_promtool_and_amtool(tmp_path):
-    """At the droplet's own paths: /etc/prometheus is this test's, in a mount namespace."""
+@pytest.mark.parametrize("over_ssh", [True, False], ids=["placeholder", "secrets"])
+def test_what_cloud_init_writes_passes_promtool_and_amtool(tmp_path, over_ssh):
+    """At the droplet's own paths: /etc/prometheus is this test's, in a mount namespace. With a
+    deploy key Alertmanager starts from a placeholder that sends nothing and holds no secret
+    (the real file comes over SSH); without one, from the real file."""
     settings = _settings(smtp=SMTP)
-    user_data = render_prometheus_cloud_config(settings)
+    user_data = render_prometheus_cloud_config(settings, over_ssh=over_ssh)
     schema = cloud_init_schema(user_data, tmp_path)
     assert schema.returncode == 0, schema.stdout + schema.stderr
     etc = tmp_path / "etc-prometheus"
@@ -72,6 +84,8 @@ def test_what_cloud_init_writes_passes_promtool_and_amtool(tmp_path):
     assert f"SUCCESS: {len(alert_rules(settings.alerts))} rules found" in checked.stdout
     assert " - 1 receivers" in checked.stdout
     assert json.loads(files[TARGETS_PATH]) == [{"targets": []}]  # until the deploy writes it
+    assert (files[ALERTMANAGER_PATH] == render_alertmanager_config(settings)) is not over_ssh
+    assert (SLACK_URL in user_data and SMTP["password"] in user_data) is not over_ssh
 
 
 def test_alertmanager_sends_every_alert_to_the_emails_and_slack():
@@ -119,7 +133,107 @@ def test_the_unit_tests_catch_alerts_that_fire_too_soon(tmp_path):
 
 def test_rendering_is_byte_identical():
     settings = _settings(smtp=SMTP)
-    assert render_prometheus_cloud_config(settings) == render_prometheus_cloud_config(settings)
+    for over_ssh in (True, False):
+        assert render_prometheus_cloud_config(settings, over_ssh=over_ssh) == \
+            render_prometheus_cloud_config(settings, over_ssh=over_ssh)
+
+
+# --------------------------------------------------------------------------- Alertmanager's secrets
+
+
+def _prometheus(settings) -> Run:
+    """The PrometheusServer of `settings` under the mocks; exports its droplet's id."""
+    def program():
+        server = PrometheusServer("prom", prometheus_args(
+            settings, vpc_id="vpc-1", ssh_keys=["deploy"], app_private_ips=["10.20.0.5"],
+            ssh_private_key=pulumi.Output.secret(DEPLOY_KEY)
+            if settings.ssh_private_key else None))
+        pulumi.export("droplet_id", server.droplet_id)
+
+    return run_function(program, stack=settings.stack)
+
+
+def _delivery(run: Run) -> Resource:
+    [command] = [c for c in run.of_type("Command") if c.name == "prom-alertmanager"]
+    return command
+
+
+def test_a_new_webhook_or_smtp_password_is_delivered_in_place_not_in_the_user_data():
+    """With a deploy key the user data is the same byte for byte (no replacement, Prometheus
+    keeps its history); only the secret stdin of `prom-alertmanager` changes, which runs it
+    again on the same droplet (same triggers). Without one, the user data changes."""
+    rotated = dict(SMTP, password="smtp-rotated-password")
+    old, new = _settings(smtp=SMTP), settings_for(
+        "prod", monitoring={"prometheus": True, "smtp": rotated},
+        alerts={"slackUrl": SLACK_URL.replace("not-a-real-hook", "rotated-hook")})
+    assert render_prometheus_cloud_config(old, over_ssh=True) == \
+        render_prometheus_cloud_config(new, over_ssh=True)
+    assert render_alertmanager_config(old) != render_alertmanager_config(new)
+    before, after = _prometheus(old), _prometheus(new)
+    droplet = after.one("index/droplet:Droplet")
+    assert droplet.inputs == before.one("index/droplet:Droplet").inputs, \
+        "nothing that replaces the droplet changes"
+    assert "userData" not in droplet.secret_inputs, "it holds no secret"
+    assert sorted(c.name for c in after.of_type("Command")) == ["prom-alertmanager",
+                                                                 "prom-targets"]
+    delivery, previous = _delivery(after), _delivery(before)
+    assert "stdin" in delivery.secret_inputs
+    assert delivery.inputs["stdin"] == render_alertmanager_config(new)
+    assert "rotated-hook" in delivery.inputs["stdin"] and "smtp-rotated-password" in \
+        delivery.inputs["stdin"]
+    assert delivery.inputs["stdin"] != previous.inputs["stdin"]
+    assert delivery.inputs["create"] == previous.inputs["create"] == INSTALL_ALERTMANAGER
+    assert delivery.inputs["triggers"] == previous.inputs["triggers"] == [
+        after.outputs["droplet_id"]]
+    staging = [_prometheus(dataclasses.replace(s, ssh_private_key=None)) for s in (old, new)]
+    user_data = [run.one("index/droplet:Droplet").inputs["userData"] for run in staging]
+    assert user_data[0] != user_data[1]
+    assert "userData" in staging[0].one("index/droplet:Droplet").secret_inputs
+    assert not staging[0].of_type("Command")
+    with pytest.raises(Exception, match="alertmanager_config is delivered over SSH"):
+        _prometheus(dataclasses.replace(old, admin_cidrs=()))
+
+
+def _install(etc: Path, bin_dir: Path, config: str) -> subprocess.CompletedProcess:
+    """INSTALL_ALERTMANAGER as root with `config` on stdin, /etc/prometheus being `etc` (a
+    mount namespace), cloud-init and systemctl stand-ins, the real amtool, chown and mktemp."""
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    return subprocess.run(
+        ["unshare", "-m", "sh", "-ec", 'mount --bind "$1" /etc/prometheus && exec sh -c "$2"',
+         "sh", str(etc), INSTALL_ALERTMANAGER],
+        input=config, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_the_delivered_alertmanager_file_is_checked_installed_root_prometheus_0640_and_reloaded(
+        tmp_path):
+    assert shutil.which("amtool") and shutil.which("unshare")
+    etc, bin_dir = tmp_path / "etc-prometheus", tmp_path / "bin"
+    etc.mkdir(), bin_dir.mkdir()
+    log = tmp_path / "systemctl.log"
+    for name, body in {"cloud-init": "exit 0", "systemctl": f'echo "$*" >> {log}'}.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    settings = _settings(smtp=SMTP)
+    installed = etc / Path(ALERTMANAGER_PATH).name
+    placeholder = _written(render_prometheus_cloud_config(settings, over_ssh=True))[
+        ALERTMANAGER_PATH]
+    installed.write_text(placeholder)
+    config = render_alertmanager_config(settings)
+    done = _install(etc, bin_dir, config)
+    assert done.returncode == 0, done.stderr
+    assert installed.read_text() == config
+    assert installed.stat().st_mode & 0o777 == 0o640
+    assert (installed.stat().st_uid, installed.stat().st_gid) == (0, grp.getgrnam(
+        "prometheus").gr_gid)
+    assert log.read_text().splitlines() == ["reload-or-restart prometheus-alertmanager"]
+    # A file amtool refuses is not installed: the running one stays, nothing is reloaded.
+    refused = _install(etc, bin_dir, config.replace("receiver: webstack", "receiver: nobody"))
+    assert refused.returncode == 1
+    assert "refused by amtool check-config" in refused.stderr
+    assert SMTP["password"] not in refused.stdout + refused.stderr
+    assert installed.read_text() == config
+    assert log.read_text().splitlines() == ["reload-or-restart prometheus-alertmanager"]
+    assert sorted(p.name for p in etc.iterdir()) == [installed.name], "no file left behind"
 
 
 # --------------------------------------------------------------------------- in the program
@@ -151,7 +265,7 @@ def test_prometheus_is_reachable_from_admin_cidrs_only_and_scrapes_over_the_vpc(
     settings = settings_for("prod")
     [droplet] = [d for d in run.of_type("Droplet") if d.name.endswith("-prometheus-droplet")]
     assert droplet.inputs["tags"] == ["webstack-prodprom-prometheus"]
-    assert "userData" in droplet.secret_inputs
+    assert "userData" not in droplet.secret_inputs, "with the deploy key it holds no secret"
     [firewall] = [f for f in run.of_type("Firewall") if f.name.endswith("-prometheus-fw")]
     admin = yaml.safe_load((ROOT / "Pulumi.prod.yaml").read_text())["config"][
         "webstack:adminCidrs"]
