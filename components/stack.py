@@ -72,13 +72,13 @@ def prometheus_args(settings: Settings, **wiring: Any) -> PrometheusServerArgs:
     # Alertmanager's secrets as the app's: over SSH with a deploy key (which needs adminCidrs).
     over_ssh = settings.ssh_private_key is not None
     user_data = render_prometheus_cloud_config(settings, over_ssh=over_ssh)
-    alertmanager = pulumi.Output.secret(render_alertmanager_config(settings))
     return PrometheusServerArgs(
         monitoring=settings.monitoring, region=settings.region, tag=settings.prometheus_tag,
         image=settings.app.image, admin_cidrs=settings.admin_cidrs,
         ssh_cidrs=settings.ssh_sources,
         user_data=user_data if over_ssh else pulumi.Output.secret(user_data),
-        alertmanager_config=alertmanager if over_ssh else None, **wiring)
+        alertmanager_config=pulumi.Output.secret(render_alertmanager_config(settings))
+        if over_ssh else None, **wiring)
 
 
 def alerts_args(settings: Settings, **wiring: Any) -> MonitoringAlertsArgs:

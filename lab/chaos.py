@@ -102,6 +102,13 @@ def write(n: int) -> Request:
     return Request("POST", "/api/notes", json.dumps({"text": f"chaos {n}"}).encode(), tag="write")
 
 
+def read_at(key: str) -> Request:
+    """`read` at a URI of its own (`&probe=key`): the droplets' micro-cache (prod) answers
+    anonymous reads of one URI from memory, and such a read reaches the app."""
+    request = read(0)
+    return replace(request, path=f"{request.path}&probe={key}")
+
+
 def mostly_writes(n: int) -> Request:
     """Three writes (the pool's work) for each read."""
     return read(n) if n % 4 == 3 else write(n)
@@ -441,7 +448,7 @@ def brownout_mix(n: int) -> Request:
     """`mixed`, each read at a URI of its own: the droplets' micro-cache (prod) answers
     anonymous reads of one URI from memory, and this load is for the app's database routes."""
     request = mixed(n)
-    return replace(request, path=f"{request.path}&n={n}") if request.tag == "read" else request
+    return read_at(str(n)) if request.tag == "read" else request
 
 
 def _cached_reads(lab: Lab, t0: float, stop: threading.Event, seen: list[Sample]) -> None:
@@ -651,8 +658,7 @@ def _served_by(reader: Client, phase: str, reads: int = 10) -> Counter:
     """Where `reads` list reads were answered, each at a URI of its own: the droplets'
     micro-cache (prod) would otherwise answer most of them with what the app said earlier, up
     to its `inactive` time before (stale while updating)."""
-    samples = [reader.send(Request("GET", f"/api/notes?limit=5&probe={phase}-{n}", tag="read"))
-               for n in range(reads)]
+    samples = [reader.send(read_at(f"{phase}-{n}")) for n in range(reads)]
     return Counter(s.served_by if _reached_app(s) else "micro-cache" for s in samples)
 
 

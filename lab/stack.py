@@ -440,9 +440,7 @@ class Lab:
         shutil.rmtree(droplet.dir, ignore_errors=True)
         self.write_droplet(droplet)
         self._migrate(droplet)
-        self.start_gunicorn(droplet)
-        self.start_nginx(droplet)
-        self.wait_droplet_healthy(droplet)
+        self.restart_droplet(droplet)  # its first start: gunicorn, nginx, /healthz answered
         self.droplets.append(droplet)
         self._save_state()
         if self.mode == "managed":
