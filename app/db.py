@@ -459,6 +459,8 @@ class Database:
         failure marks the replica skipped for the retry window and is raised."""
         try:
             reply = self._send(node, (query,), write=False)
+        except Unanswered:
+            raise  # not tried: the attempt under way decides whether the replica is skipped
         except UNAVAILABLE as exc:
             node.skip_until = time.monotonic() + self._retry_seconds
             log.warning("%s failed, reading elsewhere: %s", node.name, exc)

@@ -212,6 +212,22 @@ def test_writes_to_a_primary_that_stopped_answering_fail_at_once_but_one(pg_clus
     assert not app.extensions["webstack"].database.primary.failing
 
 
+def test_a_read_refused_while_a_replica_is_tried_leaves_it_unskipped(make_app, caplog):
+    """A read that did not try the failing replica (another attempt was under way) goes to the
+    primary without marking the replica skipped: that attempt's own outcome decides."""
+    app = make_app()
+    replica = app.extensions["webstack"].database.replicas[0]
+    replica.failing, replica.in_flight = True, 1  # as while the lag sampler tries it
+    try:
+        listed = app.test_client().get("/api/notes")
+    finally:
+        replica.failing, replica.in_flight = False, 0
+    assert listed.status_code == 200
+    assert listed.headers["X-Served-By"] == "primary"
+    assert replica.skip_until == 0
+    assert "reading elsewhere" not in caplog.text
+
+
 def _timed_post(app) -> tuple[int, float]:
     started = time.monotonic()
     status = app.test_client().post("/api/notes", json=NOTE).status_code
