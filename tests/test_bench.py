@@ -175,3 +175,21 @@ def test_python_fallback_counts_rate_latency_and_errors():
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_spread_counts_the_cpu_of_each_worker_not_the_master(tmp_path):
+    from lab import spread
+
+    master = subprocess.Popen(["sh", "-c", "sleep 30 & sleep 30 & wait"], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while len(ticks := spread.worker_ticks(master.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(ticks) == 2 and master.pid not in ticks
+        assert all(t >= 0 for t in ticks.values())
+    finally:
+        os.killpg(master.pid, signal.SIGKILL)
+        master.wait()
+    with pytest.raises(SystemExit) as exited:
+        spread.main([str(tmp_path / "none.pid"), "http://127.0.0.1:1/"])
+    assert exited.value.code == 2
