@@ -592,6 +592,7 @@ def chart(report: dict, path: Path) -> Path:
             bars = axis.barh(names, [m[figure_name] for m in measured], color=colors)
             axis.bar_label(bars, fmt="%.0f" if figure_name == "rps" else "%.1f", fontsize=8)
             axis.margins(x=0.15)
+            axis.locator_params(axis="x", nbins=4)  # 20,000-wide axes: labels apart
             axis.invert_yaxis()
             axis.set_xlabel(unit)
             axis.set_title(f"{PATHS[key]}: {unit}")
