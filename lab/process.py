@@ -82,6 +82,12 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
+def cpu_ticks(pid: int) -> int | None:
+    """CPU time `pid` has used (user + system), in clock ticks; None once it is gone."""
+    fields = _stat(pid)
+    return int(fields[11]) + int(fields[12]) if fields else None
+
+
 def descendants(pid: int) -> list[int]:
     """`pid` and every live process forked from it, at any depth."""
     children: dict[int, list[int]] = {}

@@ -17,20 +17,13 @@ import sys
 from pathlib import Path
 
 from lab.bench import CONNECTIONS, DURATION, run_wrk
-from lab.process import descendants, read_pid
+from lab.process import cpu_ticks, descendants, read_pid
 
 
 def worker_ticks(master: int) -> dict[int, int]:
     """CPU clock ticks (user + system) of each live worker of gunicorn `master`."""
-    ticks = {}
-    for pid in descendants(master):
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            continue
-        if pid != master:
-            ticks[pid] = int(fields[11]) + int(fields[12])
-    return ticks
+    ticks = {pid: cpu_ticks(pid) for pid in descendants(master) if pid != master}
+    return {pid: t for pid, t in ticks.items() if t is not None}
 
 
 def main(argv: list[str] | None = None) -> int:
