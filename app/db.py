@@ -91,6 +91,7 @@ from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg.pq import TransactionStatus
 from psycopg.rows import namedtuple_row
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
@@ -117,7 +118,7 @@ SLOW_WORK_SECONDS = 0.5
 
 _DIALECT = PGDialect_psycopg()
 _FIRST = (
-    "SELECT set_config('statement_timeout', %(timeout)s, true),"
+    "SELECT set_config('statement_timeout', '{timeout_ms:d}', true),"
     " pg_is_in_recovery() AS in_recovery, pg_last_wal_replay_lsn()::text AS replayed"
 )
 _WAL_POSITION = "SELECT pg_current_wal_insert_lsn()::text AS lsn"
@@ -270,6 +271,9 @@ def make_engine(url: URL, settings: Settings) -> Engine:
         pool_size=settings.pool_size,
         max_overflow=settings.max_overflow,
         pool_timeout=settings.pool_timeout,
+        # No ROLLBACK call at check-in: in autocommit mode a connection is left inside a
+        # transaction only by a message that failed, and _send_once drops that one.
+        pool_reset_on_return=None,
         use_native_hstore=False,  # no type look-up (in a transaction of its own) at first connect
         connect_args={
             "connect_timeout": settings.connect_timeout,
@@ -351,6 +355,7 @@ class Database:
             for index, url in enumerate(settings.replica_urls)
         ]
         self._statement_timeout_ms = settings.statement_timeout_ms
+        self._first = _FIRST.format(timeout_ms=settings.statement_timeout_ms)
         self._retry_seconds = settings.replica_retry_seconds
         self._on_fallback = on_fallback
         self._turn = itertools.count()
@@ -503,8 +508,8 @@ class Database:
             pooled.invalidate()
             raise NotPrimary("DATABASE_URL leads to a server in recovery") from None
         except psycopg.Error as exc:
-            if connection.closed:
-                pooled.invalidate()
+            if connection.closed or connection.info.transaction_status != TransactionStatus.IDLE:
+                pooled.invalidate()  # closed, or a write's BEGIN left its transaction failed
             raise (ConnectionLost if connection.broken else type(exc))(_message(exc)) from None
         finally:
             pooled.close()
@@ -517,9 +522,8 @@ class Database:
             timeout_ms / 1000 * max(len(statements), 1) + ROUND_TRIP_MARGIN
         )
         with connection.cursor(row_factory=namedtuple_row) as cursor:
-            parts = [cursor.mogrify(_FIRST, {"timeout": str(timeout_ms)}),
-                     *(cursor.mogrify(statement.sql, statement.params)
-                       for statement in statements)]
+            parts = [self._first, *(cursor.mogrify(statement.sql, statement.params)
+                                    for statement in statements)]
             if write:
                 parts = ["BEGIN", *parts, "COMMIT", _WAL_POSITION]
             cursor.execute("; ".join(parts))

@@ -39,6 +39,13 @@ between droplets and a managed database would: the bench the worker model is cho
 with the environment the stack gets with that gunicornThreads. A PNG chart (rps and p99 per
 target) is written next to the report.
 
+Where the processes run (`--cores`, `place`): by default (`split`) droplet 1's nginx and
+gunicorn, and every other droplet and variant, share the first core, while PostgreSQL,
+pgbouncer, the frontend, the delay proxies and wrk run on the others: a one-vCPU droplet
+(prod's s-1vcpu-1gb) whose database, load balancer and clients are other machines, as on
+DigitalOcean, so the database's CPU is not counted against the app's. `shared` lets every
+process use every core (the layout of the runs before 2026-12-01).
+
 The extra servers live in `droplet-1-<variant>/` under the state directory, so `stop_lab`
 (and `make lab-down`) stops them with the lab.
 
@@ -46,8 +53,8 @@ Cost per 100 requests per second: every droplet of the lab runs on this one mach
 frontend's figure is what N droplets squeezed onto these cores deliver, not what N real
 droplets would. Two figures are reported: the lab's own (droplet price x count / (frontend rps
 / 100)) and an estimate with per-droplet capacity = droplet 1's rps through its nginx x the
-droplet size's vCPUs / the cores the lab had (which it shared with PostgreSQL, pgbouncer and
-the load generator). Only the app droplets are priced (not the LB or the database).
+droplet size's vCPUs / the cores the droplets ran on. Only the app droplets are priced (not
+the LB or the database).
 """
 
 from __future__ import annotations
@@ -63,7 +70,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -73,7 +81,14 @@ from app.db import LAG_SAMPLER_QUERIES
 from components.render import template_environment
 from components.settings import MicrocacheSettings, Settings
 from lab.load import Client, Load, Request
-from lab.process import START_TIMEOUT, http_status, terminate_on_signal, wait_until
+from lab.process import (
+    START_TIMEOUT,
+    descendants,
+    http_status,
+    lab_pid,
+    terminate_on_signal,
+    wait_until,
+)
 from lab.stack import LABS_DIR, ROOT, Droplet, Lab, stack_file, stop_lab
 
 DURATION = 3
@@ -271,6 +286,41 @@ def start_variants(lab: Lab, threads: Sequence[int] = ()) -> dict[str, str]:
     }
 
 
+def place(lab: Lab, layout: str) -> dict[str, list[int]]:
+    """Pin every process of the started lab to cores, by `layout`:
+
+    - `split` (2 cores or more): the droplets' nginx and gunicorn (every variant too) on the
+      first core; PostgreSQL, pgbouncer, the frontend, this process (the delay proxies) and
+      wrk on the others. A droplet of one vCPU, prod's s-1vcpu-1gb, whose database, load
+      balancer and clients run on machines of their own, as on DigitalOcean: the database's
+      CPU is not counted against the app.
+    - `shared`: everything on every core, the database's work competing with the app's.
+
+    Processes forked later (a recycled gunicorn worker, a database backend) inherit their
+    parent's cores. The cores of each side, by name."""
+    cores = sorted(os.sched_getaffinity(0))
+    if layout == "shared" or len(cores) < 2:
+        return {"droplets": cores, "outside": cores}
+    sides = {"droplets": cores[:1], "outside": cores[1:]}
+    droplets = {pid for directory in lab.state_dir.glob("droplet-*")
+                for name in ("nginx.pid", "gunicorn.pid")
+                if (server := lab_pid(directory / name, lab.state_dir))
+                for pid in descendants(server)}
+    _pin(lab.pids() - droplets, sides["outside"])
+    _pin([os.getpid()], sides["outside"])  # wrk, started later, inherits them
+    _pin(droplets, sides["droplets"])
+    return sides
+
+
+def _pin(pids: Iterable[int], cores: list[int]) -> None:
+    """Every thread of `pids` on `cores` (affinity is per thread; new ones inherit it)."""
+    for pid in pids:
+        with suppress(FileNotFoundError):
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                with suppress(ProcessLookupError):
+                    os.sched_setaffinity(int(task.name), cores)
+
+
 def seed_notes(url: str, count: int = SEED_NOTES) -> None:
     client = Client(url)
     for n in range(count):
@@ -378,19 +428,18 @@ def ratios(medians: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
     return found
 
 
-def cost(lab: Lab, medians: dict[str, dict[str, float]]) -> dict[str, object]:
-    """USD per month per 100 requests per second, from the app droplets' price alone."""
+def cost(lab: Lab, medians: dict[str, dict[str, float]], cores: int) -> dict[str, object]:
+    """USD per month per 100 requests per second, from the app droplets' price alone;
+    `cores`: how many the droplets ran on."""
     size, count = lab.settings.app.size, lab.settings.app.running_droplets
     monthly = float(size.monthly_usd) * count
-    cores = len(os.sched_getaffinity(0))
     found: dict[str, object] = {
         "droplet_size": size.slug, "droplet_vcpus": size.vcpus, "droplets": count,
         "droplets_monthly_usd": monthly, "lab_cores": cores,
         "assumption": (f"per-droplet capacity = droplet 1's rps through its nginx (no "
-                       f"micro-cache) x "
-                       f"{size.vcpus} vCPU / {cores} lab cores (shared with PostgreSQL, "
-                       "pgbouncer and the load generator); the lab runs all droplets on this "
-                       "one machine, so the frontend's rps is not N real droplets' rps"),
+                       f"micro-cache) x {size.vcpus} vCPU / the {cores} lab core(s) the "
+                       "droplets ran on; the lab runs all droplets on those cores, so the "
+                       "frontend's rps is not N real droplets' rps"),
     }
     for key in PATHS:
         frontend = medians[f"{key}/frontend"]["rps"]
@@ -430,16 +479,23 @@ def _wrk_version() -> str | None:
 
 def run_bench(lab: Lab, *, tool: str = "wrk", duration: int = DURATION, repeats: int = REPEATS,
               connections: int = CONNECTIONS, warmup: int = WARMUP,
-              db_delay_ms: float = 0, threads: Sequence[int] = ()) -> dict[str, object]:
-    """Measure a started lab; the report as a dict."""
-    started, load_at_start = time.monotonic(), os.getloadavg()[0]
+              db_delay_ms: float = 0, threads: Sequence[int] = (),
+              layout: str = "split") -> dict[str, object]:
+    """Measure a started lab, its processes placed by `layout` (`place`); the report as a
+    dict."""
+    started, load_at_start, host = time.monotonic(), os.getloadavg()[0], machine()
     for proxy in lab.proxies.values():
         proxy.delay = db_delay_ms / 2000  # each way
     seed_notes(lab.url)
     urls = targets(start_variants(lab, threads), lab.settings.frontend.health_check.path)
-    trips = round_trips(lab)
-    runs = measure(urls, tool=tool, duration=duration, repeats=repeats,
-                   connections=connections, warmup=warmup)
+    own = sorted(os.sched_getaffinity(0))
+    cores = place(lab, layout)
+    try:
+        trips = round_trips(lab)
+        runs = measure(urls, tool=tool, duration=duration, repeats=repeats,
+                       connections=connections, warmup=warmup)
+    finally:
+        _pin([os.getpid()], own)  # a caller (pytest) goes on with every core
     medians = {name: {**median_of(rs), "url": urls[name], "runs": [dataclasses.asdict(r)
                                                                    for r in rs]}
                for name, rs in runs.items()}
@@ -447,7 +503,7 @@ def run_bench(lab: Lab, *, tool: str = "wrk", duration: int = DURATION, repeats:
     return {
         "stack": lab.settings.stack,
         "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "machine": machine(),
+        "machine": host,
         "stack_shape": {"droplets": app.running_droplets, "droplet_size": app.droplet_size,
                         "gunicorn_workers": app.workers, "gunicorn_threads": app.gunicorn_threads,
                         "frontend": lab.mode, "microcache": dataclasses.asdict(app.microcache)},
@@ -455,13 +511,14 @@ def run_bench(lab: Lab, *, tool: str = "wrk", duration: int = DURATION, repeats:
                             "nginx": "least_conn, no upstream keepalive",
                             "proxy_timeouts": ORIGINAL_TIMEOUTS},
         "db_delay_ms": db_delay_ms,
+        "cores": {"layout": layout, **cores},
         "round_trips": trips,
         "load": {"tool": tool, "duration_s": duration, "repeats": repeats,
                  "connections": connections, "warmup_s": warmup,
                  "statistic": "median of the runs, per figure"},
         "measurements": medians,
         "ratios": ratios(medians),
-        "cost": cost(lab, medians),
+        "cost": cost(lab, medians, len(cores["droplets"])),
         "gunicorn_worker_recycles": worker_recycles(lab),
         "load_average": {"start": load_at_start, "end": os.getloadavg()[0]},
         "seconds": round(time.monotonic() - started, 1),
@@ -476,6 +533,7 @@ def table(report: dict) -> str:
              f"{report['machine']['nproc']} cores ({report['machine']['cpu']}), "
              f"{report['load']['tool']}: {report['load']['connections']} connections, "
              f"{report['load']['repeats']} x {report['load']['duration_s']} s per target",
+             f"cores: {_cores(report['cores'])}",
              f"load average (1 min) {report['load_average']['start']:.2f} at the start, "
              f"{report['load_average']['end']:.2f} at the end",
              "", f"{'measurement':<28} {'rps':>7} {'(min-max)':>13} {'p50 ms':>8} {'p99 ms':>8} "
@@ -509,6 +567,13 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _cores(cores: dict) -> str:
+    if cores["layout"] == "shared":
+        return f"shared: every process on cores {cores['droplets']}"
+    return (f"split: the droplets' nginx and gunicorn on {cores['droplets']}, the database, "
+            f"the frontend and wrk on {cores['outside']}")
+
+
 def chart(report: dict, path: Path) -> Path:
     """rps and p99 of every target, per path, the original design's beside webstack's."""
     import matplotlib
@@ -527,14 +592,15 @@ def chart(report: dict, path: Path) -> Path:
             bars = axis.barh(names, [m[figure_name] for m in measured], color=colors)
             axis.bar_label(bars, fmt="%.0f" if figure_name == "rps" else "%.1f", fontsize=8)
             axis.margins(x=0.15)
+            axis.locator_params(axis="x", nbins=4)  # 20,000-wide axes: labels apart
             axis.invert_yaxis()
             axis.set_xlabel(unit)
             axis.set_title(f"{PATHS[key]}: {unit}")
             axis.grid(axis="x", alpha=0.3)
     delay = f", database +{report['db_delay_ms']:g} ms" if report["db_delay_ms"] else ""
     figure.suptitle(f"webstack (blue) and the original design (grey), stack "
-                    f"{report['stack']}, {report['date']}, {report['machine']['nproc']} cores"
-                    f"{delay}")
+                    f"{report['stack']}, {report['date']}, {report['machine']['nproc']} cores "
+                    f"({report['cores']['layout']}){delay}")
     figure.savefig(path, dpi=80)
     pyplot.close(figure)
     return path
@@ -556,6 +622,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep the state directory (logs) after the run")
     parser.add_argument("--db-delay", type=float, default=0, metavar="MS",
                         help="milliseconds added to every database round trip (a proxy)")
+    parser.add_argument("--cores", choices=("split", "shared"), default="split",
+                        help="split: the droplets on one core, the database, frontend and "
+                             "wrk on the others (default); shared: all on every core")
     parser.add_argument("--threads", type=int, nargs="*", default=[], metavar="N",
                         help="a gthread gunicorn more per count: gunicorn_t<N>")
     args = parser.parse_args(argv)
@@ -573,7 +642,8 @@ def main(argv: list[str] | None = None) -> int:
         lab.start()
         report = run_bench(lab, tool=args.tool, duration=args.duration, repeats=args.repeats,
                            connections=args.connections, warmup=args.warmup,
-                           db_delay_ms=args.db_delay, threads=sorted(set(args.threads)))
+                           db_delay_ms=args.db_delay, threads=sorted(set(args.threads)),
+                           layout=args.cores)
     finally:
         lab.stop()
     if not args.keep_state:

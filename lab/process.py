@@ -82,6 +82,25 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
+def cpu_ticks(pid: int) -> int | None:
+    """CPU time `pid` has used (user + system), in clock ticks; None once it is gone."""
+    fields = _stat(pid)
+    return int(fields[11]) + int(fields[12]) if fields else None
+
+
+def descendants(pid: int) -> list[int]:
+    """`pid` and every live process forked from it, at any depth."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (fields := _stat(int(entry.name))) and fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, queue = [], [pid]
+    while queue:
+        found.append(queue.pop())
+        queue.extend(children.get(found[-1], ()))
+    return found
+
+
 def signal_group(pid: int | None, sig: int) -> None:
     """Send `sig` to `pid`'s process group when it leads one, else to `pid` alone."""
     if not running(pid):

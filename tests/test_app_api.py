@@ -28,6 +28,28 @@ def test_list_is_newest_first_and_limited(client):
     assert len(client.get("/api/notes?limit=100").get_json()["notes"]) <= 100
 
 
+def test_the_list_postgresql_writes_is_what_each_note_s_own_url_gives(client, run_sql, pg_cluster):
+    """The list's JSON comes from PostgreSQL, a note's from Python: the same values, the same
+    time format (microseconds even when they are 0), the same order (ties by id)."""
+    texts = ['quote " backslash \\ tab \t newline \n', "é ✓ \u2028 😀", "</script>"]
+    ids = [client.post("/api/notes", json={"text": text}).get_json()["id"] for text in texts]
+    run_sql("UPDATE notes SET created_at = '2030-01-02 03:04:05+00' WHERE id = ANY(%s)", (ids,))
+    pg_cluster.wait_for_replay(0)
+    listed = client.get("/api/notes?limit=3").get_json()["notes"]
+    assert [note["id"] for note in listed] == ids[::-1]
+    assert listed == [client.get(f"/api/notes/{id_}").get_json() for id_ in ids[::-1]]
+    assert listed[0]["created_at"] == "2030-01-02T03:04:05.000000+00:00"
+    assert [note["text"] for note in listed] == texts[::-1]
+
+
+def test_an_empty_list_is_an_empty_array(client, run_sql, pg_cluster):
+    run_sql("TRUNCATE notes CASCADE")
+    pg_cluster.wait_for_replay(0)
+    response = client.get("/api/notes")
+    assert (response.status_code, response.mimetype) == (200, "application/json")
+    assert response.get_json() == {"notes": []}
+
+
 def test_default_limit_is_20(client):
     for i in range(21):
         client.post("/api/notes", json={"text": f"bulk {i}"})

@@ -379,3 +379,18 @@ def test_made_up_methods_share_one_metrics_label(client):
 def test_note_ids_are_ascii_digits_only(client, path):
     client.post("/api/notes", json=NOTE)  # note 1 exists
     assert client.get(path).status_code == 404
+
+
+def test_a_write_that_failed_inside_its_transaction_leaves_no_failed_transaction_behind(
+        make_app):
+    """A write's message opens a transaction (BEGIN); a statement failing there leaves the
+    connection in that failed transaction. With one pooled connection, the next write must
+    not land in it ("current transaction is aborted")."""
+    from app.api import INSERT
+    from app.models import MAX_NOTE_LENGTH
+
+    database = make_app(DB_POOL_SIZE="1", DB_MAX_OVERFLOW="0").extensions["webstack"].database
+    with pytest.raises(psycopg.errors.CheckViolation):
+        database.write(INSERT.bind(text="x" * (MAX_NOTE_LENGTH + 1)))
+    (note,), = database.write(INSERT.bind(text="after the failure")).value
+    assert note.text == "after the failure"

@@ -7,15 +7,21 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import shutil
+import signal
 import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
 
 import pytest
 
 from components.runtime import GUNICORN_KEEPALIVE, render_nginx_site
 from components.settings import settings_for_stack_file
 from lab import bench
+from lab.process import descendants
 from tests.runtime_helpers import nginx_command, nginx_conf
 from tools.mocks import ROOT
 
@@ -57,9 +63,37 @@ def test_bench_measures_every_layer_and_writes_the_report(tmp_path, capsys):
         figures = report["cost"][path]
         assert figures["lab_usd_per_100_rps"] > 0 and figures["estimated_usd_per_100_rps"] > 0
     assert report["stack_shape"]["droplets"] == 2 and report["machine"]["nproc"] >= 1
+    assert len(os.sched_getaffinity(0)) == report["machine"]["nproc"], "cores not given back"
+    cores = report["cores"]
+    assert cores["layout"] == "split"
+    if report["machine"]["nproc"] >= 2:  # the droplets' core is nobody else's
+        assert cores["droplets"] and not set(cores["droplets"]) & set(cores["outside"])
     out = capsys.readouterr().out
     assert "cost: 2 x s-1vcpu-1gb = 12.00 USD/month" in out
     assert "notes.webstack_vs_original" in out and "database round trips per request" in out
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one core: nothing to split")
+def test_pinning_takes_every_thread_of_a_process_tree_and_nothing_else():
+    core = min(os.sched_getaffinity(0))
+    script = f"sleep 30 & {sys.executable} -c 'import threading, time; " \
+             "threading.Thread(target=time.sleep, args=(30,)).start()' & wait"
+    shell = subprocess.Popen(["sh", "-c", script], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while len(tree := descendants(shell.pid)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)  # python's thread
+        bench._pin(tree, [core])
+        later = subprocess.Popen(["sleep", "30"])  # not pinned: this process is not in it
+        threads = [int(t.name) for pid in tree for t in Path(f"/proc/{pid}/task").iterdir()]
+        assert len(threads) >= 4  # sh, sleep, python and its thread
+        assert all(os.sched_getaffinity(t) == {core} for t in threads)
+        assert os.sched_getaffinity(later.pid) != {core}
+        later.kill()
+    finally:
+        os.killpg(shell.pid, signal.SIGKILL)
+        shell.wait()
 
 
 def test_the_original_design_s_site_is_least_conn_without_upstream_keepalive(tmp_path):
@@ -141,3 +175,21 @@ def test_python_fallback_counts_rate_latency_and_errors():
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_spread_counts_the_cpu_of_each_worker_not_the_master(tmp_path):
+    from lab import spread
+
+    master = subprocess.Popen(["sh", "-c", "sleep 30 & sleep 30 & wait"], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while len(ticks := spread.worker_ticks(master.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(ticks) == 2 and master.pid not in ticks
+        assert all(t >= 0 for t in ticks.values())
+    finally:
+        os.killpg(master.pid, signal.SIGKILL)
+        master.wait()
+    with pytest.raises(SystemExit) as exited:
+        spread.main([str(tmp_path / "none.pid"), "http://127.0.0.1:1/"])
+    assert exited.value.code == 2
