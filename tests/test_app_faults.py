@@ -19,7 +19,9 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
+from app.api import INSERT
 from app.db import Node, NoReply, Saturated, Unanswered, WorkSlots
+from app.models import MAX_NOTE_LENGTH
 from lab.process import free_port
 from lab.proxy import DelayProxy, plain
 from tests.runtime_helpers import GUNICORN, GUNICORN_CONF, running
@@ -386,9 +388,6 @@ def test_a_write_that_failed_inside_its_transaction_leaves_no_failed_transaction
     """A write's message opens a transaction (BEGIN); a statement failing there leaves the
     connection in that failed transaction. With one pooled connection, the next write must
     not land in it ("current transaction is aborted")."""
-    from app.api import INSERT
-    from app.models import MAX_NOTE_LENGTH
-
     database = make_app(DB_POOL_SIZE="1", DB_MAX_OVERFLOW="0").extensions["webstack"].database
     with pytest.raises(psycopg.errors.CheckViolation):
         database.write(INSERT.bind(text="x" * (MAX_NOTE_LENGTH + 1)))

@@ -20,7 +20,7 @@ import pytest
 
 from components.runtime import GUNICORN_KEEPALIVE, render_nginx_site
 from components.settings import settings_for_stack_file
-from lab import bench
+from lab import bench, spread
 from lab.process import descendants
 from tests.runtime_helpers import nginx_command, nginx_conf
 from tools.mocks import ROOT
@@ -178,8 +178,6 @@ def test_python_fallback_counts_rate_latency_and_errors():
 
 
 def test_spread_counts_the_cpu_of_each_worker_not_the_master(tmp_path):
-    from lab import spread
-
     master = subprocess.Popen(["sh", "-c", "sleep 30 & sleep 30 & wait"], start_new_session=True)
     try:
         deadline = time.monotonic() + 10
