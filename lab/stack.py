@@ -78,6 +78,7 @@ from lab.monitor import stop_monitor
 from lab.process import (
     NGINX,
     START_TIMEOUT,
+    descendants,
     group_members,
     http_status,
     lab_pid,
@@ -571,8 +572,10 @@ class Lab:
     # ------------------------------------------------------------------ inspection
 
     def pids(self) -> set[int]:
-        """Every live process of the lab (servers and their workers)."""
-        return {member for pid in _pidfile_pids(self.state_dir) for member in group_members(pid)}
+        """Every live process of the lab: its servers and every process forked from them
+        (PostgreSQL's children each lead a process group of their own, so a server's group
+        would miss them)."""
+        return {member for pid in _pidfile_pids(self.state_dir) for member in descendants(pid)}
 
 
 def _base_env() -> dict[str, str]:

@@ -143,6 +143,12 @@ def test_prod_lab_starts_serves_fails_closed_and_stops_without_a_trace():
         assert pg_dir != directory / "pg" and (pg_dir / "primary").is_dir()
         haproxy = int((directory / "lb" / "haproxy.pid").read_text().split()[0])
         assert haproxy in pids and len(lab.droplets) == 3
+        # PostgreSQL's children (backends, checkpointer, WAL sender...) lead process groups
+        # of their own; they are the lab's all the same (make bench pins them by this list).
+        postmaster = int((pg_dir / "primary" / "postmaster.pid").read_text().split()[0])
+        children = [int(p.name) for p in Path("/proc").glob("[0-9]*")
+                    if _parent(p) == postmaster]
+        assert children and set(children) <= pids, (children, pids)
         assert all(group_members(d.gunicorn_pid) for d in lab.droplets)
         # gunicorn runs without the migrator's URI (the unit's UnsetEnvironment=), its
         # database URLs verifying the server.
@@ -220,3 +226,11 @@ def test_scale_out_in_scenario_adds_a_droplet_that_serves_and_removes_one_draine
     assert nginx_lab.upstreams == [d.site for d in nginx_lab.droplets]
     removed = Droplet(1, "", nginx_lab.state_dir / before[0])  # its pid files are what counts
     assert not nginx_lab.droplet_alive(removed), "stopped after the drain"
+
+
+def _parent(proc: Path) -> int | None:
+    """The parent pid of /proc/<pid>, None once it is gone."""
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        return None
