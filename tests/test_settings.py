@@ -108,7 +108,7 @@ BAD = [
     ("prod", PROD, {"database.replicas": []}, "database.replicas", "at least one read replica"),
     ("staging", STAGING, {"app.dropletCout": 3}, "app.dropletCout", "unknown key"),
     ("prod", PROD, {"app.dropletCount": 4, "app.gunicornThreads": 8},
-     "database.replicas[0].size", "allows 47 connections, but the app opens up to 96"),
+     "database.replicas[0].size", "allows 47 connections, but the app opens up to 64"),
     # The connection pool shares database.name, and the API allows pool names of 3-60.
     ("staging", STAGING, {"database.name": "a" * 61}, "database.name", "3 to 60 characters"),
     # DigitalOcean no longer creates PostgreSQL 14 clusters (end of life 2026-11-12).
@@ -163,7 +163,7 @@ BAD = [
      "autoscale pools are offered in"),
     # Replica connections are counted at the pool's most droplets.
     ("prod", PROD, {**AUTOSCALE, "app.scaling.maxInstances": 6, "app.gunicornThreads": 4},
-     "database.replicas[0].size", "(maxInstances 6 x 3 workers x 4 threads)"),
+     "database.replicas[0].size", "(maxInstances 6 x 2 workers x 4 threads)"),
 ]
 
 
