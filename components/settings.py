@@ -185,9 +185,10 @@ class AppSettings:
     def workers(self) -> int:
         """gunicorn's worker processes: one per core, since a Python process runs on one core
         at a time, and one more, so a worker being replaced (max_requests, a crash) never
-        leaves a droplet with none accepting. Threads (gthread) carry the concurrency, not
-        processes: on prod's one vCPU, 2 workers served 1.1-1.2 times the note lists of 3
-        through nginx (docs/benchmarks.md, "The worker model")."""
+        leaves a droplet with none accepting. Threads (gthread) carry the concurrency: on
+        prod's one vCPU, 2 workers served as many note lists as 3 did (`lab.bench --models`,
+        docs/benchmarks.md), with a process less in 1 GB and a third fewer connections to
+        each replica."""
         return self.gunicorn_workers or self.size.vcpus + 1
 
 
