@@ -517,7 +517,9 @@ KEYS: dict[str, Key] = {key.name: key for key in [
         allowed_text=f"{', '.join(_DROPLET_SIZES)} (`components/catalog.yaml`)"),
     Key("app.image", "choice", "app droplet image", "ubuntu-24-04-x64",
         choices=tuple(catalog()["droplet_images"])),
-    Key("app.gunicornWorkers", "int", "gunicorn worker processes", 0, bounds=(0, 64),
+    Key("app.gunicornWorkers", "int", "gunicorn worker processes; gthread threads carry the"
+        " concurrency ([benchmarks.md](benchmarks.md), \"The worker model\")",
+        0, bounds=(0, 64),
         default_text="0 (= cores + 1)"),
     Key("app.gunicornThreads", "int", "threads per worker (gthread) that may do database work;"
         " gunicorn runs one more, kept for `/healthz` ([app.md](app.md))", 2, bounds=(1, 32)),
