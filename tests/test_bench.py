@@ -74,7 +74,6 @@ def test_bench_measures_every_layer_and_writes_the_report(tmp_path, capsys):
     assert "notes.webstack_vs_original" in out and "database round trips per request" in out
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one core: nothing to split")
 def test_a_worker_model_is_workers_x_threads_and_anything_else_is_refused(capsys):
     assert bench.parse_model("2x4") == (2, 4)
     for bad in ("2", "0x4", "2x33", "x4", "2x", "2x4x1", "two x4", "-1x4"):
@@ -85,6 +84,7 @@ def test_a_worker_model_is_workers_x_threads_and_anything_else_is_refused(capsys
     assert "--models: '3': a worker model is WORKERSxTHREADS" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one core: nothing to split")
 def test_pinning_takes_every_thread_of_a_process_tree_and_nothing_else():
     core = min(os.sched_getaffinity(0))
     script = f"sleep 30 & {sys.executable} -c 'import threading, time; " \

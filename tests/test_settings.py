@@ -369,3 +369,11 @@ def test_the_smtp_password_must_be_a_secret_and_stays_masked():
                              stack="staging", secret_keys=frozenset({"monitoring"}))
     assert settings.monitoring.prometheus and settings.monitoring.smtp.password == "hunter2"
     assert "hunter2" not in repr(settings)
+
+
+def test_gunicorn_workers_are_one_per_core_and_one_more_unless_set():
+    """`app.gunicornWorkers: 0`: a Python process per core, and one that keeps a droplet
+    answering while another is replaced (docs/benchmarks.md, "The worker model")."""
+    assert load(PROD, "prod", **{"app.dropletSize": "s-1vcpu-1gb"}).app.workers == 2
+    assert load(PROD, "prod", **{"app.dropletSize": "s-2vcpu-4gb"}).app.workers == 3
+    assert load(PROD, "prod", **{"app.gunicornWorkers": 1}).app.workers == 1
