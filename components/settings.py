@@ -154,7 +154,7 @@ class AppSettings:
     droplet_size: str
     image: str
     gunicorn_workers: int
-    """0 means `2 x cores + 1` of the droplet size."""
+    """0 means the droplet size's cores + 1 (`workers`)."""
     gunicorn_threads: int
     backups: str
     """Droplet backup plan: off, weekly or daily."""
@@ -183,7 +183,13 @@ class AppSettings:
 
     @property
     def workers(self) -> int:
-        return self.gunicorn_workers or 2 * self.size.vcpus + 1
+        """gunicorn's worker processes: one per core, since a Python process runs on one core
+        at a time, and one more, so a worker being replaced (max_requests, a crash) never
+        leaves a droplet with none accepting. Threads (gthread) carry the concurrency: on
+        prod's one vCPU, 2 workers served as many note lists as 3 did (`lab.bench --models`,
+        docs/benchmarks.md), with a process less in 1 GB and a third fewer connections to
+        each replica."""
+        return self.gunicorn_workers or self.size.vcpus + 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -511,8 +517,10 @@ KEYS: dict[str, Key] = {key.name: key for key in [
         allowed_text=f"{', '.join(_DROPLET_SIZES)} (`components/catalog.yaml`)"),
     Key("app.image", "choice", "app droplet image", "ubuntu-24-04-x64",
         choices=tuple(catalog()["droplet_images"])),
-    Key("app.gunicornWorkers", "int", "gunicorn worker processes", 0, bounds=(0, 64),
-        default_text="0 (= 2 x cores + 1)"),
+    Key("app.gunicornWorkers", "int", "gunicorn worker processes; gthread threads carry the"
+        " concurrency ([benchmarks.md](benchmarks.md), \"The worker model\")",
+        0, bounds=(0, 64),
+        default_text="0 (= cores + 1)"),
     Key("app.gunicornThreads", "int", "threads per worker (gthread) that may do database work;"
         " gunicorn runs one more, kept for `/healthz` ([app.md](app.md))", 2, bounds=(1, 32)),
     Key("app.backups", "choice", "droplet backups (the droplets are stateless)", "off",

@@ -35,9 +35,11 @@ tests/test_app_roundtrips.py counts them (the replica's statement log, pgbouncer
 STATS). With `--db-delay MS` every connection from the app to the database crosses a
 `lab.proxy.DelayProxy` adding MS milliseconds per round trip (half each way), as a network
 between droplets and a managed database would: the bench the worker model is chosen by.
-`--threads 2 8` adds a gthread gunicorn per count beside droplet 1's (`gunicorn_t2`, ...),
-with the environment the stack gets with that gunicornThreads. A PNG chart (rps and p99 per
-target) is written next to the report.
+`--models 1x4 2x8` adds, per worker model (gunicorn workers x gthread threads), a gunicorn
+beside droplet 1's with the environment the stack gets with those gunicornWorkers and
+gunicornThreads (`gunicorn_1x4`, ...) and droplet 1's nginx without the micro-cache in front
+of it (`nginx_1x4`, ...): the bench the worker model is chosen by. A PNG chart (rps and p99
+per target) is written next to the report.
 
 Where the processes run (`--cores`, `place`): by default (`split`) droplet 1's nginx and
 gunicorn, and every other droplet and variant, share the first core, while PostgreSQL,
@@ -111,8 +113,9 @@ ORIGINAL_GUNICORN = ("--workers", "3", "--threads", "2")
 """The original design's gunicorn command line (and no config file: gunicorn's defaults)."""
 ORIGINAL_TIMEOUTS = {"connect": "60s", "send": "60s", "read": "60s"}
 """The original design's proxy timeouts (nginx's defaults, written out)."""
-THREADS_PORT = 8100
-"""`--threads N`: a gunicorn at THREADS_PORT + N."""
+MODEL_PORT = 8100
+"""`--models`: the i-th model's gunicorn at MODEL_PORT + i, its nginx at MODEL_PORT + 100 + i."""
+MAX_MODELS = 8
 ROUND_TRIP_REQUESTS = 20
 """Requests counted per kind, after as many again that warm every worker's pools up (a new
 connection's set-up queries are not the request's)."""
@@ -223,13 +226,24 @@ def render_original_site(*, listen: str, upstream: str) -> str:
         listen=listen, upstream=upstream, timeouts=ORIGINAL_TIMEOUTS)
 
 
-def start_variants(lab: Lab, threads: Sequence[int] = ()) -> dict[str, str]:
+def parse_model(text: str) -> tuple[int, int]:
+    """`WxT` (`2x4`): gunicorn workers and gthread threads, each from 1 to 32."""
+    workers, sep, threads = text.partition("x")
+    if not (sep and workers.isdigit() and threads.isdigit()
+            and 1 <= int(workers) <= 32 and 1 <= int(threads) <= 32):
+        raise ValueError(f"{text!r}: a worker model is WORKERSxTHREADS, each 1-32 (e.g. 2x4)")
+    return int(workers), int(threads)
+
+
+def start_variants(lab: Lab, models: Sequence[tuple[int, int]] = ()) -> dict[str, str]:
     """Beside droplet 1: a sync gunicorn, nginx without the micro-cache, without upstream
     keepalive too, with a static file, and the original design's gunicorn and nginx; their
     base URLs by target name. Each is droplet 1 written again (`Lab.write_droplet`) with
     another port, static directory, setting or renderer switch; the original's nginx site is
-    its own template. `threads`: a gthread gunicorn more per count, `gunicorn_t<N>`, with the
-    environment the stack gets with gunicornThreads N (the worker model's comparison)."""
+    its own template. `models`: per (workers, threads), a gunicorn more, `gunicorn_<W>x<T>`,
+    with the environment the stack gets with those gunicornWorkers and gunicornThreads, and
+    the site without the micro-cache in front of it, `nginx_<W>x<T>` (the worker model's
+    comparison)."""
     droplet = lab.droplets[0]
 
     def variant(name: str, **changes) -> Droplet:
@@ -249,14 +263,16 @@ def start_variants(lab: Lab, threads: Sequence[int] = ()) -> dict[str, str]:
     lab.write_droplet(original, settings=no_cache)
     (original.dir / "site.conf").write_text(  # in place of the rendered site
         render_original_site(listen=original.site, upstream=original.bind))
-    counted = {f"gunicorn_t{n}": variant(f"t{n}", gunicorn_port=THREADS_PORT + n)
-               for n in threads}
-    for n, server in zip(threads, counted.values(), strict=True):
-        lab.write_droplet(server, settings=app_settings(gunicorn_threads=n))
+    modelled = {f"{w}x{t}": variant(f"{w}x{t}", gunicorn_port=MODEL_PORT + i,
+                                   site_port=MODEL_PORT + 100 + i)
+                for i, (w, t) in enumerate(models)}
+    for (w, t), server in zip(models, modelled.values(), strict=True):
+        lab.write_droplet(server, settings=app_settings(
+            microcache=no_cache.app.microcache, gunicorn_workers=w, gunicorn_threads=t))
         lab.start_gunicorn(server)
     lab.start_gunicorn(sync)
     lab.start_gunicorn(original, args=(*ORIGINAL_GUNICORN, "--bind", original.bind))
-    for server in (sync, original, *counted.values()):
+    for server in (sync, original, *modelled.values()):
         # Its pid file comes before its workers answer: measure only a server that serves.
         wait_until(lambda s=server: http_status(s.bind) == 200, START_TIMEOUT,
                    f"{server.dir.name} gunicorn /healthz")
@@ -270,7 +286,7 @@ def start_variants(lab: Lab, threads: Sequence[int] = ()) -> dict[str, str]:
     lab.write_droplet(keepalive_off, settings=no_cache, upstream_keepalive=False)
     static = variant("static", site_port=STATIC_PORT, static_dir=str(static_dir))
     lab.write_droplet(static)
-    for nginx in (nocache, keepalive_off, static, original):
+    for nginx in (nocache, keepalive_off, static, original, *modelled.values()):
         lab.start_nginx(nginx)
     return {
         "gunicorn": f"http://{droplet.bind}",
@@ -282,7 +298,8 @@ def start_variants(lab: Lab, threads: Sequence[int] = ()) -> dict[str, str]:
         "original_nginx": f"http://{original.site}",
         "frontend": lab.url,
         "static": f"http://{static.site}",
-        **{name: f"http://{server.bind}" for name, server in counted.items()},
+        **{f"gunicorn_{name}": f"http://{server.bind}" for name, server in modelled.items()},
+        **{f"nginx_{name}": f"http://{server.site}" for name, server in modelled.items()},
     }
 
 
@@ -479,7 +496,7 @@ def _wrk_version() -> str | None:
 
 def run_bench(lab: Lab, *, tool: str = "wrk", duration: int = DURATION, repeats: int = REPEATS,
               connections: int = CONNECTIONS, warmup: int = WARMUP,
-              db_delay_ms: float = 0, threads: Sequence[int] = (),
+              db_delay_ms: float = 0, models: Sequence[tuple[int, int]] = (),
               layout: str = "split") -> dict[str, object]:
     """Measure a started lab, its processes placed by `layout` (`place`); the report as a
     dict."""
@@ -487,7 +504,7 @@ def run_bench(lab: Lab, *, tool: str = "wrk", duration: int = DURATION, repeats:
     for proxy in lab.proxies.values():
         proxy.delay = db_delay_ms / 2000  # each way
     seed_notes(lab.url)
-    urls = targets(start_variants(lab, threads), lab.settings.frontend.health_check.path)
+    urls = targets(start_variants(lab, models), lab.settings.frontend.health_check.path)
     own = sorted(os.sched_getaffinity(0))
     cores = place(lab, layout)
     try:
@@ -625,14 +642,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cores", choices=("split", "shared"), default="split",
                         help="split: the droplets on one core, the database, frontend and "
                              "wrk on the others (default); shared: all on every core")
-    parser.add_argument("--threads", type=int, nargs="*", default=[], metavar="N",
-                        help="a gthread gunicorn more per count: gunicorn_t<N>")
+    parser.add_argument("--models", nargs="*", default=[], metavar="WxT",
+                        help="per worker model (gunicorn workers x threads, e.g. 2x4), a "
+                             "gunicorn more and nginx in front: gunicorn_WxT, nginx_WxT")
     args = parser.parse_args(argv)
     if not (1 <= args.duration <= 30 and 1 <= args.repeats <= 9
             and 1 <= args.connections <= 256 and 0 <= args.warmup <= 10
-            and 0 <= args.db_delay <= 100 and all(2 <= n <= 32 for n in args.threads)):
+            and 0 <= args.db_delay <= 100 and len(args.models) <= MAX_MODELS):
         parser.error("bounds: duration 1-30 s, repeats 1-9, connections 1-256, warmup 0-10 s,"
-                     " db-delay 0-100 ms, threads 2-32")
+                     f" db-delay 0-100 ms, at most {MAX_MODELS} models")
+    try:
+        models = list(dict.fromkeys(map(parse_model, args.models)))
+    except ValueError as exc:
+        parser.error(f"--models: {exc}")
 
     terminate_on_signal()
     stop_lab(args.dir)  # a previous run that was killed
@@ -642,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
         lab.start()
         report = run_bench(lab, tool=args.tool, duration=args.duration, repeats=args.repeats,
                            connections=args.connections, warmup=args.warmup,
-                           db_delay_ms=args.db_delay, threads=sorted(set(args.threads)),
+                           db_delay_ms=args.db_delay, models=models,
                            layout=args.cores)
     finally:
         lab.stop()

@@ -34,7 +34,7 @@ def test_bench_measures_every_layer_and_writes_the_report(tmp_path, capsys):
     try:
         status = bench.main(["staging", "--duration", "1", "--repeats", "1", "--warmup", "0",
                     "--connections", "2", "--report", str(report_path), "--dir", str(state),
-                    "--net", "127.0.5"])
+                    "--net", "127.0.5", "--models", "1x2"])
         assert status == 0
         left = subprocess.run(["pgrep", "-f", str(state)], capture_output=True, text=True)
         assert left.returncode == 1, f"still running: {left.stdout}"
@@ -45,8 +45,9 @@ def test_bench_measures_every_layer_and_writes_the_report(tmp_path, capsys):
 
     report = json.loads(report_path.read_text())
     measured = report["measurements"]
-    assert set(measured) == {f"{p}/{t}" for p in bench.PATHS for t in bench.APP_TARGETS} | {
-        "static"}
+    models = ("gunicorn_1x2", "nginx_1x2")  # --models 1x2: a worker model and nginx in front
+    assert set(measured) == {f"{p}/{t}" for p in bench.PATHS
+                             for t in (*bench.APP_TARGETS, *models)} | {"static"}
     for name, m in measured.items():
         assert m["rps"] > 0 and m["p50_ms"] > 0 and m["p99_ms"] > 0, name
         assert m["errors"] == 0, f"{name}: {m['errors']} failed requests"
@@ -71,6 +72,16 @@ def test_bench_measures_every_layer_and_writes_the_report(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "cost: 2 x s-1vcpu-1gb = 12.00 USD/month" in out
     assert "notes.webstack_vs_original" in out and "database round trips per request" in out
+
+
+def test_a_worker_model_is_workers_x_threads_and_anything_else_is_refused(capsys):
+    assert bench.parse_model("2x4") == (2, 4)
+    for bad in ("2", "0x4", "2x33", "x4", "2x", "2x4x1", "two x4", "-1x4"):
+        with pytest.raises(ValueError, match="WORKERSxTHREADS, each 1-32"):
+            bench.parse_model(bad)
+    with pytest.raises(SystemExit):
+        bench.main(["staging", "--models", "2x4", "3"])
+    assert "--models: '3': a worker model is WORKERSxTHREADS" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one core: nothing to split")

@@ -108,7 +108,7 @@ BAD = [
     ("prod", PROD, {"database.replicas": []}, "database.replicas", "at least one read replica"),
     ("staging", STAGING, {"app.dropletCout": 3}, "app.dropletCout", "unknown key"),
     ("prod", PROD, {"app.dropletCount": 4, "app.gunicornThreads": 8},
-     "database.replicas[0].size", "allows 47 connections, but the app opens up to 96"),
+     "database.replicas[0].size", "allows 47 connections, but the app opens up to 64"),
     # The connection pool shares database.name, and the API allows pool names of 3-60.
     ("staging", STAGING, {"database.name": "a" * 61}, "database.name", "3 to 60 characters"),
     # DigitalOcean no longer creates PostgreSQL 14 clusters (end of life 2026-11-12).
@@ -163,7 +163,7 @@ BAD = [
      "autoscale pools are offered in"),
     # Replica connections are counted at the pool's most droplets.
     ("prod", PROD, {**AUTOSCALE, "app.scaling.maxInstances": 6, "app.gunicornThreads": 4},
-     "database.replicas[0].size", "(maxInstances 6 x 3 workers x 4 threads)"),
+     "database.replicas[0].size", "(maxInstances 6 x 2 workers x 4 threads)"),
 ]
 
 
@@ -369,3 +369,11 @@ def test_the_smtp_password_must_be_a_secret_and_stays_masked():
                              stack="staging", secret_keys=frozenset({"monitoring"}))
     assert settings.monitoring.prometheus and settings.monitoring.smtp.password == "hunter2"
     assert "hunter2" not in repr(settings)
+
+
+def test_gunicorn_workers_are_one_per_core_and_one_more_unless_set():
+    """`app.gunicornWorkers: 0`: a Python process per core, and one that keeps a droplet
+    answering while another is replaced (docs/benchmarks.md, "The worker model")."""
+    assert load(PROD, "prod", **{"app.dropletSize": "s-1vcpu-1gb"}).app.workers == 2
+    assert load(PROD, "prod", **{"app.dropletSize": "s-2vcpu-4gb"}).app.workers == 3
+    assert load(PROD, "prod", **{"app.gunicornWorkers": 1}).app.workers == 1
