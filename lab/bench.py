@@ -319,10 +319,9 @@ def place(lab: Lab, layout: str) -> dict[str, list[int]]:
     if layout == "shared" or len(cores) < 2:
         return {"droplets": cores, "outside": cores}
     sides = {"droplets": cores[:1], "outside": cores[1:]}
-    droplets = {pid for directory in lab.state_dir.glob("droplet-*")
-                for name in ("nginx.pid", "gunicorn.pid")
-                if (server := lab_pid(directory / name, lab.state_dir))
-                for pid in descendants(server)}
+    droplets = set(descendants(*(server for directory in lab.state_dir.glob("droplet-*")
+                                 for name in ("nginx.pid", "gunicorn.pid")
+                                 if (server := lab_pid(directory / name, lab.state_dir)))))
     _pin(lab.pids() - droplets, sides["outside"])
     _pin([os.getpid()], sides["outside"])  # wrk, started later, inherits them
     _pin(droplets, sides["droplets"])

@@ -88,13 +88,13 @@ def cpu_ticks(pid: int) -> int | None:
     return int(fields[11]) + int(fields[12]) if fields else None
 
 
-def descendants(pid: int) -> list[int]:
-    """`pid` and every live process forked from it, at any depth."""
+def descendants(*pids: int) -> list[int]:
+    """`pids` and every live process forked from them, at any depth (one pass over /proc)."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and (fields := _stat(int(entry.name))) and fields[0] != "Z":
             children.setdefault(int(fields[1]), []).append(int(entry.name))
-    found, queue = [], [pid]
+    found, queue = [], list(pids)
     while queue:
         found.append(queue.pop())
         queue.extend(children.get(found[-1], ()))

@@ -575,7 +575,7 @@ class Lab:
         """Every live process of the lab: its servers and every process forked from them
         (PostgreSQL's children each lead a process group of their own, so a server's group
         would miss them)."""
-        return {member for pid in _pidfile_pids(self.state_dir) for member in descendants(pid)}
+        return set(descendants(*_pidfile_pids(self.state_dir)))
 
 
 def _base_env() -> dict[str, str]:
