@@ -87,11 +87,12 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import errors as pg_errors
-from psycopg.pq import TransactionStatus
+from psycopg.pq import ExecStatus, TransactionStatus
 from psycopg.rows import namedtuple_row
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
@@ -117,6 +118,7 @@ SLOW_WORK_SECONDS = 0.5
 """Database work held longer than this is stuck, not busy: nobody waits behind it."""
 
 _DIALECT = PGDialect_psycopg()
+TUPLES_OK = ExecStatus.TUPLES_OK
 _FIRST = (
     "SELECT set_config('statement_timeout', '{timeout_ms:d}', true),"
     " pg_is_in_recovery() AS in_recovery, pg_last_wal_replay_lsn()::text AS replayed"
@@ -183,6 +185,12 @@ class DeadlineConnection(psycopg.Connection):
     """
 
     round_trip_timeout: float | None = None
+
+    @cached_property
+    def exchange_cursor(self) -> psycopg.ClientCursor:
+        """The one cursor every message on this connection goes through (``_exchange``): kept,
+        so its row makers and loaders are set up once per connection, not per message."""
+        return self.cursor(row_factory=namedtuple_row)
 
     def wait(self, gen, interval=0.1, timeout=None):
         """psycopg's own ``wait``; without an explicit timeout, ``round_trip_timeout`` applies."""
@@ -521,13 +529,19 @@ class Database:
         connection.round_trip_timeout = (
             timeout_ms / 1000 * max(len(statements), 1) + ROUND_TRIP_MARGIN
         )
-        with connection.cursor(row_factory=namedtuple_row) as cursor:
-            parts = [self._first, *(cursor.mogrify(statement.sql, statement.params)
-                                    for statement in statements)]
-            if write:
-                parts = ["BEGIN", *parts, "COMMIT", _WAL_POSITION]
-            cursor.execute("; ".join(parts))
-            results = [cursor.fetchall() if cursor.description else [] for _ in cursor.results()]
+        cursor = connection.exchange_cursor
+        if write:
+            cursor.execute("; ".join([
+                "BEGIN", self._first,
+                *(cursor.mogrify(statement.sql, statement.params) for statement in statements),
+                "COMMIT", _WAL_POSITION]))
+        elif statements:  # a read: one statement, bound as the message is (one pass, not two)
+            (statement,) = statements
+            cursor.execute(f"{self._first}; {statement.sql}", statement.params)
+        else:
+            cursor.execute(self._first)
+        results = [cursor.fetchall() if cursor.pgresult.status == TUPLES_OK else []
+                   for _ in cursor.results()]
         if write:
             _, (first,), *rows, _, (position,) = results
             lsn = parse_lsn(position.lsn)

@@ -124,6 +124,28 @@ def test_the_statement_timeout_bounds_the_statements_of_one_transaction_only(mak
         pooled.close()
 
 
+def test_a_connection_s_one_cursor_serves_the_message_after_a_failed_one(make_app):
+    """Every message on a connection goes through its one kept cursor (``exchange_cursor``),
+    also after the server refused the previous one."""
+    database = make_app(DB_STATEMENT_TIMEOUT_MS="300", DB_POOL_SIZE="1", DB_MAX_OVERFLOW="0",
+                        DB_REPLICA_RETRY_SECONDS="0", DB_REPLICA_LAG_SAMPLE_SECONDS="3600",
+                        ).extensions["webstack"].database
+    assert database.lag.wait_sampled(5)
+    replica = database.replicas[0]
+    pooled = replica.engine.raw_connection()
+    cursor = pooled.driver_connection.exchange_cursor
+    pooled.close()
+    with pytest.raises(pg_errors.QueryCanceled):
+        database.read(Statement("SELECT pg_sleep(2)", {}))
+    result = database.read(Statement("SELECT %(n)s::int AS n", {"n": 7}))
+    assert (result.served_by, result.value) == ("replica-0", [(7,)])
+    pooled = replica.engine.raw_connection()
+    try:
+        assert pooled.driver_connection.exchange_cursor is cursor
+    finally:
+        pooled.close()
+
+
 @pytest.mark.parametrize("text", [
     "it's 100% \\ %(text)s %s $1 '; DELETE FROM notes; -- \" \t é 🚀",
     "'); COMMIT; SELECT 1; --",
