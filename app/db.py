@@ -84,16 +84,18 @@ import logging
 import select
 import threading
 import time
+from collections import namedtuple
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg.adapt import Transformer
+from psycopg.generators import execute
 from psycopg.pq import ExecStatus, TransactionStatus
-from psycopg.rows import namedtuple_row
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 from sqlalchemy.engine import URL
@@ -118,7 +120,7 @@ SLOW_WORK_SECONDS = 0.5
 """Database work held longer than this is stuck, not busy: nobody waits behind it."""
 
 _DIALECT = PGDialect_psycopg()
-TUPLES_OK = ExecStatus.TUPLES_OK
+TUPLES_OK, FATAL_ERROR = ExecStatus.TUPLES_OK, ExecStatus.FATAL_ERROR
 _FIRST = (
     "SELECT set_config('statement_timeout', '{timeout_ms:d}', true),"
     " pg_is_in_recovery() AS in_recovery, pg_last_wal_replay_lsn()::text AS replayed"
@@ -174,23 +176,54 @@ class Statement(NamedTuple):
 
 
 class DeadlineConnection(psycopg.Connection):
-    """A psycopg connection that gives up on any server round trip after a deadline.
+    """A psycopg connection that gives up on any server round trip after a deadline, and
+    carries a unit of work's message (``exchange``).
 
     PgBouncer keeps a query waiting while it cannot reach the server, up to its
     ``query_wait_timeout`` (120 s by default) and ignores cancel requests for such a query,
     so neither the server's statement timeout nor a cancel can free the worker. When the
     deadline passes the connection is closed (its protocol state is unknown) and
-    ``NoReply`` is raised. ``wait(timeout=)`` and ``_WaitTimeout`` are psycopg 3.3
-    internals (hence the pin); tests/test_app_outage.py fails if they change.
+    ``NoReply`` is raised. ``wait(timeout=)``, ``_WaitTimeout`` and ``generators.execute``
+    are psycopg 3.3 internals (hence the pin); tests/test_app_outage.py and
+    tests/test_app_faults.py fail if they change.
     """
 
     round_trip_timeout: float | None = None
 
     @cached_property
-    def exchange_cursor(self) -> psycopg.ClientCursor:
-        """The one cursor every message on this connection goes through (``_exchange``): kept,
-        so its row makers and loaders are set up once per connection, not per message."""
-        return self.cursor(row_factory=namedtuple_row)
+    def binder(self) -> psycopg.ClientCursor:
+        """Binds parameters on the client (``mogrify``); it sends nothing itself."""
+        return psycopg.ClientCursor(self)
+
+    @cached_property
+    def _loader(self) -> Transformer:
+        """Turns a result's values into Python objects; kept, so its loaders are looked up
+        once per connection and column type, not per message."""
+        return Transformer(self)
+
+    def exchange(self, message: str) -> list[list]:
+        """Send ``message`` (statements already bound) as one simple query and return each
+        statement's rows, named tuples (an empty list for a statement without rows).
+
+        libpq's calls through psycopg's own C generator and ``wait``, without a cursor: a
+        cursor's bookkeeping per message (its results, row maker, description) cost note
+        lists about a quarter of their CPU under load (docs/benchmarks.md). The reply is
+        read to its end before the server's first error is raised, so the connection is
+        ready for the next message.
+        """
+        encoding = self.info.encoding
+        with self.lock:
+            self.pgconn.send_query(message.encode(encoding))
+            results = self.wait(execute(self.pgconn))
+        for result in results:
+            if result.status == FATAL_ERROR:
+                raise pg_errors.error_from_result(result, encoding)
+        return [self._rows(result) if result.status == TUPLES_OK else [] for result in results]
+
+    def _rows(self, result) -> list:
+        self._loader.set_pgresult(result)
+        names = tuple(result.fname(column) for column in range(result.nfields))
+        return self._loader.load_rows(0, result.ntuples, _row_type(names)._make)
 
     def wait(self, gen, interval=0.1, timeout=None):
         """psycopg's own ``wait``; without an explicit timeout, ``round_trip_timeout`` applies."""
@@ -202,6 +235,12 @@ class DeadlineConnection(psycopg.Connection):
             self.close()
             message = f"no reply from the database within {self.round_trip_timeout} s"
             raise NoReply(message) from None
+
+
+@lru_cache(maxsize=64)
+def _row_type(names: tuple[bytes, ...]) -> type[tuple]:
+    """A named tuple for rows with these column names (as libpq gives them: bytes)."""
+    return namedtuple("Row", [name.decode() for name in names], rename=True)
 
 
 def parse_lsn(value: str) -> int:
@@ -529,19 +568,13 @@ class Database:
         connection.round_trip_timeout = (
             timeout_ms / 1000 * max(len(statements), 1) + ROUND_TRIP_MARGIN
         )
-        cursor = connection.exchange_cursor
+        bind = connection.binder.mogrify
+        bound = [bind(statement.sql, statement.params) for statement in statements]
         if write:
-            cursor.execute("; ".join([
-                "BEGIN", self._first,
-                *(cursor.mogrify(statement.sql, statement.params) for statement in statements),
-                "COMMIT", _WAL_POSITION]))
-        elif statements:  # a read: one statement, bound as the message is (one pass, not two)
-            (statement,) = statements
-            cursor.execute(f"{self._first}; {statement.sql}", statement.params)
+            results = connection.exchange("; ".join(
+                ["BEGIN", self._first, *bound, "COMMIT", _WAL_POSITION]))
         else:
-            cursor.execute(self._first)
-        results = [cursor.fetchall() if cursor.pgresult.status == TUPLES_OK else []
-                   for _ in cursor.results()]
+            results = connection.exchange("; ".join([self._first, *bound]))
         if write:
             _, (first,), *rows, _, (position,) = results
             lsn = parse_lsn(position.lsn)
