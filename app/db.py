@@ -205,11 +205,10 @@ class DeadlineConnection(psycopg.Connection):
         """Send ``message`` (statements already bound) as one simple query and return each
         statement's rows, named tuples (an empty list for a statement without rows).
 
-        libpq's calls through psycopg's own C generator and ``wait``, without a cursor: a
-        cursor's bookkeeping per message (its results, row maker, description) cost note
-        lists about a quarter of their CPU under load (docs/benchmarks.md). The reply is
-        read to its end before the server's first error is raised, so the connection is
-        ready for the next message.
+        libpq's calls through psycopg's own C generator and ``wait``, without a cursor, whose
+        bookkeeping per message (its state, results, row maker) is Python work on every
+        request (docs/benchmarks.md). The reply is read to its end before the server's
+        first error is raised, so the connection is ready for the next message.
         """
         encoding = self.info.encoding
         with self.lock:
