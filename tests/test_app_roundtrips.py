@@ -117,11 +117,12 @@ def test_the_statement_timeout_bounds_the_statements_of_one_transaction_only(mak
     for send in (database.read, database.read_primary, database.write):
         with pytest.raises(pg_errors.QueryCanceled):
             send(slow)
-    pooled = database.replicas[0].engine.raw_connection()  # the one the read above used
+    pool = database.replicas[0].pool
+    connection = pool.checkout()  # the one the read above used
     try:
-        assert pooled.driver_connection.execute("SHOW statement_timeout").fetchone() == ("0",)
+        assert connection.execute("SHOW statement_timeout").fetchone() == ("0",)
     finally:
-        pooled.close()
+        pool.checkin(connection)
 
 
 def test_a_connection_serves_the_message_after_a_failed_one(make_app):
@@ -130,20 +131,19 @@ def test_a_connection_serves_the_message_after_a_failed_one(make_app):
                         DB_REPLICA_RETRY_SECONDS="0", DB_REPLICA_LAG_SAMPLE_SECONDS="3600",
                         ).extensions["webstack"].database
     assert database.lag.wait_sampled(5)
-    replica = database.replicas[0]
-    pooled = replica.engine.raw_connection()
-    connection = pooled.driver_connection
-    pooled.close()
+    pool = database.replicas[0].pool
+    connection = pool.checkout()
+    pool.checkin(connection)
     with pytest.raises(pg_errors.QueryCanceled):
         database.read(Statement("SELECT pg_sleep(2)", {}))
     result = database.read(Statement("SELECT %(n)s::int AS n", {"n": 7}))
     assert (result.served_by, result.value) == ("replica-0", [(7,)])
     assert result.value[0].n == 7
-    pooled = replica.engine.raw_connection()
+    again = pool.checkout()
     try:
-        assert pooled.driver_connection is connection
+        assert again is connection
     finally:
-        pooled.close()
+        pool.checkin(again)
 
 
 @pytest.mark.parametrize("text", [
