@@ -180,9 +180,7 @@ class DeadlineConnection(psycopg.Connection):
     ``query_wait_timeout`` (120 s by default) and ignores cancel requests for such a query,
     so neither the server's statement timeout nor a cancel can free the worker. When the
     deadline passes the connection is closed (its protocol state is unknown) and
-    ``NoReply`` is raised: by ``exchange`` for the app's messages, by ``wait`` for what
-    psycopg sends itself (``wait(timeout=)`` and ``_WaitTimeout`` are psycopg 3.3
-    internals, hence the pin; tests/test_app_outage.py fails if they change).
+    ``NoReply`` is raised. Every message of the app goes through ``exchange``.
     """
 
     round_trip_timeout: float | None = None
@@ -211,11 +209,11 @@ class DeadlineConnection(psycopg.Connection):
         read to its end (the connection is then ready for the next message), ``NoReply``
         when the reply is not complete within ``round_trip_timeout``.
 
-        libpq's own calls, without a cursor or psycopg's generators: each of those hands
-        the GIL to another thread for a libpq call that does not block, and each handover
-        costs a thread switch on a busy worker (docs/benchmarks.md). Here the thread lets
-        go of the GIL to send, to wait for the reply and, as psycopg's ``is_busy`` does,
-        before each result. After an error result the server may close the connection (a
+        libpq's own calls, without a cursor or psycopg's generators, which release the GIL
+        around every libpq call (a chance for a waiting thread to take it, and for this one
+        to wait to get it back) and keep a cursor's state per message (docs/benchmarks.md).
+        Here the GIL is let go to send, to wait for the reply, and in ``is_busy`` (psycopg
+        releases it there). After an error result the server may close the connection (a
         FATAL error): that error is raised, as psycopg does, not the lost connection.
         """
         pgconn = self.pgconn
@@ -267,17 +265,6 @@ class DeadlineConnection(psycopg.Connection):
         self._loader.set_pgresult(result)
         names = tuple(result.fname(column) for column in range(result.nfields))
         return self._loader.load_rows(0, result.ntuples, _row_type(names)._make)
-
-    def wait(self, gen, interval=0.1, timeout=None):
-        """psycopg's own ``wait``; without an explicit timeout, ``round_trip_timeout`` applies."""
-        if timeout is not None or self.round_trip_timeout is None:
-            return super().wait(gen, interval, timeout)
-        try:
-            return super().wait(gen, interval, self.round_trip_timeout)
-        except pg_errors._WaitTimeout:
-            self.close()
-            message = f"no reply from the database within {self.round_trip_timeout} s"
-            raise NoReply(message) from None
 
 
 _PLACEHOLDER = re.compile(r"%\((\w+)\)s|%%|%")
