@@ -14,11 +14,13 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 
+import psycopg
 import pytest
 from psycopg import errors as pg_errors
 
-from app.db import LAG_SAMPLER_QUERIES, Statement
+from app.db import LAG_SAMPLER_QUERIES, Statement, _template
 from tests.pg_fixtures import pgcluster
 from tests.test_app_api import _metric
 
@@ -144,6 +146,34 @@ def test_a_connection_serves_the_message_after_a_failed_one(make_app):
         assert again is connection
     finally:
         pool.checkin(again)
+
+
+WHEN = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
+BIND_CASES = [  # a statement, its parameters, the row the server answers
+    ("SELECT %(n)s::int, %(s)s, %(none)s, %(when)s, %(blob)s, 100 %% 7 AS rest",
+     {"n": -12, "s": "it's \\ %(s)s %% é 🚀", "none": None, "when": WHEN, "blob": b"\x00'\\"},
+     (-12, "it's \\ %(s)s %% é 🚀", None, WHEN, b"\x00'\\", 2)),
+    ("SELECT '%%(n)s' AS not_a_placeholder, %(n)s AS n", {"n": 7}, ("%(n)s", 7)),
+]
+
+
+@pytest.mark.parametrize(("sql", "params", "row"), BIND_CASES)
+def test_the_app_binds_parameters_as_psycopg_s_client_cursor_does(make_app, sql, params, row):
+    """``DeadlineConnection.bind`` writes the same literals as ``ClientCursor.mogrify``, and
+    the server reads the values back unchanged."""
+    pool = make_app().extensions["webstack"].database.primary.pool
+    connection = pool.checkout()
+    try:
+        bound = connection.bind(Statement(sql, params))
+        assert bound == psycopg.ClientCursor(connection).mogrify(sql, params).encode()
+        assert tuple(connection.rows(connection.exchange(bound)[0])[0]) == row
+    finally:
+        pool.checkin(connection)
+
+
+def test_a_lone_percent_in_a_statement_is_refused():
+    with pytest.raises(ValueError, match="lone %"):
+        _template("SELECT 100 % 7", "utf-8")
 
 
 @pytest.mark.parametrize("text", [
