@@ -5,7 +5,7 @@ Environment variables, with defaults:
 - ``DATABASE_URL`` (required): writes. In production the PgBouncer pool in transaction mode.
 - ``DATABASE_REPLICA_URLS`` (""): comma-separated read replicas, direct connections.
 - ``SECRET_KEY`` (required outside tests): signs the session cookie.
-- ``DB_POOL_SIZE`` (2), ``DB_MAX_OVERFLOW`` (2): connections kept / added per engine and worker.
+- ``DB_POOL_SIZE`` (2), ``DB_MAX_OVERFLOW`` (2): connections kept / added per server and worker.
 - ``DB_POOL_TIMEOUT`` (2): seconds to wait for a free pooled connection.
 - ``DB_CONNECT_TIMEOUT`` (2): seconds to open a connection (libpq treats 1 as 2).
 - ``DB_STATEMENT_TIMEOUT_MS`` (3000): server-side limit per statement; the client gives up on a

@@ -2,9 +2,9 @@
 
 Round trips: one per read, one per write (the budget is two and three)
     A unit of work travels as one simple-query message holding all its statements, bound on
-    the client (psycopg's ``ClientCursor``: no server-side prepared statements, which
-    PgBouncer's transaction mode could not keep), and the server answers them in one reply.
-    Connections are in autocommit mode, so neither psycopg nor SQLAlchemy sends a ``BEGIN``,
+    the client (``DeadlineConnection.bind``, with psycopg's adapters: no server-side prepared
+    statements, which PgBouncer's transaction mode could not keep), and the server answers
+    them in one reply. Connections are in autocommit mode, so psycopg sends no ``BEGIN``,
     ``COMMIT`` or ``ROLLBACK`` of its own, and the pool does not pre-ping:
 
     - a read sends ``SELECT set_config('statement_timeout', …, true), pg_is_in_recovery(),
@@ -73,7 +73,7 @@ Bounded database work (why ``/healthz`` stays fast while the database is stuck)
 Statements are bound on the client, so a server error can quote note text (the statement's
 line, a failing row): errors raised from here carry the server's primary message only.
 
-Fork safety: engines are created by ``create_app`` and must not cross a fork. Run gunicorn
+Fork safety: connection pools are created by ``create_app`` and must not cross a fork. Run gunicorn
 without ``preload_app``, or call ``Database.dispose()`` in gunicorn's ``post_fork`` hook.
 """
 
@@ -81,24 +81,24 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 import select
 import threading
 import time
+from collections import namedtuple
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg.adapt import Transformer
 from psycopg.pq import ExecStatus, TransactionStatus
-from psycopg.rows import namedtuple_row
-from sqlalchemy import Engine, create_engine, event
+from psycopg.pq.abc import PGresult
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import DisconnectionError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.sql import ClauseElement
 
 from app.config import Settings
@@ -106,10 +106,9 @@ from app.lag import Replayed, ReplicationLag
 
 log = logging.getLogger(__name__)
 
-UNAVAILABLE = (psycopg.OperationalError, OperationalError, PoolTimeoutError)
-"""Errors meaning "the database did not answer": mapped to 503, trigger replica fallback.
-(SQLAlchemy wraps the driver's errors in its own ``OperationalError`` in the queries it runs
-itself when an engine connects for the first time.)"""
+UNAVAILABLE = (psycopg.OperationalError,)
+"""Errors meaning "the database did not answer" (``PoolTimeout``, ``NoReply`` and the others
+below among them): mapped to 503, trigger replica fallback."""
 
 ROUND_TRIP_MARGIN = 1.0
 """Seconds the client waits for a reply beyond the server's statement timeouts."""
@@ -118,12 +117,12 @@ SLOW_WORK_SECONDS = 0.5
 """Database work held longer than this is stuck, not busy: nobody waits behind it."""
 
 _DIALECT = PGDialect_psycopg()
-TUPLES_OK = ExecStatus.TUPLES_OK
+TUPLES_OK, FATAL_ERROR = ExecStatus.TUPLES_OK, ExecStatus.FATAL_ERROR
 _FIRST = (
     "SELECT set_config('statement_timeout', '{timeout_ms:d}', true),"
     " pg_is_in_recovery() AS in_recovery, pg_last_wal_replay_lsn()::text AS replayed"
 )
-_WAL_POSITION = "SELECT pg_current_wal_insert_lsn()::text AS lsn"
+_WAL_POSITION = b"SELECT pg_current_wal_insert_lsn()::text AS lsn"
 _PRIMARY_POSITION = (  # a server in recovery answers NULL (the message must not fail there)
     "SELECT CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_lsn()::text END AS lsn"
 )
@@ -174,39 +173,132 @@ class Statement(NamedTuple):
 
 
 class DeadlineConnection(psycopg.Connection):
-    """A psycopg connection that gives up on any server round trip after a deadline.
+    """A psycopg connection that gives up on any server round trip after a deadline, and
+    carries a unit of work's message (``exchange``).
 
     PgBouncer keeps a query waiting while it cannot reach the server, up to its
     ``query_wait_timeout`` (120 s by default) and ignores cancel requests for such a query,
     so neither the server's statement timeout nor a cancel can free the worker. When the
     deadline passes the connection is closed (its protocol state is unknown) and
-    ``NoReply`` is raised. ``wait(timeout=)`` and ``_WaitTimeout`` are psycopg 3.3
-    internals (hence the pin); tests/test_app_outage.py fails if they change.
+    ``NoReply`` is raised. Every message of the app goes through ``exchange``.
     """
 
     round_trip_timeout: float | None = None
 
+    def bind(self, statement: Statement) -> bytes:
+        """``statement`` with its parameters as SQL literals (psycopg's adapters, as
+        ``ClientCursor`` binds them), in the connection's encoding."""
+        texts, names = _template(statement.sql, self._encoding)
+        literal = self._loader.as_literal
+        values = [literal(statement.params[name]) for name in names]
+        return b"".join(itertools.chain.from_iterable(zip(texts, [*values, b""], strict=True)))
+
     @cached_property
-    def exchange_cursor(self) -> psycopg.ClientCursor:
-        """The one cursor every message on this connection goes through (``_exchange``): kept,
-        so its row makers and loaders are set up once per connection, not per message."""
-        return self.cursor(row_factory=namedtuple_row)
+    def _loader(self) -> Transformer:
+        """Turns a result's values into Python objects; kept, so its loaders are looked up
+        once per connection and column type, not per message."""
+        return Transformer(self)
 
-    def wait(self, gen, interval=0.1, timeout=None):
-        """psycopg's own ``wait``; without an explicit timeout, ``round_trip_timeout`` applies."""
-        if timeout is not None or self.round_trip_timeout is None:
-            return super().wait(gen, interval, timeout)
-        try:
-            return super().wait(gen, interval, self.round_trip_timeout)
-        except pg_errors._WaitTimeout:
+    @cached_property
+    def _encoding(self) -> str:
+        return self.info.encoding
+
+    def exchange(self, message: bytes) -> list[PGresult]:
+        """Send ``message`` (statements already bound) as one simple query and return its
+        results, one per statement; raise the server's first error once the reply has been
+        read to its end (the connection is then ready for the next message), ``NoReply``
+        when the reply is not complete within ``round_trip_timeout``.
+
+        libpq's own calls, without a cursor or psycopg's generators, which release the GIL
+        around every libpq call (a chance for a waiting thread to take it, and for this one
+        to wait to get it back) and keep a cursor's state per message (docs/benchmarks.md).
+        Here the GIL is let go to send, to wait for the reply, and in ``is_busy`` (psycopg
+        releases it there). After an error result the server may close the connection (a
+        FATAL error): that error is raised, as psycopg does, not the lost connection.
+        """
+        pgconn = self.pgconn
+        deadline = time.monotonic() + (self.round_trip_timeout or ROUND_TRIP_MARGIN)
+        results: list[PGresult] = []
+        with self.lock:
+            pgconn.send_query(message)
+            while pgconn.flush():  # what the socket's buffer did not take at once
+                self._wait(select.POLLOUT, deadline)
+            while True:
+                try:
+                    while pgconn.is_busy():
+                        self._wait(select.POLLIN, deadline)
+                        pgconn.consume_input()
+                except NoReply:
+                    raise
+                except psycopg.DatabaseError:
+                    if any(result.status == FATAL_ERROR for result in results):
+                        break
+                    raise
+                if (result := pgconn.get_result()) is None:
+                    break
+                results.append(result)
+        for result in results:
+            if result.status == FATAL_ERROR:
+                raise pg_errors.error_from_result(result, self._encoding)
+        return results
+
+    @cached_property
+    def _reply_poller(self) -> select.poll:
+        poller = select.poll()
+        poller.register(self.pgconn.socket, select.POLLIN)
+        return poller
+
+    def _wait(self, events: int, deadline: float) -> None:
+        if events == select.POLLIN:
+            poller = self._reply_poller
+        else:
+            poller = select.poll()
+            poller.register(self.pgconn.socket, events)
+        if not poller.poll(max(deadline - time.monotonic(), 0) * 1000):
             self.close()
-            message = f"no reply from the database within {self.round_trip_timeout} s"
-            raise NoReply(message) from None
+            raise NoReply(f"no reply from the database within {self.round_trip_timeout} s")
+
+    def rows(self, result: PGresult) -> list:
+        """A result's rows as named tuples of Python values; none for a statement without."""
+        if result.status != TUPLES_OK:
+            return []
+        self._loader.set_pgresult(result)
+        names = tuple(result.fname(column) for column in range(result.nfields))
+        return self._loader.load_rows(0, result.ntuples, _row_type(names)._make)
 
 
-def parse_lsn(value: str) -> int:
+_PLACEHOLDER = re.compile(r"%\((\w+)\)s|%%|%")
+
+
+@lru_cache(maxsize=256)
+def _template(sql: str, encoding: str) -> tuple[tuple[bytes, ...], tuple[str, ...]]:
+    """``sql`` cut at its ``%(name)s`` placeholders: the texts around them (``%%`` is a
+    literal %) and the names, in order. Any other % is a mistake in the statement."""
+    texts, names, text, start = [], [], [], 0
+    for match in _PLACEHOLDER.finditer(sql):
+        text.append(sql[start:match.start()])
+        start = match.end()
+        if match.group(0) == "%%":
+            text.append("%")
+        elif match.group(1) is None:
+            raise ValueError(f"a lone % in a statement (write %% for a literal %): {sql!r}")
+        else:
+            texts.append("".join(text).encode(encoding))
+            names.append(match.group(1))
+            text = []
+    texts.append("".join([*text, sql[start:]]).encode(encoding))
+    return tuple(texts), tuple(names)
+
+
+@lru_cache(maxsize=64)
+def _row_type(names: tuple[bytes, ...]) -> type[tuple]:
+    """A named tuple for rows with these column names (as libpq gives them: bytes)."""
+    return namedtuple("Row", [name.decode() for name in names], rename=True)
+
+
+def parse_lsn(value: str | bytes) -> int:
     """``'16/B374D848'`` -> an integer that orders like the WAL position."""
-    high, low = value.split("/")
+    high, low = value.split(b"/" if isinstance(value, bytes) else "/")
     return (int(high, 16) << 32) | int(low, 16)
 
 
@@ -232,10 +324,11 @@ class _Reply:
 
 @dataclass
 class Node:
-    """One database server as the app sees it: a name, its engine, and whether it answers."""
+    """One database server as the app sees it: a name, its connections, and whether it
+    answers."""
 
     name: str
-    engine: Engine
+    pool: ConnectionPool
     skip_until: float = 0.0
     failing: bool = False
     """The last attempt to finish got no answer (see "Bounded database work")."""
@@ -266,46 +359,91 @@ class Node:
                 self.failing = failed
 
 
-def make_engine(url: URL, settings: Settings) -> Engine:
-    """An engine whose connections are in autocommit mode, bind parameters on the client,
-    and give up on a round trip after a deadline. Checkout discards a connection the server
-    has closed (see "Dead connections without a pre-ping").
+class PoolTimeout(psycopg.OperationalError):
+    """Every connection of the pool was in use for the whole pool timeout."""
 
-    Prepared statements are off (``prepare_threshold=None``): PgBouncer in transaction mode
-    may run each transaction on a different server connection.
+
+class ConnectionPool:
+    """The connections of one process to one server: at most ``size + overflow`` open, up to
+    ``size`` kept idle for reuse (the last returned is the next taken). ``checkout`` waits up
+    to ``timeout`` s for a connection to come back when all are in use (then
+    ``PoolTimeout``), and discards an idle one the server has closed (see "Dead
+    connections without a pre-ping"). Until issue 14 this was SQLAlchemy's ``QueuePool``,
+    whose checkout and check-in (a proxy object per checkout, events, weak references) were
+    about a third of a note list's Python time (docs/benchmarks.md).
+
+    Its connections are in autocommit mode, bind parameters on the client and prepare
+    nothing (``prepare_threshold=None``): PgBouncer in transaction mode may run each
+    transaction on a different server connection.
     """
-    engine = create_engine(
-        url,
-        pool_size=settings.pool_size,
-        max_overflow=settings.max_overflow,
-        pool_timeout=settings.pool_timeout,
-        # No ROLLBACK call at check-in: in autocommit mode a connection is left inside a
-        # transaction only by a message that failed, and _send_once drops that one.
-        pool_reset_on_return=None,
-        use_native_hstore=False,  # no type look-up (in a transaction of its own) at first connect
-        connect_args={
-            "connect_timeout": settings.connect_timeout,
-            "prepare_threshold": None,
-            "autocommit": True,
-            "cursor_factory": psycopg.ClientCursor,
-            "application_name": "webstack",
-        },
-    )
 
-    one_statement = settings.statement_timeout_ms / 1000 + ROUND_TRIP_MARGIN
+    def __init__(self, url: URL, settings: Settings) -> None:
+        _, self._params = _DIALECT.create_connect_args(url)
+        self._params.update(
+            connect_timeout=settings.connect_timeout, prepare_threshold=None, autocommit=True,
+            cursor_factory=psycopg.ClientCursor, application_name="webstack")
+        self._size = settings.pool_size
+        self._limit = settings.pool_size + settings.max_overflow
+        self._timeout = settings.pool_timeout
+        self._idle: list[DeadlineConnection] = []
+        self._open = 0
+        self._returned = threading.Condition(threading.Lock())
 
-    @event.listens_for(engine, "do_connect")
-    def connect(dialect, connection_record, cargs, cparams):
-        connection = DeadlineConnection.connect(*cargs, **cparams)
-        connection.round_trip_timeout = one_statement  # SQLAlchemy's queries at first connect
-        return connection
+    def checkout(self) -> DeadlineConnection:
+        deadline = time.monotonic() + self._timeout
+        with self._returned:
+            while True:
+                while self._idle:
+                    connection = self._idle.pop()
+                    if not _closed_by_server(connection):
+                        return connection
+                    self._open -= 1
+                    connection.close()
+                if self._open < self._limit:
+                    self._open += 1
+                    break
+                if not self._returned.wait(deadline - time.monotonic()):
+                    raise PoolTimeout(f"all {self._limit} connections in use for"
+                                      f" {self._timeout} s")
+        try:
+            return DeadlineConnection.connect(**self._params)
+        except BaseException:
+            self._forget()
+            raise
 
-    @event.listens_for(engine, "checkout")
-    def checkout(dbapi_connection, connection_record, connection_proxy):
-        if _closed_by_server(dbapi_connection):
-            raise DisconnectionError("the server closed this pooled connection")
+    def checkin(self, connection: DeadlineConnection, *, reuse: bool = True) -> None:
+        """Back into the pool when ``reuse`` and it is idle and open; closed otherwise."""
+        if (reuse and not connection.closed
+                and connection.info.transaction_status == TransactionStatus.IDLE):
+            with self._returned:
+                if len(self._idle) < self._size:
+                    self._idle.append(connection)
+                    self._returned.notify()
+                    return
+        self._forget()
+        connection.close()
 
-    return engine
+    def dispose(self) -> None:
+        """Close the idle connections (those in use are closed as they come back)."""
+        with self._returned:
+            idle, self._idle = self._idle, []
+            self._open -= len(idle)
+        for connection in idle:
+            connection.close()
+
+    def size(self) -> int:
+        return self._size
+
+    def checkedout(self) -> int:
+        return self._open - len(self._idle)
+
+    def checkedin(self) -> int:
+        return len(self._idle)
+
+    def _forget(self) -> None:
+        with self._returned:
+            self._open -= 1
+            self._returned.notify()
 
 
 def _closed_by_server(connection: psycopg.Connection) -> bool:
@@ -357,13 +495,13 @@ class Database:
     """The primary and the replicas of one app, and the read/write routing between them."""
 
     def __init__(self, settings: Settings, on_fallback: Callable[[str], None]) -> None:
-        self.primary = Node("primary", make_engine(settings.database_url, settings))
+        self.primary = Node("primary", ConnectionPool(settings.database_url, settings))
         self.replicas = [
-            Node(f"replica-{index}", make_engine(url, settings))
+            Node(f"replica-{index}", ConnectionPool(url, settings))
             for index, url in enumerate(settings.replica_urls)
         ]
         self._statement_timeout_ms = settings.statement_timeout_ms
-        self._first = _FIRST.format(timeout_ms=settings.statement_timeout_ms)
+        self._first = _FIRST.format(timeout_ms=settings.statement_timeout_ms).encode()
         self._retry_seconds = settings.replica_retry_seconds
         self._on_fallback = on_fallback
         self._turn = itertools.count()
@@ -443,7 +581,7 @@ class Database:
         forked child)."""
         self.lag.stop()
         for node in self.nodes:
-            node.engine.dispose()
+            node.pool.dispose()
 
     def _primary_position(self) -> int:
         """The primary's WAL position (``app.lag``). A server in recovery raises
@@ -505,22 +643,21 @@ class Database:
 
     def _send_once(self, node: Node, statements: Sequence[Statement], write: bool,
                    for_writes: bool) -> _Reply:
-        pooled = node.engine.raw_connection()
-        connection: DeadlineConnection = pooled.driver_connection
+        connection = node.pool.checkout()
+        reuse = False
         try:
             reply = self._exchange(connection, node, statements, write)
             if for_writes and reply.served_by != "primary":
                 raise NotPrimary
+            reuse = True
             return reply
         except (NotPrimary, pg_errors.ReadOnlySqlTransaction):
-            pooled.invalidate()
             raise NotPrimary("DATABASE_URL leads to a server in recovery") from None
         except psycopg.Error as exc:
-            if connection.closed or connection.info.transaction_status != TransactionStatus.IDLE:
-                pooled.invalidate()  # closed, or a write's BEGIN left its transaction failed
+            reuse = True  # unless closed, or a write's BEGIN left its transaction failed
             raise (ConnectionLost if connection.broken else type(exc))(_message(exc)) from None
         finally:
-            pooled.close()
+            node.pool.checkin(connection, reuse=reuse)
 
     def _exchange(self, connection: DeadlineConnection, node: Node,
                   statements: Sequence[Statement], write: bool) -> _Reply:
@@ -529,30 +666,22 @@ class Database:
         connection.round_trip_timeout = (
             timeout_ms / 1000 * max(len(statements), 1) + ROUND_TRIP_MARGIN
         )
-        cursor = connection.exchange_cursor
+        bound = [connection.bind(statement) for statement in statements]
         if write:
-            cursor.execute("; ".join([
-                "BEGIN", self._first,
-                *(cursor.mogrify(statement.sql, statement.params) for statement in statements),
-                "COMMIT", _WAL_POSITION]))
-        elif statements:  # a read: one statement, bound as the message is (one pass, not two)
-            (statement,) = statements
-            cursor.execute(f"{self._first}; {statement.sql}", statement.params)
+            results = connection.exchange(b"; ".join(
+                [b"BEGIN", self._first, *bound, b"COMMIT", _WAL_POSITION]))
+            _, first, *rows, _, position = results
+            lsn = parse_lsn(position.get_value(0, 0))
         else:
-            cursor.execute(self._first)
-        results = [cursor.fetchall() if cursor.pgresult.status == TUPLES_OK else []
-                   for _ in cursor.results()]
-        if write:
-            _, (first,), *rows, _, (position,) = results
-            lsn = parse_lsn(position.lsn)
-        else:
-            (first,), *rows = results
+            first, *rows = connection.exchange(b"; ".join([self._first, *bound]))
             lsn = 0
-        if not first.in_recovery:
+        in_recovery, replayed = first.get_value(0, 1) == b"t", first.get_value(0, 2)
+        if not in_recovery:
             served_by = "primary"
         else:
             served_by = "primary-in-recovery" if node is self.primary else node.name
-        return _Reply(served_by, parse_lsn(first.replayed) if first.replayed else 0, rows, lsn)
+        rows = [connection.rows(result) for result in rows]
+        return _Reply(served_by, parse_lsn(replayed) if replayed else 0, rows, lsn)
 
 
 def _message(error: psycopg.Error) -> str:

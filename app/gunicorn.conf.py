@@ -4,7 +4,7 @@ On a droplet the environment comes from the EnvironmentFile that `components/run
 renders (the timeouts there are the source of truth); without it the defaults below serve a
 developer's machine. Check with `gunicorn --check-config -c app/gunicorn.conf.py app.wsgi:app`.
 
-No `preload_app`: every worker imports the app and builds its own database engines after the
+No `preload_app`: every worker imports the app and builds its own connection pools after the
 fork, so no connection is ever shared between processes.
 """
 

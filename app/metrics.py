@@ -38,7 +38,7 @@ any token as a method, and each label value is a series kept for the process's l
 
 
 class PoolCollector(Collector):
-    """Connection pool usage of each engine, read at scrape time."""
+    """Connection pool usage of each server (label `engine`), read at scrape time."""
 
     def __init__(self, database: Database) -> None:
         self._database = database
@@ -54,8 +54,8 @@ class PoolCollector(Collector):
             labels=["engine"],
         )
         for node in self._database.nodes:
-            checked_out.add_metric([node.name], node.engine.pool.checkedout())
-            size.add_metric([node.name], node.engine.pool.size())
+            checked_out.add_metric([node.name], node.pool.checkedout())
+            size.add_metric([node.name], node.pool.size())
         yield checked_out
         yield size
 

@@ -92,7 +92,7 @@ def test_environment_is_read(monkeypatch):
     settings = app.extensions["webstack"].settings
     assert app.config["SECRET_KEY"] == "from-the-environment"
     assert settings.pool_size == 3
-    assert app.extensions["webstack"].database.primary.engine.pool.size() == 3
+    assert app.extensions["webstack"].database.primary.pool.size() == 3
 
 
 def test_app_starts_and_is_live_without_a_database():
@@ -100,7 +100,7 @@ def test_app_starts_and_is_live_without_a_database():
     app = create_app({"TESTING": True, "DATABASE_URL": URL})
     response = app.test_client().get("/healthz")
     assert response.status_code == 200
-    assert app.extensions["webstack"].database.primary.engine.pool.checkedin() == 0
+    assert app.extensions["webstack"].database.primary.pool.checkedin() == 0
 
 
 def test_body_limit_is_max_body_mb():

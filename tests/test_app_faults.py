@@ -173,7 +173,7 @@ def _get(port: int, path: str, timeout: float = 10.0) -> tuple[int, dict[str, st
 
 
 def test_a_failing_server_is_tried_by_one_attempt_at_a_time():
-    node = Node("primary", engine=None)
+    node = Node("primary", pool=None)
     with node.attempt(), node.attempt():  # answering: attempts run side by side
         pass
     with pytest.raises(NoReply), node.attempt():

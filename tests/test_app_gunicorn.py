@@ -1,4 +1,4 @@
-"""The app under real gunicorn workers: ``app.wsgi``, engines built after the fork, and
+"""The app under real gunicorn workers: ``app.wsgi``, connection pools built after the fork, and
 metrics summed over workers with PROMETHEUS_MULTIPROC_DIR."""
 
 import http.client

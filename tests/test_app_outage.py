@@ -46,12 +46,12 @@ def test_primary_outage_fails_fast_and_recovers(cluster, app):
         assert time.monotonic() < deadline, "writes did not recover after the primary came back"
         time.sleep(0.2)
     assert client.get("/readyz").status_code == 200
-    pool = app.extensions["webstack"].database.primary.engine.pool
+    pool = app.extensions["webstack"].database.primary.pool
     assert pool.checkedout() == 0
 
 
 def test_an_app_that_never_reached_the_primary_answers_503(cluster, make_app):
-    """The engine's first connection (SQLAlchemy's own queries) fails like any other."""
+    """A pool's first connection fails like any other."""
     cluster.stop_primary()
     client = make_app(DATABASE_REPLICA_URLS="").test_client()
     for response in (client.post("/api/notes", json={"text": "first"}), client.get("/api/notes")):

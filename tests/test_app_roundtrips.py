@@ -14,11 +14,13 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 
+import psycopg
 import pytest
 from psycopg import errors as pg_errors
 
-from app.db import LAG_SAMPLER_QUERIES, Statement
+from app.db import LAG_SAMPLER_QUERIES, Statement, _template
 from tests.pg_fixtures import pgcluster
 from tests.test_app_api import _metric
 
@@ -117,33 +119,61 @@ def test_the_statement_timeout_bounds_the_statements_of_one_transaction_only(mak
     for send in (database.read, database.read_primary, database.write):
         with pytest.raises(pg_errors.QueryCanceled):
             send(slow)
-    pooled = database.replicas[0].engine.raw_connection()  # the one the read above used
+    pool = database.replicas[0].pool
+    connection = pool.checkout()  # the one the read above used
     try:
-        assert pooled.driver_connection.execute("SHOW statement_timeout").fetchone() == ("0",)
+        assert connection.execute("SHOW statement_timeout").fetchone() == ("0",)
     finally:
-        pooled.close()
+        pool.checkin(connection)
 
 
-def test_a_connection_s_one_cursor_serves_the_message_after_a_failed_one(make_app):
-    """Every message on a connection goes through its one kept cursor (``exchange_cursor``),
-    also after the server refused the previous one."""
+def test_a_connection_serves_the_message_after_a_failed_one(make_app):
+    """A refused message is read to its end: the same pooled connection answers the next."""
     database = make_app(DB_STATEMENT_TIMEOUT_MS="300", DB_POOL_SIZE="1", DB_MAX_OVERFLOW="0",
                         DB_REPLICA_RETRY_SECONDS="0", DB_REPLICA_LAG_SAMPLE_SECONDS="3600",
                         ).extensions["webstack"].database
     assert database.lag.wait_sampled(5)
-    replica = database.replicas[0]
-    pooled = replica.engine.raw_connection()
-    cursor = pooled.driver_connection.exchange_cursor
-    pooled.close()
+    pool = database.replicas[0].pool
+    connection = pool.checkout()
+    pool.checkin(connection)
     with pytest.raises(pg_errors.QueryCanceled):
         database.read(Statement("SELECT pg_sleep(2)", {}))
     result = database.read(Statement("SELECT %(n)s::int AS n", {"n": 7}))
     assert (result.served_by, result.value) == ("replica-0", [(7,)])
-    pooled = replica.engine.raw_connection()
+    assert result.value[0].n == 7
+    again = pool.checkout()
     try:
-        assert pooled.driver_connection.exchange_cursor is cursor
+        assert again is connection
     finally:
-        pooled.close()
+        pool.checkin(again)
+
+
+WHEN = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
+BIND_CASES = [  # a statement, its parameters, the row the server answers
+    ("SELECT %(n)s::int, %(s)s, %(none)s, %(when)s, %(blob)s, 100 %% 7 AS rest",
+     {"n": -12, "s": "it's \\ %(s)s %% é 🚀", "none": None, "when": WHEN, "blob": b"\x00'\\"},
+     (-12, "it's \\ %(s)s %% é 🚀", None, WHEN, b"\x00'\\", 2)),
+    ("SELECT '%%(n)s' AS not_a_placeholder, %(n)s AS n", {"n": 7}, ("%(n)s", 7)),
+]
+
+
+@pytest.mark.parametrize(("sql", "params", "row"), BIND_CASES)
+def test_the_app_binds_parameters_as_psycopg_s_client_cursor_does(make_app, sql, params, row):
+    """``DeadlineConnection.bind`` writes the same literals as ``ClientCursor.mogrify``, and
+    the server reads the values back unchanged."""
+    pool = make_app().extensions["webstack"].database.primary.pool
+    connection = pool.checkout()
+    try:
+        bound = connection.bind(Statement(sql, params))
+        assert bound == psycopg.ClientCursor(connection).mogrify(sql, params).encode()
+        assert tuple(connection.rows(connection.exchange(bound)[0])[0]) == row
+    finally:
+        pool.checkin(connection)
+
+
+def test_a_lone_percent_in_a_statement_is_refused():
+    with pytest.raises(ValueError, match="lone %"):
+        _template("SELECT 100 % 7", "utf-8")
 
 
 @pytest.mark.parametrize("text", [
