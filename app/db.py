@@ -181,6 +181,11 @@ class DeadlineConnection(psycopg.Connection):
     so neither the server's statement timeout nor a cancel can free the worker. When the
     deadline passes the connection is closed (its protocol state is unknown) and
     ``NoReply`` is raised. Every message of the app goes through ``exchange``.
+
+    Beside libpq's calls (``psycopg.pq``, documented), this uses psycopg 3.3 objects its docs
+    do not describe: ``Transformer``'s ``as_literal``, ``set_pgresult`` and ``load_rows``,
+    and ``errors.error_from_result`` (hence the exact pin in app/requirements.txt);
+    tests/test_app_roundtrips.py fails if they change.
     """
 
     round_trip_timeout: float | None = None
