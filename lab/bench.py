@@ -46,7 +46,10 @@ gunicorn, and every other droplet and variant, share the first core, while Postg
 pgbouncer, the frontend, the delay proxies and wrk run on the others: a one-vCPU droplet
 (prod's s-1vcpu-1gb) whose database, load balancer and clients are other machines, as on
 DigitalOcean, so the database's CPU is not counted against the app's. `shared` lets every
-process use every core (the layout of the runs before 2026-12-01).
+process use every core (the layout of the runs before 2026-12-01). With `split`, each run
+also reports `cpu_us`: how long the droplets' core was busy per request (/proc/stat), the
+droplet's CPU cost of a request, which does not depend on whether the core was saturated nor
+on how the scheduler spread the load over the run, as rps does.
 
 The extra servers live in `droplet-1-<variant>/` under the state directory, so `stop_lab`
 (and `make lab-down`) stops them with the lab.
@@ -55,8 +58,10 @@ Cost per 100 requests per second: every droplet of the lab runs on this one mach
 frontend's figure is what N droplets squeezed onto these cores deliver, not what N real
 droplets would. Two figures are reported: the lab's own (droplet price x count / (frontend rps
 / 100)) and an estimate with per-droplet capacity = droplet 1's rps through its nginx x the
-droplet size's vCPUs / the cores the droplets ran on. Only the app droplets are priced (not
-the LB or the database).
+droplet size's vCPUs / the cores the droplets ran on; with `split`, a third: per-droplet
+capacity = the vCPUs' microseconds a second / droplet 1's `cpu_us` through its nginx, what a
+droplet serves with its vCPU always busy. Only the app droplets are priced (not the LB or the
+database).
 """
 
 from __future__ import annotations
@@ -72,7 +77,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -121,6 +126,7 @@ ROUND_TRIP_REQUESTS = 20
 connection's set-up queries are not the request's)."""
 STATIC_FILE = "bench.txt"
 WRK = shutil.which("wrk")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 WRK_TIMEOUT = 5
 PATHS = {"healthz": "/healthz", "notes": "/api/notes"}
 APP_TARGETS = ("gunicorn", "gunicorn_sync", "original_gunicorn", "nginx", "nginx_nocache",
@@ -151,6 +157,9 @@ class Run:
     requests: int
     errors: int
     """Responses other than 2xx/3xx, and connect/read/write errors and timeouts."""
+    cpu_us: float | None = None
+    """Microseconds of the droplets' cores busy per request over the run (`split` only:
+    there nothing else runs on them), whether or not the core was saturated."""
 
 
 # --------------------------------------------------------------------------- load generators
@@ -212,6 +221,29 @@ def run_python(url: str, duration: int, connections: int) -> Run:
 
 def _quantile(ordered: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def busy_ticks(cores: Iterable[int]) -> int:
+    """Clock ticks `cores` have been busy since boot (/proc/stat: user, nice, system, irq and
+    softirq; not idle, iowait or the hypervisor's steal)."""
+    wanted = {f"cpu{core}" for core in cores}
+    busy = 0
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *fields = line.split()
+        if name in wanted:
+            user, nice, system, _idle, _iowait, irq, softirq = map(int, fields[:7])
+            busy += user + nice + system + irq + softirq
+    return busy
+
+
+def counting_cpu(load: Callable[[str, int, int], Run], cores: list[int]):
+    """`load`, with each run's `cpu_us`: the busy time of `cores` over it per request."""
+    def counted(url: str, duration: int, connections: int) -> Run:
+        before = busy_ticks(cores)
+        run = load(url, duration, connections)
+        used_us = (busy_ticks(cores) - before) / CLOCK_TICKS * 1_000_000
+        return dataclasses.replace(run, cpu_us=used_us / run.requests)
+    return counted
 
 
 TOOLS = {"wrk": run_wrk, "python": run_python}
@@ -404,10 +436,11 @@ def targets(bases: dict[str, str], health_path: str) -> dict[str, str]:
 
 def measure(urls: dict[str, str], *, tool: str = "wrk", duration: int = DURATION,
             repeats: int = REPEATS, connections: int = CONNECTIONS,
-            warmup: int = WARMUP) -> dict[str, list[Run]]:
+            warmup: int = WARMUP, cpu_of: list[int] | None = None) -> dict[str, list[Run]]:
     """`repeats` rounds over every URL; odd rounds go backwards, so a drift of the machine
-    over the run weighs on every target alike."""
-    load = TOOLS[tool]
+    over the run weighs on every target alike. With `cpu_of`, each run also counts those
+    cores' busy time per request."""
+    load = counting_cpu(TOOLS[tool], cpu_of) if cpu_of else TOOLS[tool]
     if warmup:
         for url in urls.values():
             load(url, warmup, connections)
@@ -421,17 +454,20 @@ def measure(urls: dict[str, str], *, tool: str = "wrk", duration: int = DURATION
 
 def median_of(runs: list[Run]) -> dict[str, float]:
     """Each figure's median over the runs (taken separately)."""
+    cpu = [r.cpu_us for r in runs if r.cpu_us is not None]
     return {"rps": statistics.median(r.rps for r in runs),
             "rps_min": min(r.rps for r in runs), "rps_max": max(r.rps for r in runs),
             "p50_ms": statistics.median(r.p50_ms for r in runs),
             "p99_ms": statistics.median(r.p99_ms for r in runs),
+            "cpu_us": statistics.median(cpu) if cpu else None,
             "errors": sum(r.errors for r in runs)}
 
 
 def ratios(medians: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    def ratio(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    def ratio(a: dict[str, float], b: dict[str, float]) -> dict[str, float | None]:
         return {"rps": a["rps"] / b["rps"], "p50": a["p50_ms"] / b["p50_ms"],
-                "p99": a["p99_ms"] / b["p99_ms"]}
+                "p99": a["p99_ms"] / b["p99_ms"],
+                "cpu": a["cpu_us"] / b["cpu_us"] if a["cpu_us"] and b["cpu_us"] else None}
 
     found = {}
     for key in PATHS:
@@ -459,7 +495,8 @@ def cost(lab: Lab, medians: dict[str, dict[str, float]], cores: int) -> dict[str
     }
     for key in PATHS:
         frontend = medians[f"{key}/frontend"]["rps"]
-        per_droplet = medians[f"{key}/nginx_nocache"]["rps"] * size.vcpus / cores
+        droplet = medians[f"{key}/nginx_nocache"]
+        per_droplet = droplet["rps"] * size.vcpus / cores
         found[key] = {
             "lab_frontend_rps": frontend,
             "lab_usd_per_100_rps": monthly / (frontend / 100),
@@ -467,6 +504,10 @@ def cost(lab: Lab, medians: dict[str, dict[str, float]], cores: int) -> dict[str
             "estimated_stack_rps": per_droplet * count,
             "estimated_usd_per_100_rps": monthly / (per_droplet * count / 100),
         }
+        if droplet["cpu_us"]:
+            busy_droplet = size.vcpus * 1_000_000 / droplet["cpu_us"]
+            found[key] |= {"busy_droplet_rps": busy_droplet,
+                           "busy_usd_per_100_rps": monthly / (busy_droplet * count / 100)}
     return found
 
 
@@ -508,8 +549,10 @@ def run_bench(lab: Lab, *, tool: str = "wrk", duration: int = DURATION, repeats:
     cores = place(lab, layout)
     try:
         trips = round_trips(lab)
+        split = set(cores["droplets"]).isdisjoint(cores["outside"])
         runs = measure(urls, tool=tool, duration=duration, repeats=repeats,
-                       connections=connections, warmup=warmup)
+                       connections=connections, warmup=warmup,
+                       cpu_of=cores["droplets"] if split else None)
     finally:
         _pin([os.getpid()], own)  # a caller (pytest) goes on with every core
     medians = {name: {**median_of(rs), "url": urls[name], "runs": [dataclasses.asdict(r)
@@ -553,20 +596,23 @@ def table(report: dict) -> str:
              f"load average (1 min) {report['load_average']['start']:.2f} at the start, "
              f"{report['load_average']['end']:.2f} at the end",
              "", f"{'measurement':<28} {'rps':>7} {'(min-max)':>13} {'p50 ms':>8} {'p99 ms':>8} "
-             f"{'errors':>6}"]
+             f"{'cpu us':>7} {'errors':>6}"]
     for name, m in report["measurements"].items():
         spread = f"({m['rps_min']:.0f}-{m['rps_max']:.0f})"
         lines.append(f"{name:<28} {m['rps']:>7.0f} {spread:>13} {m['p50_ms']:>8.2f} "
-                     f"{m['p99_ms']:>8.2f} {m['errors']:>6}")
+                     f"{m['p99_ms']:>8.2f} {_figure(m['cpu_us'], '.0f'):>7} {m['errors']:>6}")
+    if any(m["cpu_us"] for m in report["measurements"].values()):
+        lines.append("cpu us: microseconds the droplets' core was busy per request")
     trips = report["round_trips"]
     lines += ["", f"database round trips per request: read {trips['read']:g} "
               f"({trips['read_counted_by']}), write {trips['write']:g} "
               f"({trips['write_counted_by']}), {trips['requests']} of each"]
     if report["db_delay_ms"]:
         lines.append(f"database behind a delay of {report['db_delay_ms']:g} ms per round trip")
-    lines += ["", f"{'ratio (a / b)':<34} {'rps':>6} {'p50':>6} {'p99':>6}"]
+    lines += ["", f"{'ratio (a / b)':<34} {'rps':>6} {'p50':>6} {'p99':>6} {'cpu':>6}"]
     for name, r in report["ratios"].items():
-        lines.append(f"{name:<34} {r['rps']:>6.2f} {r['p50']:>6.2f} {r['p99']:>6.2f}")
+        lines.append(f"{name:<34} {r['rps']:>6.2f} {r['p50']:>6.2f} {r['p99']:>6.2f} "
+                     f"{_figure(r['cpu'], '.2f'):>6}")
     c = report["cost"]
     lines += ["", f"cost: {c['droplets']} x {c['droplet_size']} = "
               f"{c['droplets_monthly_usd']:.2f} USD/month (app droplets only)"]
@@ -576,11 +622,18 @@ def table(report: dict) -> str:
                      f"{k['lab_usd_per_100_rps']:.2f} USD per 100 rps; estimate "
                      f"{k['estimated_stack_rps']:.0f} rps -> "
                      f"{k['estimated_usd_per_100_rps']:.2f} USD per 100 rps")
+        if "busy_droplet_rps" in k:
+            lines.append(f"  {key}: {k['busy_droplet_rps']:.0f} rps a droplet with its vCPU "
+                         f"always busy -> {k['busy_usd_per_100_rps']:.2f} USD per 100 rps")
     lines.append(f"  estimate: {c['assumption']}")
     recycles = ", ".join(f"{k} {v}" for k, v in report["gunicorn_worker_recycles"].items())
     lines.append(f"gunicorn workers recycled (max_requests): {recycles}")
     lines.append(f"took {report['seconds']:.0f} s")
     return "\n".join(lines)
+
+
+def _figure(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def _cores(cores: dict) -> str:
