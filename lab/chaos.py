@@ -638,8 +638,8 @@ the lab's 1 s scrape and evaluation, its 3 s hold), and to resolve once replay i
 
 def replica_lag_alert(lab: Lab, result: Result) -> None:
     monitor = Monitor(lab)
-    monitor.start()
     try:
+        monitor.start()  # inside: a start that fails midway leaves no process running
         expected = 2 * len(lab.droplets) + 2  # app and nginx per droplet, itself, Alertmanager
         settle(lambda: list(monitor.targets().values()) == ["up"] * expected, 30, "targets up")
         targets = monitor.targets()
