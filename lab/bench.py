@@ -48,8 +48,8 @@ pgbouncer, the frontend, the delay proxies and wrk run on the others: a one-vCPU
 DigitalOcean, so the database's CPU is not counted against the app's. `shared` lets every
 process use every core (the layout of the runs before 2026-12-01). With `split`, each run
 also reports `cpu_us`: how long the droplets' core was busy per request (/proc/stat), the
-droplet's CPU cost of a request, which does not depend on whether the core was saturated nor
-on how the scheduler spread the load over the run, as rps does.
+droplet's CPU cost of a request. rps x `cpu_us` near one second a second means the target was
+bounded by the droplet's CPU; well below, by waiting (docs/benchmarks.md).
 
 The extra servers live in `droplet-1-<variant>/` under the state directory, so `stop_lab`
 (and `make lab-down`) stops them with the lab.
