@@ -133,9 +133,11 @@ PATHS = {"healthz": "/healthz", "notes": "/api/notes"}
 APP_TARGETS = ("gunicorn", "gunicorn_sync", "original_gunicorn", "nginx", "nginx_nocache",
                "nginx_keepalive_off", "original_nginx", "frontend")
 ORIGINAL_TARGETS = ("original_gunicorn", "original_nginx")
-RUN_ORDER = ("gunicorn", "original_gunicorn", "gunicorn_sync", "nginx", "nginx_nocache",
-             "original_nginx", "nginx_keepalive_off", "frontend", "static")
-"""Targets in the order of a round (`run_order`); the worker models' come last."""
+RUN_GROUPS = (("gunicorn",), ("original_gunicorn",), ("gunicorn_sync",), ("nginx",),
+              ("nginx_nocache", "original_nginx"), ("nginx_keepalive_off",), ("frontend",),
+              ("static",))
+"""The order of a round (`run_order`): group by group, and in a group path by path, each
+path's targets side by side; the worker models' targets come last."""
 RATIOS = {
     "webstack_vs_original": ("nginx_nocache", "original_nginx"),
     "gunicorn_vs_original": ("gunicorn", "original_gunicorn"),
@@ -492,12 +494,22 @@ def ratios(runs: dict[str, list[Run]]) -> dict[str, dict[str, float | None]]:
 
 
 def run_order(names: Iterable[str]) -> list[str]:
-    """The order of a round: by target, each target's paths one after the other (a note
-    list right after its health check), the original design's nginx right after webstack's
-    without the micro-cache; so the runs a ratio divides are seconds apart."""
-    rank = {t: i for i, t in enumerate(RUN_ORDER)}
-    return sorted(names, key=lambda name: (rank.get(name.partition("/")[2] or name, len(rank)),
-                                           name.partition("/")[2] or name))
+    """The order of a round: the runs a ratio of the acceptance divides are next to each
+    other, seconds apart: a target's note list right after its health check (straight to
+    gunicorn), the original design's nginx right after webstack's without the micro-cache,
+    path by path (`RUN_GROUPS`). The machine's speed moves over tens of seconds; the
+    paired ratios of runs further apart spread more (docs/benchmarks.md)."""
+    groups = {t: (g, i) for g, group in enumerate(RUN_GROUPS) for i, t in enumerate(group)}
+    paths = {key: i for i, key in enumerate(PATHS)}
+
+    def key(name: str) -> tuple:
+        path, _, target = name.rpartition("/")
+        if target not in groups:  # a worker model's: each target's paths together
+            return (len(RUN_GROUPS), 0, target, paths.get(path, 0))
+        group, place = groups[target]
+        return (group, paths.get(path, 0), "", place)
+
+    return sorted(names, key=key)
 
 
 def cost(lab: Lab, medians: dict[str, dict[str, float]], cores: int) -> dict[str, object]:
