@@ -39,7 +39,7 @@ class _SessionInterface(SecureCookieSessionInterface):
     def open_session(self, app: Flask, request: Request) -> SecureCookieSession | None:
         """A request without the cookie (an anonymous visitor, a health check) gets an empty
         session, as from Flask, but without the signing serializer Flask builds first on
-        every request: a fifth of a `/healthz`'s time in the app (docs/benchmarks.md)."""
+        every request (an itsdangerous serializer, which encodes {} to learn its output type)."""
         if app.secret_key and not request.cookies.get(self.get_cookie_name(app)):
             return self.session_class()
         return super().open_session(app, request)
