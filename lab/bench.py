@@ -7,7 +7,8 @@ A lab of its own is started (state in `.lab/bench`, addresses 127.0.4.x, so `mak
 lab is always stopped. Each target gets `repeats` runs of `duration` seconds with `wrk`
 (`connections` open connections, keep-alive); the rounds are interleaved, so the machine's
 noise falls on every target alike, and the median of the runs is reported. Every ratio is
-between medians of the same run. The report goes to `bench-report.json`, a table to stdout.
+paired by round: the median of a's run / b's run of the same round, runs a round orders
+seconds apart (`run_order`). The report goes to `bench-report.json`, a table to stdout.
 
 Targets, for `/healthz` (the app without the database) and `GET /api/notes` (a read of the
 seeded notes, 20 rows):
@@ -132,6 +133,11 @@ PATHS = {"healthz": "/healthz", "notes": "/api/notes"}
 APP_TARGETS = ("gunicorn", "gunicorn_sync", "original_gunicorn", "nginx", "nginx_nocache",
                "nginx_keepalive_off", "original_nginx", "frontend")
 ORIGINAL_TARGETS = ("original_gunicorn", "original_nginx")
+RUN_GROUPS = (("gunicorn",), ("original_gunicorn",), ("gunicorn_sync",), ("nginx",),
+              ("nginx_nocache", "original_nginx"), ("nginx_keepalive_off",), ("frontend",),
+              ("static",))
+"""The order of a round (`run_order`): group by group, and in a group path by path, each
+path's targets side by side; the worker models' targets come last."""
 RATIOS = {
     "webstack_vs_original": ("nginx_nocache", "original_nginx"),
     "gunicorn_vs_original": ("gunicorn", "original_gunicorn"),
@@ -463,21 +469,47 @@ def median_of(runs: list[Run]) -> dict[str, float]:
             "errors": sum(r.errors for r in runs)}
 
 
-def ratios(medians: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    def ratio(a: dict[str, float], b: dict[str, float]) -> dict[str, float | None]:
-        return {"rps": a["rps"] / b["rps"], "p50": a["p50_ms"] / b["p50_ms"],
-                "p99": a["p99_ms"] / b["p99_ms"],
-                "cpu": a["cpu_us"] / b["cpu_us"] if a["cpu_us"] and b["cpu_us"] else None}
+def ratios(runs: dict[str, list[Run]]) -> dict[str, dict[str, float | None]]:
+    """Each ratio a / b, paired by round: a's run divided by b's run of the same round, and
+    the median over the rounds (with the rounds' lowest and highest rps ratio). The two runs
+    of a pair are seconds apart (`run_order`), so a change of the machine's speed between
+    rounds, which moves every target's rps, falls on both and cancels."""
+    def ratio(a: list[Run], b: list[Run]) -> dict[str, float | None]:
+        pairs = list(zip(a, b, strict=True))
+        rps = [x.rps / y.rps for x, y in pairs]
+        cpu = [x.cpu_us / y.cpu_us for x, y in pairs if x.cpu_us and y.cpu_us]
+        return {"rps": statistics.median(rps), "rps_min": min(rps), "rps_max": max(rps),
+                "p50": statistics.median(x.p50_ms / y.p50_ms for x, y in pairs),
+                "p99": statistics.median(x.p99_ms / y.p99_ms for x, y in pairs),
+                "cpu": statistics.median(cpu) if cpu else None}
 
     found = {}
     for key in PATHS:
         for name, (top, bottom) in RATIOS.items():
             found[f"{key}.{name}"] = ratio(
-                medians["static" if top == "static" else f"{key}/{top}"],
-                medians["static" if bottom == "static" else f"{key}/{bottom}"])
-    found["gunicorn.notes_vs_healthz"] = ratio(medians["notes/gunicorn"],
-                                               medians["healthz/gunicorn"])
+                runs["static" if top == "static" else f"{key}/{top}"],
+                runs["static" if bottom == "static" else f"{key}/{bottom}"])
+    found["gunicorn.notes_vs_healthz"] = ratio(runs["notes/gunicorn"], runs["healthz/gunicorn"])
     return found
+
+
+def run_order(names: Iterable[str]) -> list[str]:
+    """The order of a round: the runs a ratio of the acceptance divides are next to each
+    other, seconds apart: a target's note list right after its health check (straight to
+    gunicorn), the original design's nginx right after webstack's without the micro-cache,
+    path by path (`RUN_GROUPS`). The machine's speed moves over tens of seconds; the
+    paired ratios of runs further apart spread more (docs/benchmarks.md)."""
+    groups = {t: (g, i) for g, group in enumerate(RUN_GROUPS) for i, t in enumerate(group)}
+    paths = {key: i for i, key in enumerate(PATHS)}
+
+    def key(name: str) -> tuple:
+        path, _, target = name.rpartition("/")
+        if target not in groups:  # a worker model's: each target's paths together
+            return (len(RUN_GROUPS), 0, target, paths.get(path, 0))
+        group, place = groups[target]
+        return (group, paths.get(path, 0), "", place)
+
+    return sorted(names, key=key)
 
 
 def cost(lab: Lab, medians: dict[str, dict[str, float]], cores: int) -> dict[str, object]:
@@ -550,14 +582,14 @@ def run_bench(lab: Lab, *, tool: str = "wrk", duration: int = DURATION, repeats:
     try:
         trips = round_trips(lab)
         split = set(cores["droplets"]).isdisjoint(cores["outside"])
-        runs = measure(urls, tool=tool, duration=duration, repeats=repeats,
-                       connections=connections, warmup=warmup,
-                       cpu_of=cores["droplets"] if split else None)
+        runs = measure({name: urls[name] for name in run_order(urls)}, tool=tool,
+                       duration=duration, repeats=repeats, connections=connections,
+                       warmup=warmup, cpu_of=cores["droplets"] if split else None)
     finally:
         _pin([os.getpid()], own)  # a caller (pytest) goes on with every core
-    medians = {name: {**median_of(rs), "url": urls[name], "runs": [dataclasses.asdict(r)
-                                                                   for r in rs]}
-               for name, rs in runs.items()}
+    medians = {name: {**median_of(runs[name]), "url": url,
+                      "runs": [dataclasses.asdict(r) for r in runs[name]]}
+               for name, url in urls.items()}
     app = lab.settings.app
     return {
         "stack": lab.settings.stack,
@@ -574,9 +606,10 @@ def run_bench(lab: Lab, *, tool: str = "wrk", duration: int = DURATION, repeats:
         "round_trips": trips,
         "load": {"tool": tool, "duration_s": duration, "repeats": repeats,
                  "connections": connections, "warmup_s": warmup,
-                 "statistic": "median of the runs, per figure"},
+                 "statistic": "median of the runs, per figure; a ratio: the median of the "
+                              "rounds' ratios (a's run / b's run of the same round)"},
         "measurements": medians,
-        "ratios": ratios(medians),
+        "ratios": ratios(runs),
         "cost": cost(lab, medians, len(cores["droplets"])),
         "gunicorn_worker_recycles": worker_recycles(lab),
         "load_average": {"start": load_at_start, "end": os.getloadavg()[0]},
@@ -609,10 +642,14 @@ def table(report: dict) -> str:
               f"({trips['write_counted_by']}), {trips['requests']} of each"]
     if report["db_delay_ms"]:
         lines.append(f"database behind a delay of {report['db_delay_ms']:g} ms per round trip")
-    lines += ["", f"{'ratio (a / b)':<34} {'rps':>6} {'p50':>6} {'p99':>6} {'cpu':>6}"]
+    lines += ["", f"{'ratio (a / b)':<34} {'rps':>6} {'(rounds)':>11} {'p50':>6} {'p99':>6} "
+              f"{'cpu':>6}"]
     for name, r in report["ratios"].items():
-        lines.append(f"{name:<34} {r['rps']:>6.2f} {r['p50']:>6.2f} {r['p99']:>6.2f} "
-                     f"{_figure(r['cpu'], '.2f'):>6}")
+        rounds = f"({r['rps_min']:.2f}-{r['rps_max']:.2f})"
+        lines.append(f"{name:<34} {r['rps']:>6.2f} {rounds:>11} {r['p50']:>6.2f} "
+                     f"{r['p99']:>6.2f} {_figure(r['cpu'], '.2f'):>6}")
+    lines.append("ratio: the median over the rounds of a's run / b's run of the same round; "
+                 "(rounds): the lowest and highest rps ratio")
     c = report["cost"]
     lines += ["", f"cost: {c['droplets']} x {c['droplet_size']} = "
               f"{c['droplets_monthly_usd']:.2f} USD/month (app droplets only)"]

@@ -129,3 +129,29 @@ def test_session_cookie_is_httponly_lax_and_secure_over_https(proto, secure):
     flags = {part.strip().split("=")[0].lower(): part for part in cookie.split(";")[1:]}
     assert "httponly" in flags and flags["samesite"].strip() == "SameSite=Lax"
     assert ("secure" in flags) is secure
+
+
+def test_a_request_without_the_cookie_gets_an_empty_session_and_one_with_it_its_own():
+    """The session of a request without the cookie is made without a signing serializer;
+    a signed cookie is still read, and one signed with another key is not."""
+    app = create_app({"TESTING": True, "DATABASE_URL": URL})
+
+    @app.get("/lsn")
+    def lsn():
+        from flask import session
+        session["lsn"] = session.get("lsn", 0) + 1
+        return str(session["lsn"])
+
+    interface = app.session_interface
+    built = []
+    real = interface.get_signing_serializer
+    interface.get_signing_serializer = lambda a: built.append(1) or real(a)
+    client = app.test_client()
+    assert client.get("/healthz").status_code == 200 and not built
+    assert client.get("/lsn").text == "1" and len(built) == 1  # to sign the new cookie
+    assert client.get("/lsn").text == "2"  # the cookie read back
+    forged = create_app({"TESTING": True, "DATABASE_URL": URL, "SECRET_KEY": "another key"})
+    forged.get("/lsn")(lsn)
+    cookie = forged.test_client().get("/lsn").headers["Set-Cookie"].split(";")[0]
+    stranger = app.test_client(use_cookies=False)
+    assert stranger.get("/lsn", headers={"Cookie": cookie}).text == "1"  # not trusted

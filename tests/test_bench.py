@@ -223,3 +223,38 @@ def test_spread_counts_the_cpu_of_each_worker_not_the_master(tmp_path):
     with pytest.raises(SystemExit) as exited:
         spread.main([str(tmp_path / "none.pid"), "http://127.0.0.1:1/"])
     assert exited.value.code == 2
+
+
+def test_a_ratio_divides_the_runs_of_one_round_and_takes_the_median():
+    def run(rps, cpu=None):
+        return bench.Run(rps=rps, p50_ms=1000 / rps, p99_ms=3000 / rps, requests=1, errors=0,
+                         cpu_us=cpu)
+
+    # The machine ran at 1, 1/2 and 3/2 of its speed in the three rounds; notes made 0.6 of
+    # healthz's rps in two of them.
+    speeds = (1.0, 0.5, 1.5)
+    runs = {name: [run(base * s) for s in speeds] for name, base in (
+        ("healthz/gunicorn", 1000), ("notes/gunicorn", 600))}
+    runs["notes/gunicorn"][2] = run(600 * 1.5 * 1.1)  # one round's pair 10% apart
+    for key in bench.PATHS:
+        for top, bottom in bench.RATIOS.values():
+            for t in (top, bottom):
+                name = "static" if t == "static" else f"{key}/{t}"
+                runs.setdefault(name, [run(700 * s, cpu=500 / s) for s in speeds])
+    ratio = bench.ratios(runs)["gunicorn.notes_vs_healthz"]
+    assert ratio["rps"] == pytest.approx(0.6) and ratio["p50"] == pytest.approx(1 / 0.6)
+    assert (ratio["rps_min"], ratio["rps_max"]) == (pytest.approx(0.6), pytest.approx(0.66))
+    assert ratio["cpu"] is None  # not counted (a `shared` layout)
+    assert bench.ratios(runs)["notes.webstack_vs_original"]["cpu"] == pytest.approx(1)
+
+
+def test_a_round_runs_a_target_s_paths_and_the_pairs_of_the_main_ratios_side_by_side():
+    names = [f"{p}/{t}" for p in bench.PATHS for t in bench.APP_TARGETS] + ["static"]
+    names += ["healthz/gunicorn_1x4", "notes/gunicorn_1x4"]
+    order = bench.run_order(names)
+    assert sorted(order) == sorted(names)
+    at = {name: i for i, name in enumerate(order)}
+    assert at["notes/gunicorn"] == at["healthz/gunicorn"] + 1
+    for path in bench.PATHS:
+        assert at[f"{path}/original_nginx"] == at[f"{path}/nginx_nocache"] + 1
+    assert order[-2:] == ["healthz/gunicorn_1x4", "notes/gunicorn_1x4"]
