@@ -7,8 +7,9 @@ A lab of its own is started (state in `.lab/bench`, addresses 127.0.4.x, so `mak
 lab is always stopped. Each target gets `repeats` runs of `duration` seconds with `wrk`
 (`connections` open connections, keep-alive); the rounds are interleaved, so the machine's
 noise falls on every target alike, and the median of the runs is reported. Every ratio is
-paired by round: the median of a's run / b's run of the same round, runs a round orders
-seconds apart (`run_order`). The report goes to `bench-report.json`, a table to stdout.
+paired by round: the median of a's run / b's run of the same round; a round runs the pairs
+of the acceptance side by side (`run_order`). The report goes to `bench-report.json`, a
+table to stdout.
 
 Targets, for `/healthz` (the app without the database) and `GET /api/notes` (a read of the
 seeded notes, 20 rows):
@@ -471,9 +472,9 @@ def median_of(runs: list[Run]) -> dict[str, float]:
 
 def ratios(runs: dict[str, list[Run]]) -> dict[str, dict[str, float | None]]:
     """Each ratio a / b, paired by round: a's run divided by b's run of the same round, and
-    the median over the rounds (with the rounds' lowest and highest rps ratio). The two runs
-    of a pair are seconds apart (`run_order`), so a change of the machine's speed between
-    rounds, which moves every target's rps, falls on both and cancels."""
+    the median over the rounds (with the rounds' lowest and highest rps ratio). A change of
+    the machine's speed between rounds moves both runs of a pair and cancels; within a round
+    it can still fall between them, least where they run side by side (`run_order`)."""
     def ratio(a: list[Run], b: list[Run]) -> dict[str, float | None]:
         pairs = list(zip(a, b, strict=True))
         rps = [x.rps / y.rps for x, y in pairs]
@@ -497,8 +498,8 @@ def run_order(names: Iterable[str]) -> list[str]:
     """The order of a round: the runs a ratio of the acceptance divides are next to each
     other, seconds apart: a target's note list right after its health check (straight to
     gunicorn), the original design's nginx right after webstack's without the micro-cache,
-    path by path (`RUN_GROUPS`). The machine's speed moves over tens of seconds; the
-    paired ratios of runs further apart spread more (docs/benchmarks.md)."""
+    path by path (`RUN_GROUPS`). The machine's speed moves within seconds too, so the
+    rounds of even these pairs can disagree (docs/benchmarks.md)."""
     groups = {t: (g, i) for g, group in enumerate(RUN_GROUPS) for i, t in enumerate(group)}
     paths = {key: i for i, key in enumerate(PATHS)}
 
