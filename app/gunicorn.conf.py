@@ -31,10 +31,11 @@ def _int(name: str, default: int) -> int:
 
 
 bind = [_loopback_only(os.environ.get("GUNICORN_BIND", "127.0.0.1:8000"))]
-# One worker per core and one more (components/settings.py, `AppSettings.workers`, renders
-# GUNICORN_WORKERS for a droplet from its size).
-workers = _int("GUNICORN_WORKERS", len(os.sched_getaffinity(0)) + 1)
+# With threads one worker per core, sync workers 2 x cores + 1 (components/settings.py,
+# `AppSettings.workers`, renders GUNICORN_WORKERS for a droplet from its size).
 threads = _int("GUNICORN_THREADS", 1)
+_cores = len(os.sched_getaffinity(0))
+workers = _int("GUNICORN_WORKERS", _cores if threads > 1 else 2 * _cores + 1)
 worker_class = "gthread" if threads > 1 else "sync"
 worker_tmp_dir = os.environ.get("GUNICORN_WORKER_TMP_DIR")  # None: the system's temp dir
 
