@@ -31,10 +31,11 @@ def _int(name: str, default: int) -> int:
 
 
 bind = [_loopback_only(os.environ.get("GUNICORN_BIND", "127.0.0.1:8000"))]
-# One worker per core and one more (components/settings.py, `AppSettings.workers`, renders
-# GUNICORN_WORKERS for a droplet from its size).
-workers = _int("GUNICORN_WORKERS", len(os.sched_getaffinity(0)) + 1)
+# With threads one worker per core, sync workers 2 x cores + 1 (components/settings.py,
+# `AppSettings.workers`, renders GUNICORN_WORKERS for a droplet from its size).
 threads = _int("GUNICORN_THREADS", 1)
+_cores = len(os.sched_getaffinity(0))
+workers = _int("GUNICORN_WORKERS", _cores if threads > 1 else 2 * _cores + 1)
 worker_class = "gthread" if threads > 1 else "sync"
 worker_tmp_dir = os.environ.get("GUNICORN_WORKER_TMP_DIR")  # None: the system's temp dir
 
@@ -44,9 +45,10 @@ keepalive = _int("GUNICORN_KEEPALIVE", 5)
 
 # Recycle workers now and then, staggered, so a slow leak never takes a droplet down. Rarely:
 # a new worker spends ~0.35 s of CPU importing the app and connecting its pools, the one vCPU's
-# time. At 1,000 the bench saw a worker replaced more than once a second under load; at 10,000
-# one every 10 s or so, 3-4% of the core (docs/benchmarks.md). 100,000 is about an hour of a
-# prod worker at 50 requests a second; a worker leaking 1 KB a request grows 100 MB at most.
+# time, and a droplet with one worker queues requests meanwhile (1.2-1.4 s under load). At
+# 1,000 the bench saw a worker replaced more than once a second under load; at 10,000 one
+# every 10 s or so, 3-4% of the core (docs/benchmarks.md). 100,000 is about half an hour of a
+# worker at 50 requests a second; a worker leaking 1 KB a request grows 100 MB at most.
 max_requests = 100000
 max_requests_jitter = 10000
 

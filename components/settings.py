@@ -154,7 +154,7 @@ class AppSettings:
     droplet_size: str
     image: str
     gunicorn_workers: int
-    """0 means the droplet size's cores + 1 (`workers`)."""
+    """0: one per core of the droplet size, 2 x cores + 1 sync workers (`workers`)."""
     gunicorn_threads: int
     backups: str
     """Droplet backup plan: off, weekly or daily."""
@@ -183,13 +183,18 @@ class AppSettings:
 
     @property
     def workers(self) -> int:
-        """gunicorn's worker processes: one per core, since a Python process runs on one core
-        at a time, and one more, so a worker being replaced (max_requests, a crash) never
-        leaves a droplet with none accepting. Threads (gthread) carry the concurrency: on
-        prod's one vCPU, 2 workers served as many note lists as 3 did (`lab.bench --models`,
-        docs/benchmarks.md), with a process less in 1 GB and a third fewer connections to
-        each replica."""
-        return self.gunicorn_workers or self.size.vcpus + 1
+        """gunicorn's worker processes: with threads (gthread), one per core, since a Python
+        process runs on one core at a time and the threads carry the concurrency. A second
+        process on one vCPU only competes for it: nginx's kept-alive upstream connections
+        stay with the worker that accepted them, and spread over two workers they served
+        fewer note lists than one worker did (`lab.bench --models`, docs/benchmarks.md, "The
+        worker model"). The price: while a lone worker is replaced (max_requests, a crash)
+        the droplet queues requests for about a second; `app.gunicornWorkers: 2` trades
+        capacity for none. Sync workers (`gunicornThreads: 1`) serve one request each, so
+        gunicorn's own advice for them: 2 x cores + 1."""
+        if self.gunicorn_workers:
+            return self.gunicorn_workers
+        return self.size.vcpus if self.gunicorn_threads > 1 else 2 * self.size.vcpus + 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -520,7 +525,7 @@ KEYS: dict[str, Key] = {key.name: key for key in [
     Key("app.gunicornWorkers", "int", "gunicorn worker processes; gthread threads carry the"
         " concurrency ([benchmarks.md](benchmarks.md), \"The worker model\")",
         0, bounds=(0, 64),
-        default_text="0 (= cores + 1)"),
+        default_text="0 (= cores; sync: 2 x cores + 1)"),
     Key("app.gunicornThreads", "int", "threads per worker (gthread) that may do database work;"
         " gunicorn runs one more, kept for `/healthz` ([app.md](app.md))", 2, bounds=(1, 32)),
     Key("app.backups", "choice", "droplet backups (the droplets are stateless)", "off",
@@ -1241,7 +1246,7 @@ def _check_replica_connections(settings: Settings) -> None:
                 f"database.replicas[{i}].size", replica.size,
                 f"allows {budget} connections, but the app opens up to {needed} to each replica"
                 f" ({'maxInstances' if app.autoscale else 'dropletCount'} {count} x"
-                f" {app.workers} workers x"
+                f" {app.workers} worker{'s' if app.workers > 1 else ''} x"
                 f" {app.gunicorn_threads} threads): use a larger replica or fewer"
                 " app.gunicornWorkers / app.gunicornThreads",
             )

@@ -51,7 +51,9 @@ DigitalOcean, so the database's CPU is not counted against the app's. `shared` l
 process use every core (the layout of the runs before 2026-12-01). With `split`, each run
 also reports `cpu_us`: how long the droplets' core was busy per request (/proc/stat), the
 droplet's CPU cost of a request. rps x `cpu_us` near one second a second means the target was
-bounded by the droplet's CPU; well below, by waiting (docs/benchmarks.md).
+bounded by the droplet's CPU; well below, by waiting (docs/benchmarks.md). And `steal`: the
+share of that core's time the hypervisor gave to another guest (this machine is a VM), which
+slows a run without anything of ours changing.
 
 The extra servers live in `droplet-1-<variant>/` under the state directory, so `stop_lab`
 (and `make lab-down`) stops them with the lab.
@@ -84,6 +86,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 from app.db import LAG_SAMPLER_QUERIES
@@ -167,6 +170,9 @@ class Run:
     cpu_us: float | None = None
     """Microseconds of the droplets' cores busy per request over the run (`split` only:
     there nothing else runs on them), whether or not the core was saturated."""
+    steal: float | None = None
+    """The share of the droplets' cores' time the hypervisor gave to another guest over the
+    run (`split` only): a run with much of it measured a slower machine."""
 
 
 # --------------------------------------------------------------------------- load generators
@@ -230,26 +236,41 @@ def _quantile(ordered: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def busy_ticks(cores: Iterable[int]) -> int:
-    """Clock ticks `cores` have been busy since boot (/proc/stat: user, nice, system, irq and
-    softirq; not idle, iowait or the hypervisor's steal)."""
+class Ticks(NamedTuple):
+    """Clock ticks of some cores since boot (/proc/stat)."""
+
+    busy: int
+    """user, nice, system, irq and softirq; not idle, iowait or steal."""
+    steal: int
+    """The hypervisor ran another guest's work while ours waited (a VM's vCPU)."""
+    total: int
+    """Every state, steal included: the cores' wall time."""
+
+
+def cpu_ticks(cores: Iterable[int]) -> Ticks:
+    """`cores`' clock ticks since boot, by what they did (/proc/stat)."""
     wanted = {f"cpu{core}" for core in cores}
-    busy = 0
+    busy = steal = total = 0
     for line in Path("/proc/stat").read_text().splitlines():
         name, *fields = line.split()
         if name in wanted:
-            user, nice, system, _idle, _iowait, irq, softirq = map(int, fields[:7])
-            busy += user + nice + system + irq + softirq
-    return busy
+            user, nice, system, idle, iowait, irq, softirq, stolen = map(int, fields[:8])
+            working = user + nice + system + irq + softirq
+            busy, steal = busy + working, steal + stolen
+            total += working + idle + iowait + stolen
+    return Ticks(busy, steal, total)
 
 
 def counting_cpu(load: Callable[[str, int, int], Run], cores: list[int]):
-    """`load`, with each run's `cpu_us`: the busy time of `cores` over it per request."""
+    """`load`, with each run's `cpu_us` (the busy time of `cores` over it per request) and
+    `steal` (the share of their time the hypervisor took)."""
     def counted(url: str, duration: int, connections: int) -> Run:
-        before = busy_ticks(cores)
+        before = cpu_ticks(cores)
         run = load(url, duration, connections)
-        used_us = (busy_ticks(cores) - before) / CLOCK_TICKS * 1_000_000
-        return dataclasses.replace(run, cpu_us=used_us / run.requests)
+        after = cpu_ticks(cores)
+        used_us = (after.busy - before.busy) / CLOCK_TICKS * 1_000_000
+        steal = (after.steal - before.steal) / max(after.total - before.total, 1)
+        return dataclasses.replace(run, cpu_us=used_us / run.requests, steal=steal)
     return counted
 
 
@@ -470,6 +491,17 @@ def median_of(runs: list[Run]) -> dict[str, float]:
             "errors": sum(r.errors for r in runs)}
 
 
+def steal_of(runs: dict[str, list[Run]]) -> dict[str, float | str] | None:
+    """How much of the droplets' core the hypervisor took: the median share over every run,
+    and the most in one run and whose it was; None without `split`."""
+    stolen = [(run.steal, name) for name in runs for run in runs[name] if run.steal is not None]
+    if not stolen:
+        return None
+    most, whose = max(stolen)
+    return {"median": statistics.median(share for share, _ in stolen), "max": most,
+            "max_in": whose}
+
+
 def ratios(runs: dict[str, list[Run]]) -> dict[str, dict[str, float | None]]:
     """Each ratio a / b, paired by round: a's run divided by b's run of the same round, and
     the median over the rounds (with the rounds' lowest and highest rps ratio). A change of
@@ -611,6 +643,7 @@ def run_bench(lab: Lab, *, tool: str = "wrk", duration: int = DURATION, repeats:
                               "rounds' ratios (a's run / b's run of the same round)"},
         "measurements": medians,
         "ratios": ratios(runs),
+        "steal": steal_of(runs),
         "cost": cost(lab, medians, len(cores["droplets"])),
         "gunicorn_worker_recycles": worker_recycles(lab),
         "load_average": {"start": load_at_start, "end": os.getloadavg()[0]},
@@ -637,6 +670,9 @@ def table(report: dict) -> str:
                      f"{m['p99_ms']:>8.2f} {_figure(m['cpu_us'], '.0f'):>7} {m['errors']:>6}")
     if any(m["cpu_us"] for m in report["measurements"].values()):
         lines.append("cpu us: microseconds the droplets' core was busy per request")
+    if steal := report.get("steal"):
+        lines.append(f"hypervisor steal on the droplets' core: {steal['median']:.1%} of a run "
+                     f"(median), at most {steal['max']:.1%} ({steal['max_in']})")
     trips = report["round_trips"]
     lines += ["", f"database round trips per request: read {trips['read']:g} "
               f"({trips['read_counted_by']}), write {trips['write']:g} "

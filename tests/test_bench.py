@@ -5,6 +5,7 @@ No figure is compared with another: the machine is too noisy for timed assertion
 
 from __future__ import annotations
 
+import dataclasses
 import http.server
 import json
 import os
@@ -58,6 +59,9 @@ def test_bench_measures_every_layer_and_writes_the_report(tmp_path, capsys):
     assert all(v > 0 if split else (v is None) == (name == "cpu")
                for r in report["ratios"].values() for name, v in r.items())
     assert all((m["cpu_us"] > 0) if split else m["cpu_us"] is None for m in measured.values())
+    steal = report["steal"]  # the hypervisor's share of the droplets' core, per run
+    assert (0 <= steal["median"] <= steal["max"] <= 1 and steal["max_in"] in measured
+            if split else steal is None)
     # Counted by the servers: reads on staging's primary through pgbouncer, writes too.
     trips = report["round_trips"]
     assert trips["read_served_by"] == "primary" and trips["read"] >= 1 and trips["write"] >= 1
@@ -126,6 +130,28 @@ def test_a_run_s_cpu_per_request_counts_the_busy_time_of_the_cores_given():
     # kernel counts busy time by the clock tick, a sample every 10 ms or so.
     assert run.cpu_us >= 0.4 * 1_000_000 / 100
     assert run.requests == 100 and bench.Run(1.0, 1.0, 1.0, 1, 0).cpu_us is None
+
+
+def test_a_run_s_steal_is_the_hypervisor_s_share_of_the_cores_time(monkeypatch):
+    # Over the run: 300 ticks of the two cores' time, 150 busy, 60 stolen, 90 idle.
+    ticks = iter([bench.Ticks(busy=1000, steal=40, total=5000),
+                  bench.Ticks(busy=1150, steal=100, total=5300)])
+    monkeypatch.setattr(bench, "cpu_ticks", lambda cores: next(ticks))
+
+    def load(url, duration, connections):
+        return bench.Run(rps=50.0, p50_ms=1.0, p99_ms=1.0, requests=150, errors=0)
+
+    run = bench.counting_cpu(load, [0, 1])("http://127.0.0.1:1/", 3, 1)
+    assert run.steal == pytest.approx(0.2)
+    assert run.cpu_us == pytest.approx(150 / bench.CLOCK_TICKS * 1_000_000 / 150)
+    runs = {"a": [run, dataclasses.replace(run, steal=0.05)],
+            "b": [dataclasses.replace(run, steal=0.01)]}
+    assert bench.steal_of(runs) == {"median": pytest.approx(0.05), "max": pytest.approx(0.2),
+                                    "max_in": "a"}
+    assert bench.steal_of({"a": [dataclasses.replace(run, steal=None)]}) is None
+    monkeypatch.undo()
+    now = bench.cpu_ticks([min(os.sched_getaffinity(0))])  # this machine's /proc/stat
+    assert 0 <= now.steal <= now.total and 0 < now.busy <= now.total
 
 
 def test_the_original_design_s_site_is_least_conn_without_upstream_keepalive(tmp_path):

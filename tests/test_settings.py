@@ -107,7 +107,7 @@ BAD = [
     ("prod", PROD, {"domain": None}, "webstack:domain", "production needs a domain"),
     ("prod", PROD, {"database.replicas": []}, "database.replicas", "at least one read replica"),
     ("staging", STAGING, {"app.dropletCout": 3}, "app.dropletCout", "unknown key"),
-    ("prod", PROD, {"app.dropletCount": 4, "app.gunicornThreads": 8},
+    ("prod", PROD, {"app.dropletCount": 4, "app.gunicornThreads": 16},
      "database.replicas[0].size", "allows 47 connections, but the app opens up to 64"),
     # The connection pool shares database.name, and the API allows pool names of 3-60.
     ("staging", STAGING, {"database.name": "a" * 61}, "database.name", "3 to 60 characters"),
@@ -162,8 +162,8 @@ BAD = [
     ("staging", STAGING, {**AUTOSCALE, "region": "atl1"}, "webstack:region",
      "autoscale pools are offered in"),
     # Replica connections are counted at the pool's most droplets.
-    ("prod", PROD, {**AUTOSCALE, "app.scaling.maxInstances": 6, "app.gunicornThreads": 4},
-     "database.replicas[0].size", "(maxInstances 6 x 2 workers x 4 threads)"),
+    ("prod", PROD, {**AUTOSCALE, "app.scaling.maxInstances": 6, "app.gunicornThreads": 8},
+     "database.replicas[0].size", "(maxInstances 6 x 1 worker x 8 threads)"),
 ]
 
 
@@ -371,9 +371,11 @@ def test_the_smtp_password_must_be_a_secret_and_stays_masked():
     assert "hunter2" not in repr(settings)
 
 
-def test_gunicorn_workers_are_one_per_core_and_one_more_unless_set():
-    """`app.gunicornWorkers: 0`: a Python process per core, and one that keeps a droplet
-    answering while another is replaced (docs/benchmarks.md, "The worker model")."""
-    assert load(PROD, "prod", **{"app.dropletSize": "s-1vcpu-1gb"}).app.workers == 2
-    assert load(PROD, "prod", **{"app.dropletSize": "s-2vcpu-4gb"}).app.workers == 3
-    assert load(PROD, "prod", **{"app.gunicornWorkers": 1}).app.workers == 1
+def test_gunicorn_workers_are_one_per_core_unless_set():
+    """`app.gunicornWorkers: 0`: a Python process per core; a second one on one vCPU only
+    competes for it (docs/benchmarks.md, "The worker model"). Sync workers serve one
+    request each: 2 x cores + 1 of them."""
+    assert load(PROD, "prod", **{"app.dropletSize": "s-1vcpu-1gb"}).app.workers == 1
+    assert load(PROD, "prod", **{"app.dropletSize": "s-2vcpu-4gb"}).app.workers == 2
+    assert load(PROD, "prod", **{"app.gunicornThreads": 1}).app.workers == 3
+    assert load(PROD, "prod", **{"app.gunicornWorkers": 2}).app.workers == 2
