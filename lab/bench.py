@@ -247,7 +247,7 @@ class Ticks(NamedTuple):
     """Every state, steal included: the cores' wall time."""
 
 
-def cpu_ticks(cores: Iterable[int]) -> Ticks:
+def core_ticks(cores: Iterable[int]) -> Ticks:
     """`cores`' clock ticks since boot, by what they did (/proc/stat)."""
     wanted = {f"cpu{core}" for core in cores}
     busy = steal = total = 0
@@ -265,9 +265,9 @@ def counting_cpu(load: Callable[[str, int, int], Run], cores: list[int]):
     """`load`, with each run's `cpu_us` (the busy time of `cores` over it per request) and
     `steal` (the share of their time the hypervisor took)."""
     def counted(url: str, duration: int, connections: int) -> Run:
-        before = cpu_ticks(cores)
+        before = core_ticks(cores)
         run = load(url, duration, connections)
-        after = cpu_ticks(cores)
+        after = core_ticks(cores)
         used_us = (after.busy - before.busy) / CLOCK_TICKS * 1_000_000
         steal = (after.steal - before.steal) / max(after.total - before.total, 1)
         return dataclasses.replace(run, cpu_us=used_us / run.requests, steal=steal)

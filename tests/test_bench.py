@@ -136,7 +136,7 @@ def test_a_run_s_steal_is_the_hypervisor_s_share_of_the_cores_time(monkeypatch):
     # Over the run: 300 ticks of the two cores' time, 150 busy, 60 stolen, 90 idle.
     ticks = iter([bench.Ticks(busy=1000, steal=40, total=5000),
                   bench.Ticks(busy=1150, steal=100, total=5300)])
-    monkeypatch.setattr(bench, "cpu_ticks", lambda cores: next(ticks))
+    monkeypatch.setattr(bench, "core_ticks", lambda cores: next(ticks))
 
     def load(url, duration, connections):
         return bench.Run(rps=50.0, p50_ms=1.0, p99_ms=1.0, requests=150, errors=0)
@@ -150,7 +150,7 @@ def test_a_run_s_steal_is_the_hypervisor_s_share_of_the_cores_time(monkeypatch):
                                     "max_in": "a"}
     assert bench.steal_of({"a": [dataclasses.replace(run, steal=None)]}) is None
     monkeypatch.undo()
-    now = bench.cpu_ticks([min(os.sched_getaffinity(0))])  # this machine's /proc/stat
+    now = bench.core_ticks([min(os.sched_getaffinity(0))])  # this machine's /proc/stat
     assert 0 <= now.steal <= now.total and 0 < now.busy <= now.total
 
 
