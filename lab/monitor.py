@@ -38,7 +38,7 @@ from components.prometheus import (
     render_targets,
 )
 from components.runtime import nginx_exporter_args
-from lab.process import lab_pid, log_tail, running, signal_group, wait_gone, wait_until
+from lab.process import lab_pid, log_tail, signal_group, wait_gone, wait_until
 
 MONITOR_HOST = 30
 SCRAPE_INTERVAL = "1s"
@@ -59,6 +59,7 @@ class Monitor:
         self.host = f"{lab.net}.{MONITOR_HOST}"
         self.prometheus = f"{self.host}:{PROMETHEUS_PORT}"
         self.alertmanager = f"{self.host}:{ALERTMANAGER_PORT}"
+        self._started: dict[str, subprocess.Popen] = {}
 
     def start(self) -> None:
         """Write the configuration, start everything, wait until Prometheus is ready."""
@@ -111,20 +112,30 @@ class Monitor:
 
     def _spawn(self, name: str, command: list[str]) -> None:
         """A detached process group; `sh` keeps the state directory on its command line,
-        which `lab_pid` looks for (an exporter's own arguments do not name it)."""
-        log = (self.dir / f"{name}.log").open("ab")
-        proc = subprocess.Popen(
-            ["sh", "-c", '"$@"; exit $?', str(self.dir), *command], stdin=subprocess.DEVNULL,
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        which `lab_pid` looks for when `stop_monitor` finds it again (an exporter's own
+        arguments do not name it)."""
+        with (self.dir / f"{name}.log").open("ab") as log:
+            proc = subprocess.Popen(
+                ["sh", "-c", '"$@"; exit $?', str(self.dir), *command],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True)
+        self._started[name] = proc
         (self.dir / f"{name}.pid").write_text(f"{proc.pid}\n")
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited:\n{log_tail(self.dir / f'{name}.log')}")
+        self._check_started()
+
+    def _check_started(self) -> None:
+        """Raise if a process this monitor started has exited. Asked of the process handle,
+        not of `lab_pid`: `Popen` returns once the kernel has begun the new program, which
+        sets the program's arguments a moment later, so a command line read right after
+        the start can be empty, and `lab_pid` would call the process gone (the CI run of
+        f36235f: `prometheus exited:` with an empty log while Prometheus started)."""
+        for name, proc in self._started.items():
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with status {proc.returncode}:\n"
+                                   f"{log_tail(self.dir / f'{name}.log')}")
 
     def _ready(self) -> bool:
-        for pidfile in self.dir.glob("*.pid"):
-            if not running(lab_pid(pidfile, self.dir)):
-                raise RuntimeError(f"{pidfile.stem} exited:\n"
-                                   f"{log_tail(self.dir / f'{pidfile.stem}.log')}")
+        self._check_started()
         try:
             with urllib.request.urlopen(f"http://{self.prometheus}/-/ready", timeout=2) as r:
                 return r.status == 200

@@ -188,6 +188,10 @@ def start_nginx(directory: Path) -> None:
                f"nginx in {directory.name}")
 
 
+EXEC_WINDOW = 0.5
+"""Seconds `lab_pid` waits for a live process's command line to appear."""
+
+
 def lab_pid(pidfile: Path, state_dir: Path) -> int | None:
     """The pid in `pidfile` if that process is alive and is the lab's: every lab server has
     its state directory on its command line (a pid file may outlive its process, and the
@@ -195,10 +199,17 @@ def lab_pid(pidfile: Path, state_dir: Path) -> int | None:
     pid = read_pid(pidfile)
     if not running(pid):
         return None
+    deadline = time.monotonic() + EXEC_WINDOW
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-    except FileNotFoundError:
+        # Empty for a moment after a start: `Popen` returns once the kernel has begun the
+        # new program, which sets the program's arguments a little later.
+        while not (cmdline := Path(f"/proc/{pid}/cmdline").read_bytes()):
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.001)
+    except (FileNotFoundError, ProcessLookupError):
         return None
+    cmdline = cmdline.replace(b"\0", b" ")
     return pid if str(Path(state_dir).resolve()).encode() in cmdline else None
 
 
