@@ -38,7 +38,7 @@ from components.prometheus import (
     render_targets,
 )
 from components.runtime import nginx_exporter_args
-from lab.process import lab_pid, log_tail, signal_group, wait_gone, wait_until
+from lab.process import lab_pid, raise_if_exited, signal_group, wait_gone, wait_until
 
 MONITOR_HOST = 30
 SCRAPE_INTERVAL = "1s"
@@ -130,9 +130,7 @@ class Monitor:
         the start can be empty, and `lab_pid` would call the process gone (the CI run of
         f36235f: `prometheus exited:` with an empty log while Prometheus started)."""
         for name, proc in self._started.items():
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with status {proc.returncode}:\n"
-                                   f"{log_tail(self.dir / f'{name}.log')}")
+            raise_if_exited(proc, name, self.dir / f"{name}.log")
 
     def _ready(self) -> bool:
         self._check_started()

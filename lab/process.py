@@ -170,6 +170,13 @@ def log_tail(path: Path, lines: int = 30) -> str:
         return f"({path.name}: no log)"
 
 
+def raise_if_exited(proc: subprocess.Popen, name: str, log: Path) -> None:
+    """RuntimeError with its exit status and the tail of `log` once `proc`, a server this
+    process started, has exited; nothing while it runs."""
+    if proc.poll() is not None:
+        raise RuntimeError(f"{name} exited with status {proc.returncode}:\n{log_tail(log)}")
+
+
 def run_checked(cmd: list) -> None:
     """Run `cmd` to completion; RuntimeError with its output if it fails."""
     result = subprocess.run([str(c) for c in cmd], stdin=subprocess.DEVNULL,

@@ -84,6 +84,7 @@ from lab.process import (
     lab_pid,
     log_tail,
     nginx_main_conf,
+    raise_if_exited,
     read_pid,
     run_checked,
     running,
@@ -362,8 +363,10 @@ class Lab:
                 cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        wait_until(lambda: droplet.gunicorn_pid == proc.pid or _exited(proc, droplet),
-                   START_TIMEOUT, f"{droplet.name}: gunicorn's pid file")
+        name = f"{droplet.name}: gunicorn"
+        wait_until(lambda: droplet.gunicorn_pid == proc.pid
+                   or raise_if_exited(proc, name, droplet.dir / "gunicorn.log"),
+                   START_TIMEOUT, f"{name}'s pid file")
 
     def start_nginx(self, droplet: Droplet) -> None:
         start_nginx(droplet.dir)
@@ -581,13 +584,6 @@ class Lab:
 def _base_env() -> dict[str, str]:
     """What systemd gives a service before its EnvironmentFile: no developer's variables."""
     return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"}
-
-
-def _exited(proc: subprocess.Popen, droplet: Droplet) -> bool:
-    if proc.poll() is not None:
-        raise RuntimeError(f"{droplet.name}: gunicorn exited with {proc.returncode}:\n"
-                           f"{log_tail(droplet.dir / 'gunicorn.log')}")
-    return False
 
 
 def _pidfile_pids(state_dir: Path) -> list[int]:
